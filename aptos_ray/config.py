@@ -175,8 +175,10 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(self.to_yaml())
+        """Write the resolved config as YAML (a local path or a URI)."""
+        from aptos_ray import storage
+
+        storage.write_text(str(path), self.to_yaml())
 
     def summary(self) -> str:
         return "Resolved config:\n" + "\n".join("  " + line for line in self.to_yaml().splitlines())
@@ -235,6 +237,11 @@ def _coerce(value: Any, typ: Any, key: str) -> Any:
         raise ConfigError(f"config key '{key}': {value!r} is not a {typ}")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # e.g. --train.name=42
     if typ is str and value is None:

@@ -56,3 +56,14 @@ def upload_dir(local_dir: str | Path, target: str) -> None:
     """Copy a local folder to a path or URI (used for run outputs when output is a URI)."""
     fs, inner = filesystem(target)
     pafs.copy_files(str(local_dir), inner, destination_filesystem=fs)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    fs, inner = filesystem(path)
+    fs.create_dir(os.path.dirname(inner), recursive=True)
+    with fs.open_output_stream(inner) as f:
+        f.write(data)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([str(base).rstrip("/"), *parts])

@@ -1,0 +1,331 @@
+"""The training loop, shared by Ray Train workers and the local fallback.
+
+``fit(cfg, backend, info)`` knows nothing of Ray: a *backend* supplies this rank's data, wraps
+the model for DDP, restores and reports checkpoints. ``ray_train.RayBackend`` is the Ray one,
+``local.LocalBackend`` the one-process one; every other line is the same for both.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from aptos_ray import plots, storage
+from aptos_ray.config import Config, OptimConfig
+from aptos_ray.engine import (
+    GradeTransforms,
+    fixed_step_minibatches,
+    loss_function,
+    predict_outputs,
+    train_one_epoch,
+)
+from aptos_ray.metrics import grading_metrics, optimise_cut_points
+from aptos_ray.models import (
+    create_model,
+    grades_from_outputs,
+    maybe_sync_bn,
+    model_data_config,
+    param_groups,
+    scores_from_outputs,
+)
+from aptos_ray.sampling import repeat_rates, resample_batches
+
+CHECKPOINT_FILE = "model.pt"
+
+
+@dataclass
+class DatasetInfo:
+    """What every rank needs to know about the prepared dataset (read once by the driver)."""
+
+    train_counts: dict[int, int]
+    num_val: int
+    encoding: str = "raw"
+
+    @property
+    def num_train(self) -> int:
+        return sum(self.train_counts.values())
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "DatasetInfo":
+        counts = manifest["counts"]
+        return cls(
+            train_counts={int(g): int(n) for g, n in counts.get("train", {}).items()},
+            num_val=sum(int(n) for n in counts.get("val", {}).values()),
+            encoding=manifest.get("encoding", "raw"),
+        )
+
+
+class Backend(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+    run_dir: str
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def train_rows(self, epoch: int) -> Iterable[dict]: ...
+
+    def val_rows(self) -> Iterable[dict]: ...
+
+    def restored_checkpoint(self) -> Path | None: ...
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None, epoch: int) -> None: ...
+
+
+# --- building blocks -------------------------------------------------------------------------
+
+
+def steps_per_epoch(cfg: Config, num_train: int, world_size: int) -> int:
+    """One pass worth of samples, split over the ranks; every rank runs exactly this many."""
+    steps = max(1, num_train // (cfg.train.batch_size * world_size))
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    return steps
+
+
+def build_optimizer(optim: OptimConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(model, optim.lr, optim.backbone_lr_mult, optim.weight_decay)
+    if optim.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=optim.lr)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=optim.lr)
+    raise ValueError(f"optim.optimizer must be adam or adamw, got '{optim.optimizer}'")
+
+
+def lr_factor(optim: OptimConfig, step: int, steps: int, epochs: int) -> float:
+    """Learning-rate multiplier after ``step`` optimizer steps (stepped per batch)."""
+    epoch = step / steps
+    if optim.scheduler == "step":  # the seed's StepLR, stepped per epoch
+        return optim.gamma ** (int(epoch) // max(optim.step_size, 1))
+    if optim.scheduler == "cosine":
+        warmup = optim.warmup_epochs
+        if epoch < warmup:
+            return (epoch + 1 / steps) / warmup
+        progress = (epoch - warmup) / max(epochs - warmup, 1e-9)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if optim.scheduler == "none":
+        return 1.0
+    raise ValueError(f"optim.scheduler must be cosine, step or none, got '{optim.scheduler}'")
+
+
+def build_scheduler(optim: OptimConfig, optimizer, steps: int, epochs: int):
+    """Per-step LambdaLR. Backbone groups get 0 during the head-only warm-up epochs."""
+
+    def for_group(group: dict):
+        is_backbone = group.get("name", "").startswith("backbone")
+
+        def factor(step: int) -> float:
+            if is_backbone and step < optim.head_only_epochs * steps:
+                return 0.0
+            return lr_factor(optim, step, steps, epochs)
+
+        return factor
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [for_group(g) for g in optimizer.param_groups])
+
+
+def class_weights(counts: dict[int, int], num_classes: int) -> torch.Tensor:
+    """The seed's weights: total / (classes * count), 0 for a grade that is absent."""
+    total = sum(counts.values())
+    return torch.tensor(
+        [total / (num_classes * counts[g]) if counts.get(g) else 0.0 for g in range(num_classes)],
+        dtype=torch.float32,
+    )
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def gather(obj):
+    """All ranks' objects as a list (just ``[obj]`` without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def inject_failure(batches: Iterator, cfg: Config, epoch: int, rank: int, steps: int) -> Iterator:
+    """Test hook (``train.fail_at_epoch``): rank 0 dies halfway through that epoch, once."""
+    marker = Path(cfg.train.output) / cfg.train.name / ".failure_injected"
+    armed = cfg.train.fail_at_epoch == epoch and rank == 0 and not storage.is_uri(cfg.train.output)
+    for step, batch in enumerate(batches):
+        if armed and step == steps // 2 and not marker.exists():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"killed at epoch {epoch} step {step}\n")
+            os._exit(1)
+        yield batch
+
+
+# --- run directory (rank 0) --------------------------------------------------------------------
+
+
+class RunFiles:
+    """config.yaml, metrics.jsonl and plots/ of a run; local path or URI."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.run_dir, *parts)
+
+    def history(self) -> list[dict]:
+        try:
+            text = storage.read_text(self.path("metrics.jsonl"))
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def keep_epochs_before(self, epoch: int) -> None:
+        """On resume, forget epochs after the restored checkpoint: none is counted twice."""
+        history = [h for h in self.history() if h["epoch"] < epoch]
+        storage.write_text(self.path("metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
+
+    def append(self, metrics: dict) -> list[dict]:
+        history = [h for h in self.history() if h["epoch"] != metrics["epoch"]] + [metrics]
+        storage.write_text(self.path("metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
+        return history
+
+    def write_plots(self, history: list[dict]) -> None:
+        best = max(history, key=lambda h: h["val_qwk"])
+        storage.write_bytes(self.path("plots", "learning_curves.png"), plots.learning_curves(history))
+        storage.write_bytes(
+            self.path("plots", "confusion_best.png"),
+            plots.confusion_matrix(best["val_confusion"], f"Validation, best epoch {best['epoch']}"),
+        )
+
+
+def save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, cfg: Config, epoch: int,
+                    metrics: dict, cut_points) -> Path:
+    """Everything needed to resume or predict, loadable with torch.load(weights_only=True)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": unwrap(model).state_dict(),
+        "config": cfg.to_dict(),
+        "cut_points": cut_points,
+        "epoch": epoch,
+        "metrics": metrics,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    torch.save(state, directory / CHECKPOINT_FILE)
+    cfg.save(directory / "config.yaml")
+    return directory
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+
+def validate(model, backend: Backend, transforms, loss_fn, cfg: Config, info: DatasetInfo) -> tuple[dict, list | None]:
+    """Validation metrics over every rank's part of the val split (never resampled or augmented)."""
+    outputs, grades, _ = predict_outputs(
+        model, backend.val_rows(), transforms, backend.device, cfg.train.eval_batch_size,
+        info.encoding, amp=cfg.train.amp,
+    )
+    parts = gather((outputs, grades))
+    outputs = torch.cat([p[0] for p in parts])
+    grades = np.concatenate([p[1] for p in parts])
+    if len(grades) == 0:
+        raise RuntimeError("the validation split is empty: prepare with prepare.val_fraction > 0")
+    loss = float(loss_fn(outputs, torch.from_numpy(grades)))
+    cut_points = None
+    if cfg.model.head == "regression":
+        cut_points = optimise_cut_points(scores_from_outputs(outputs, "regression").numpy(), grades)
+    predicted = grades_from_outputs(outputs, cfg.model.head, cut_points).numpy()
+    return {"val_loss": loss, **grading_metrics(grades, predicted, prefix="val_"), "val_images": len(grades)}, cut_points
+
+
+def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
+    """Train ``cfg.train.epochs`` epochs; returns the last epoch's metrics."""
+    rank, device = backend.rank, backend.device
+    is_main = rank == 0
+    torch.manual_seed(cfg.train.seed + rank)
+    model = maybe_sync_bn(create_model(cfg.model), cfg.model.sync_bn and backend.world_size > 1)
+    data_cfg = model_data_config(model)
+    size = cfg.data.image_size or data_cfg["input_size"][-1]
+    transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=cfg.data.augment)
+    steps = steps_per_epoch(cfg, info.num_train, backend.world_size)
+    optimizer = build_optimizer(cfg.optim, model)
+    scheduler = build_scheduler(cfg.optim, optimizer, steps, cfg.train.epochs)
+    use_amp = cfg.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_epoch = 0
+    restored = backend.restored_checkpoint()
+    if restored is not None:
+        state = torch.load(restored / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"] + 1
+    model = backend.prepare_model(model)
+    if use_amp and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    run = RunFiles(backend.run_dir)
+    if is_main:
+        cfg.save(run.path("config.yaml"))
+        run.keep_epochs_before(start_epoch)
+        if restored is not None:
+            print(f"Resumed from {restored} (epoch {start_epoch - 1} done)")
+        print(f"{info.num_train} training images, {steps} steps/epoch x {backend.world_size} "
+              f"workers x batch {cfg.train.batch_size}, input {size}px, sampling={cfg.data.sampling}")
+
+    rates = repeat_rates(info.train_counts, cfg.data.sampling)
+    weights = class_weights(info.train_counts, cfg.model.num_classes) if cfg.optim.class_weighted_loss else None
+    loss_fn = loss_function(cfg.model.head, weights, cfg.optim.label_smoothing)
+    metrics: dict = {}
+    for epoch in range(start_epoch, cfg.train.epochs):
+        started = time.perf_counter()
+        rows = resample_batches(backend.train_rows(epoch), rates, cfg.train.seed, epoch)
+        batches = fixed_step_minibatches(
+            rows, cfg.train.batch_size, steps, seed=cfg.train.seed * 100003 + epoch * 101 + rank,
+            encoding=info.encoding,
+        )
+        train_stats = train_one_epoch(
+            model, inject_failure(batches, cfg, epoch, rank, steps), transforms, loss_fn, optimizer,
+            scheduler, device, scaler, use_amp, cfg.train.channels_last, steps,
+            progress=cfg.train.progress and is_main, description=f"epoch {epoch}",
+        )
+        train_stats["images_per_s"] = sum(gather(train_stats["images_per_s"]))
+        val_metrics, cut_points = validate(model, backend, transforms, loss_fn, cfg, info)
+        metrics = {
+            "epoch": epoch,
+            **train_stats,
+            **val_metrics,
+            "lr": optimizer.param_groups[-1]["lr"],
+            "epoch_seconds": time.perf_counter() - started,
+            "rank": rank,
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint_dir = None
+            if is_main:
+                checkpoint_dir = save_checkpoint(Path(tmp) / "checkpoint", model, optimizer, scheduler,
+                                                 scaler, cfg, epoch, metrics, cut_points)
+                history = run.append({k: v for k, v in metrics.items() if k != "rank"})
+                run.write_plots(history)
+                print(epoch_line(metrics))
+            backend.report(metrics, checkpoint_dir, epoch)
+    return metrics
+
+
+def epoch_line(m: dict) -> str:
+    recalls = " ".join(f"{m[f'val_recall_{g}']:.2f}" for g in range(5))
+    return (f"epoch {m['epoch']:3d} | train loss {m['train_loss']:.4f} | val loss {m['val_loss']:.4f} "
+            f"acc {m['val_acc']:.3f} kappa {m['val_kappa']:.3f} QWK {m['val_qwk']:.4f} | "
+            f"recall/grade {recalls} | {m['images_per_s']:.1f} img/s")

@@ -1,0 +1,118 @@
+"""The training job's driver: resolve the run, make sure data exists, run Ray or local, summarise."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+from aptos_ray import storage
+from aptos_ray.config import DEFAULT_DATASET, Config
+from aptos_ray.loop import DatasetInfo, RunFiles
+from aptos_ray.records import MANIFEST, read_manifest
+
+
+def ensure_dataset(cfg: Config) -> dict:
+    """The prepared dataset's manifest; the embedded default is generated on first use."""
+    manifest_path = storage.join(cfg.data.dataset, MANIFEST)
+    if not storage.exists(manifest_path):
+        if cfg.data.dataset != DEFAULT_DATASET:
+            raise FileNotFoundError(
+                f"{manifest_path} not found: prepare the dataset first, e.g. `python jobs/prepare.py "
+                f"--prepare.input=<raw data> --prepare.output={cfg.data.dataset}`"
+            )
+        build_default_dataset(cfg)
+    return read_manifest(cfg.data.dataset)
+
+
+def build_default_dataset(cfg: Config) -> None:
+    """Synthetic fundus photos -> prepared dataset, at the default paths (a few minutes at most)."""
+    from aptos_ray.prepare import prepare
+    from aptos_ray.synthetic import generate
+
+    print(f"No dataset at {cfg.data.dataset}: generating the embedded synthetic default "
+          f"({cfg.synthetic.num_images} images) and preparing it.")
+    cfg.prepare.input = str(generate(cfg.synthetic))
+    cfg.prepare.output = cfg.data.dataset
+    prepare(cfg)
+
+
+def run_name(cfg: Config) -> str:
+    """The run's name: given, the latest run under train.output for --resume, or a timestamp."""
+    if cfg.train.name:
+        return cfg.train.name
+    if cfg.train.resume:
+        runs = sorted(Path(cfg.train.output).glob("*/metrics.jsonl"), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise FileNotFoundError(f"--resume: no run found under {cfg.train.output}; pass --train.name")
+        return runs[-1].parent.name
+    return datetime.now().strftime("run-%Y%m%d-%H%M%S")
+
+
+def check_run_dir(cfg: Config, run_dir: str) -> None:
+    started = storage.exists(storage.join(run_dir, "metrics.jsonl"))
+    if cfg.train.resume and not started:
+        raise FileNotFoundError(f"--resume: {run_dir} has no finished epoch to resume from")
+    if started and not cfg.train.resume:
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it or pick another --train.name")
+
+
+def train(cfg: Config) -> dict:
+    """Run the training job described by ``cfg``; returns the run summary."""
+    cfg.train.name = run_name(cfg)
+    run_dir = storage.join(storage.absolute(cfg.train.output), cfg.train.name)
+    check_run_dir(cfg, run_dir)
+    info = DatasetInfo.from_manifest(ensure_dataset(cfg))
+    cfg.data.dataset = storage.absolute(cfg.data.dataset)
+    print(cfg.summary())
+    print(f"Run directory: {run_dir}")
+    started = time.perf_counter()
+    if cfg.train.local:
+        from aptos_ray.local import LocalBackend
+        from aptos_ray.loop import fit
+
+        fit(cfg, LocalBackend(cfg, run_dir, resume=cfg.train.resume), info)
+    else:
+        from aptos_ray.ray_train import run_ray
+
+        result = run_ray(cfg, info)
+        if result.error:
+            raise result.error
+    summary = summarise(run_dir, time.perf_counter() - started)
+    print(summary_text(summary))
+    return summary
+
+
+def summarise(run_dir: str, seconds: float) -> dict:
+    """summary.json: the best epoch by validation QWK and where its checkpoint is."""
+    history = RunFiles(run_dir).history()
+    if not history:
+        raise RuntimeError(f"{run_dir}: no epoch finished")
+    best = max(history, key=lambda h: h["val_qwk"])
+    last = history[-1]
+    checkpoint = lambda h: storage.join(run_dir, f"checkpoint_epoch_{h['epoch']:04d}")  # noqa: E731
+    summary = {
+        "run_dir": run_dir,
+        "epochs": len(history),
+        "best_epoch": best["epoch"],
+        "best_val_qwk": best["val_qwk"],
+        "best_val_acc": best["val_acc"],
+        "best_val_kappa": best["val_kappa"],
+        "best_checkpoint": checkpoint(best),
+        "last_checkpoint": checkpoint(last),
+        "last_val_qwk": last["val_qwk"],
+        "wall_seconds": round(seconds, 1),
+    }
+    storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def summary_text(s: dict) -> str:
+    return (
+        f"\nDone: {s['epochs']} epochs in {s['wall_seconds']:.0f}s\n"
+        f"  best validation QWK {s['best_val_qwk']:.4f} (acc {s['best_val_acc']:.3f}, "
+        f"kappa {s['best_val_kappa']:.3f}) at epoch {s['best_epoch']}\n"
+        f"  best checkpoint: {s['best_checkpoint']}\n"
+        f"  plots: {storage.join(s['run_dir'], 'plots')}\n"
+    )

@@ -1,0 +1,39 @@
+"""Shared fixtures: real data beside the checkout, a small embedded default, one Ray instance."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("APTOS_RAY_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def aptos_dir() -> Path:
+    path = SHARED_DATA / "aptos2019-224"
+    if not (path / "labels.csv").is_file():
+        pytest.skip(f"real APTOS data not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def retinamnist_dir() -> Path:
+    path = SHARED_DATA / "retinamnist"
+    if not (path / "retinamnist.npz").is_file():
+        pytest.skip(f"RetinaMNIST not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for every test that needs it (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+    yield ray
+    ray.shutdown()
