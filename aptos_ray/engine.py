@@ -147,6 +147,7 @@ def train_one_epoch(
     """One pass over ``minibatches``; returns mean loss, images and images/s."""
     model.train()
     total_loss, images_seen, start = 0.0, 0, time.perf_counter()
+    grade_counts = np.zeros(5, dtype=np.int64)
     bar = tqdm(minibatches, total=steps, desc=description, disable=not progress, leave=False)
     for images, grades in bar:
         x = transforms.train(images).to(device, non_blocking=True)
@@ -167,12 +168,14 @@ def train_one_epoch(
             scheduler.step()
         total_loss += loss.item() * len(grades)
         images_seen += len(grades)
+        grade_counts += np.bincount(grades, minlength=5)[:5]
         bar.set_postfix(loss=f"{loss.item():.3f}")
     seconds = time.perf_counter() - start
     return {
         "train_loss": total_loss / max(images_seen, 1),
         "train_images": images_seen,
         "images_per_s": images_seen / max(seconds, 1e-9),
+        "train_grade_counts": grade_counts.tolist(),  # what the weighted sampling delivered
     }
 
 

@@ -232,8 +232,10 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, cfg: C
 
 def validate(model, backend: Backend, transforms, loss_fn, cfg: Config, info: DatasetInfo) -> tuple[dict, list | None]:
     """Validation metrics over every rank's part of the val split (never resampled or augmented)."""
+    # The unwrapped model: a DDP forward broadcasts buffers, which would hang ranks whose
+    # validation parts differ in length.
     outputs, grades, _ = predict_outputs(
-        model, backend.val_rows(), transforms, backend.device, cfg.train.eval_batch_size,
+        unwrap(model), backend.val_rows(), transforms, backend.device, cfg.train.eval_batch_size,
         info.encoding, amp=cfg.train.amp,
     )
     parts = gather((outputs, grades))
@@ -254,7 +256,10 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     rank, device = backend.rank, backend.device
     is_main = rank == 0
     torch.manual_seed(cfg.train.seed + rank)
-    model = maybe_sync_bn(create_model(cfg.model), cfg.model.sync_bn and backend.world_size > 1)
+    restored = backend.restored_checkpoint()
+    # A restored run takes its weights from the checkpoint: no hub or package read.
+    model = create_model(cfg.model, load_pretrained=restored is None)
+    model = maybe_sync_bn(model, cfg.model.sync_bn and backend.world_size > 1)
     data_cfg = model_data_config(model)
     size = cfg.data.image_size or data_cfg["input_size"][-1]
     transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=cfg.data.augment)
@@ -265,7 +270,6 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     start_epoch = 0
-    restored = backend.restored_checkpoint()
     if restored is not None:
         state = torch.load(restored / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -302,7 +306,9 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
             scheduler, device, scaler, use_amp, cfg.train.channels_last, steps,
             progress=cfg.train.progress and is_main, description=f"epoch {epoch}",
         )
-        train_stats["images_per_s"] = sum(gather(train_stats["images_per_s"]))
+        totals = gather((train_stats["images_per_s"], train_stats["train_grade_counts"]))
+        train_stats["images_per_s"] = sum(t[0] for t in totals)
+        train_stats["train_grade_counts"] = np.sum([t[1] for t in totals], axis=0).tolist()
         val_metrics, cut_points = validate(model, backend, transforms, loss_fn, cfg, info)
         metrics = {
             "epoch": epoch,

@@ -5,7 +5,7 @@ Choices for small machines (2 CPU cores), measured, see README "Ray on small mac
   fed to 2 workers x 1 CPU stalled for minutes ("backpressured: ResourceBudget"), because the
   workers held every CPU the read tasks needed;
 - only the train split is split across workers; every worker sees the whole (small, never
-  resampled) val split and evaluates every ``world_size``-th row batch of it, so no validation
+  resampled) val split and evaluates every ``world_size``-th row of it, so no validation
   row is dropped by an equal split and the gathered predictions cover the split exactly once.
 """
 
@@ -72,9 +72,8 @@ class RayBackend:
 
     def val_rows(self) -> Iterator[dict]:
         batches = self.val_data.iter_batches(batch_size=self.cfg.data.read_batch_size, batch_format="numpy")
-        for i, batch in enumerate(batches):
-            if i % self.world_size == self.rank:
-                yield batch
+        for batch in batches:
+            yield {k: v[self.rank :: self.world_size] for k, v in batch.items()}
 
     def restored_checkpoint(self) -> Path | None:
         checkpoint = ray.train.get_checkpoint()

@@ -55,6 +55,7 @@ def write_text(path: str, text: str) -> None:
 def upload_dir(local_dir: str | Path, target: str) -> None:
     """Copy a local folder to a path or URI (used for run outputs when output is a URI)."""
     fs, inner = filesystem(target)
+    fs.create_dir(inner, recursive=True)
     pafs.copy_files(str(local_dir), inner, destination_filesystem=fs)
 
 

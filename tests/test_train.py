@@ -1,0 +1,120 @@
+"""The training job: the local fallback in-process, the driver stopped and resumed, Ray Train DDP
+with a worker killed mid-epoch. Tiny images and timm's tiny test model keep these within CI time."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aptos_ray.config import parse_args
+from aptos_ray.train import train
+from helpers import aptos_subset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model.name=test_efficientnet", "--data.image_size=32", "--train.batch_size=8",
+        "--train.eval_batch_size=32", "--train.progress=false", "--optim.lr=0.003",
+        "--optim.warmup_epochs=0"]
+
+
+@pytest.fixture(scope="module")
+def aptos_small(aptos_dir, tmp_path_factory) -> Path:
+    return aptos_subset(aptos_dir, tmp_path_factory.mktemp("aptos") / "prepared", per_grade=24, size=32)
+
+
+def history(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_local_fit_writes_a_complete_run_directory(aptos_small, tmp_path):
+    cfg = parse_args([*TINY, "--local", f"--data.dataset={aptos_small}", f"--train.output={tmp_path}",
+                      "--train.name=local", "--train.epochs=3", "--data.sampling=inverse"])
+    summary = train(cfg)
+    run = tmp_path / "local"
+    epochs = history(run)
+    assert [h["epoch"] for h in epochs] == [0, 1, 2]
+    manifest = json.loads((aptos_small / "manifest.json").read_text())
+    num_val = sum(manifest["counts"]["val"].values())
+    for h in epochs:
+        assert h["val_images"] == num_val  # validation: every row once, never resampled
+        assert 0 <= h["val_acc"] <= 1 and -1 <= h["val_qwk"] <= 1
+        assert np.array(h["val_confusion"]).sum() == num_val
+        assert sum(h["train_grade_counts"]) == h["train_images"]
+    # inverse-frequency sampling balances grades that are unbalanced on disk (3 equal-ish here)
+    seen = np.sum([h["train_grade_counts"] for h in epochs], axis=0)
+    assert seen.min() > 0
+    state = torch.load(Path(summary["best_checkpoint"]) / "model.pt", weights_only=True)
+    assert state["config"]["model"]["name"] == "test_efficientnet"
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "cut_points"} <= set(state)
+    assert (run / "config.yaml").is_file() and (run / "summary.json").is_file()
+    assert (run / "plots" / "learning_curves.png").stat().st_size > 1000
+    assert (run / "plots" / "confusion_best.png").stat().st_size > 1000
+    kept = sorted(p.name for p in run.glob("checkpoint_epoch_*"))
+    assert "checkpoint_epoch_0002" in kept and len(kept) <= cfg.train.keep_checkpoints + 1
+
+
+def test_regression_head_saves_optimised_cut_points(aptos_small, tmp_path):
+    cfg = parse_args([*TINY, "--local", f"--data.dataset={aptos_small}", f"--train.output={tmp_path}",
+                      "--train.name=reg", "--train.epochs=1", "--model.head=regression"])
+    summary = train(cfg)
+    state = torch.load(Path(summary["best_checkpoint"]) / "model.pt", weights_only=True)
+    cuts = state["cut_points"]
+    assert len(cuts) == 4 and cuts == sorted(cuts)
+
+
+def test_existing_run_is_not_overwritten_without_resume(aptos_small, tmp_path):
+    args = [*TINY, "--local", f"--data.dataset={aptos_small}", f"--train.output={tmp_path}",
+            "--train.name=once", "--train.epochs=1", "--train.max_steps_per_epoch=1"]
+    train(parse_args(args))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(parse_args(args))
+
+
+def test_stopped_driver_resumes_without_losing_or_repeating_an_epoch(aptos_small, tmp_path):
+    """Kill the local job (SIGKILL) after its first epoch, then --resume it."""
+    args = [sys.executable, str(REPO / "jobs" / "train.py"), *TINY, "--local",
+            f"--data.dataset={aptos_small}", f"--train.output={tmp_path}", "--train.name=stopped",
+            "--train.epochs=4"]
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1 and \
+                list((tmp_path / "stopped").glob("checkpoint_epoch_*/model.pt")):
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = [h["epoch"] for h in history(tmp_path / "stopped")]
+    assert done_before and done_before[-1] < 3, "the job should have been stopped mid-run"
+    out = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Resumed from" in out.stdout
+    assert [h["epoch"] for h in history(tmp_path / "stopped")] == [0, 1, 2, 3]
+
+
+@pytest.mark.ray
+def test_ray_ddp_survives_a_killed_worker_and_resumes(aptos_small, tmp_path, ray_session):
+    """2 DDP workers; rank 0 dies halfway through epoch 1; Ray restarts the group from the
+    epoch-0 checkpoint. Then the finished run is extended with --resume."""
+    args = [*TINY, f"--data.dataset={aptos_small}", f"--train.output={tmp_path}", "--train.name=ddp",
+            "--scaling.num_workers=2", "--scaling.max_failures=1", "--train.fail_at_epoch=1"]
+    summary = train(parse_args([*args, "--train.epochs=2"]))
+    run = tmp_path / "ddp"
+    assert (run / ".failure_injected").is_file()  # the worker really died
+    epochs = history(run)
+    assert [h["epoch"] for h in epochs] == [0, 1]  # nothing lost, nothing counted twice
+    manifest = json.loads((aptos_small / "manifest.json").read_text())
+    assert all(h["val_images"] == sum(manifest["counts"]["val"].values()) for h in epochs)
+    assert summary["epochs"] == 2
+    summary = train(parse_args([*args, "--train.epochs=3", "--resume"]))
+    assert [h["epoch"] for h in history(run)] == [0, 1, 2]
+    assert summary["epochs"] == 3
