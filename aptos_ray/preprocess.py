@@ -1,0 +1,188 @@
+"""Pure array functions that turn a fundus photograph into the stored square image.
+
+Every function takes and returns numpy arrays (uint8 RGB unless said otherwise) and does
+its work with OpenCV / Pillow, so that the same code runs on the driver, in Ray Data tasks
+and in tests. ``preprocess`` composes them in the order the config asks for:
+
+    crop the black border -> pad-resize to a square -> Ben Graham (optional) -> circle mask (optional)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from aptos_ray.config import PrepareConfig
+
+# PIL's own protection against decompression bombs stays on; fundus photographs are < 50 MP.
+BEN_GRAHAM_RADIUS = 0.9  # Ben Graham masked at 90% of the radius: hides the bright ring the filter leaves at the rim
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used; ``reason`` is the short text shown in the quarantine."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _to_rgb_mode(img: Image.Image) -> Image.Image:
+    """Bring the modes numpy cannot make sense of (palette, CMYK, YCbCr, ...) to RGB(A)/L/I."""
+    if img.mode == "P":
+        # A palette may carry transparency; keep it as alpha so it is blanked like RGBA.
+        return img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGB", "RGBA", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1"):
+        return img
+    return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, PA, La, RGBa, ...
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read an image file -> uint8 (H, W, 3) RGB; ``ImageError`` says why a file is unusable."""
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise ImageError("missing file") from None
+    except OSError as e:
+        raise ImageError(f"unreadable file: {e.strerror or e}") from None
+    if size == 0:
+        raise ImageError("zero-byte file")
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode now: a truncated file fails here, not later
+            img = ImageOps.exif_transpose(img) or img
+            arr = np.asarray(_to_rgb_mode(img))
+    except UnidentifiedImageError:
+        raise ImageError("not an image") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        text = str(e)
+        if "truncated" in text or "broken data stream" in text or "end of file" in text.lower():
+            raise ImageError("truncated image") from None
+        raise ImageError(f"unreadable image: {text}") from None
+    except Image.DecompressionBombError as e:  # pragma: no cover - needs a huge file
+        raise ImageError(f"unreadable image: {e}") from None
+    return to_rgb_uint8(arr)
+
+
+def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:
+    """Any grey / grey+alpha / RGB / RGBA array of bool, uint8, uint16, int or float -> uint8 (H, W, 3).
+
+    Alpha is composited onto black, the colour of a fundus photograph's background.
+    16-bit data is scaled by 1/257 (65535 -> 255); floats in [0, 1] are scaled by 255.
+    """
+    arr = np.asarray(arr)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 2, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError(f"unsupported image shape {arr.shape}")
+    alpha = None
+    if arr.shape[2] in (2, 4):
+        arr, alpha = arr[:, :, :-1], arr[:, :, -1:]
+    arr, alpha = _to_uint8(arr), None if alpha is None else _to_uint8(alpha)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    if alpha is not None:
+        arr = (arr.astype(np.uint16) * alpha // 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return arr
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if np.issubdtype(arr.dtype, np.floating):
+        scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
+        return np.clip(np.nan_to_num(arr) * scale + 0.5, 0, 255).astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        # uint16 / PIL's "I" (int32 holding 16-bit data): full 16-bit range -> 8 bits.
+        return (np.clip(arr, 0, 65535).astype(np.uint32) // 257).astype(np.uint8)
+    raise ImageError(f"unsupported pixel type {arr.dtype}")
+
+
+def crop_fundus(arr: np.ndarray, threshold: int = 10, min_fraction: float = 0.05) -> np.ndarray:
+    """Crop the dark border around the fundus disc.
+
+    A pixel is fundus when it is ``threshold`` brighter than the border (the median of the four
+    corners when they are dark: some cameras leave a frame of grey 15-30, not 0). A row/column
+    belongs to the fundus when more than ``min_fraction`` of it is fundus, rather than any pixel,
+    so JPEG noise, a hot pixel or a small burnt-in label in the frame do not stop the crop (a disc
+    touching the frame loses < 0.1% of its height to this). An all-dark image, or one whose
+    bright part is implausibly small (< 10% of a side), is returned unchanged: cropping it would
+    only magnify noise. An image without a border is returned unchanged too.
+    """
+    grey = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY) if arr.ndim == 3 else arr
+    h, w = grey.shape
+    k = max(1, min(h, w) // 20)
+    corners = np.concatenate([grey[:k, :k], grey[:k, -k:], grey[-k:, :k], grey[-k:, -k:]], axis=None)
+    background = float(np.median(corners))
+    mask = grey > threshold + (background if background < 50 else 0)
+    rows = np.flatnonzero(np.count_nonzero(mask, axis=1) > min_fraction * w)
+    cols = np.flatnonzero(np.count_nonzero(mask, axis=0) > min_fraction * h)
+    if rows.size == 0 or cols.size == 0:
+        return arr
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    if bottom - top < 0.1 * h or right - left < 0.1 * w:
+        return arr
+    return arr[top:bottom, left:right]
+
+
+def circle_mask(arr: np.ndarray, radius_fraction: float = 1.0, fill: int = 0) -> np.ndarray:
+    """Set everything outside the circle inscribed in the image (times ``radius_fraction``) to ``fill``."""
+    h, w = arr.shape[:2]
+    mask = np.zeros((h, w), dtype=np.uint8)
+    radius = max(1, int(round(min(h, w) / 2 * radius_fraction)))
+    cv2.circle(mask, (w // 2, h // 2), radius, 1, thickness=-1, lineType=cv2.LINE_8)
+    out = np.full_like(arr, fill)
+    out[mask.astype(bool)] = arr[mask.astype(bool)]
+    return out
+
+
+def resize_pad(arr: np.ndarray, size: int) -> np.ndarray:
+    """Resize so the longer side is ``size``, then pad the shorter side with black to a square.
+
+    Never stretches: a fundus disc cropped at the top and bottom stays round. INTER_AREA when
+    shrinking (it averages, so no aliasing); INTER_CUBIC when enlarging (e.g. 28 px RetinaMNIST).
+    """
+    h, w = arr.shape[:2]
+    scale = size / max(h, w)
+    new_w, new_h = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+    if (new_h, new_w) != (h, w):
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+        arr = cv2.resize(arr, (new_w, new_h), interpolation=interpolation)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    return cv2.copyMakeBorder(
+        arr, top, size - new_h - top, left, size - new_w - left, cv2.BORDER_CONSTANT, value=0
+    )
+
+
+def ben_graham(arr: np.ndarray, sigma: float) -> np.ndarray:
+    """4 * img - 4 * GaussianBlur(img, sigma) + 128, saturated to uint8 (Ben Graham, Kaggle DR 2015).
+
+    Subtracting the local average removes lighting and camera colour differences between clinics
+    and keeps the lesions (small, high-contrast structures).
+    """
+    blurred = cv2.GaussianBlur(arr, (0, 0), sigmaX=float(sigma))
+    return cv2.addWeighted(arr, 4.0, blurred, -4.0, 128.0)  # uint8 in, uint8 out: saturating
+
+
+def preprocess(arr: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
+    """One image -> uint8 (size, size, 3), per the ``prepare`` config."""
+    arr = to_rgb_uint8(arr)
+    if cfg.crop_border:
+        arr = crop_fundus(arr)
+    arr = resize_pad(arr, cfg.image_size)
+    if cfg.ben_graham:
+        sigma = cfg.ben_graham_sigma or cfg.image_size / 30
+        arr = ben_graham(arr, sigma)
+    if cfg.circle_mask:
+        # After Ben Graham the neutral value is 128, and the rim ring is cut (radius 0.9).
+        if cfg.ben_graham:
+            arr = circle_mask(arr, BEN_GRAHAM_RADIUS, fill=128)
+        else:
+            arr = circle_mask(arr)
+    return arr

