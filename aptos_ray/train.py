@@ -8,16 +8,21 @@ from datetime import datetime
 from pathlib import Path
 
 from aptos_ray import storage
-from aptos_ray.config import DEFAULT_DATASET, Config
+from aptos_ray.config import Config
 from aptos_ray.loop import DatasetInfo, RunFiles
 from aptos_ray.records import MANIFEST, read_manifest
+
+
+def uses_embedded_default(cfg: Config) -> bool:
+    """True when the config trains on the synthetic dataset that it also knows how to build."""
+    return cfg.prepare.input == cfg.synthetic.output and cfg.prepare.output == cfg.data.dataset
 
 
 def ensure_dataset(cfg: Config) -> dict:
     """The prepared dataset's manifest; the embedded default is generated on first use."""
     manifest_path = storage.join(cfg.data.dataset, MANIFEST)
     if not storage.exists(manifest_path):
-        if cfg.data.dataset != DEFAULT_DATASET:
+        if not uses_embedded_default(cfg):
             raise FileNotFoundError(
                 f"{manifest_path} not found: prepare the dataset first, e.g. `python jobs/prepare.py "
                 f"--prepare.input=<raw data> --prepare.output={cfg.data.dataset}`"
@@ -27,14 +32,13 @@ def ensure_dataset(cfg: Config) -> dict:
 
 
 def build_default_dataset(cfg: Config) -> None:
-    """Synthetic fundus photos -> prepared dataset, at the default paths (a few minutes at most)."""
+    """Synthetic fundus photos -> prepared dataset (about a minute for the default 600 images)."""
     from aptos_ray.prepare import prepare
     from aptos_ray.synthetic import generate
 
     print(f"No dataset at {cfg.data.dataset}: generating the embedded synthetic default "
           f"({cfg.synthetic.num_images} images) and preparing it.")
-    cfg.prepare.input = str(generate(cfg.synthetic))
-    cfg.prepare.output = cfg.data.dataset
+    generate(cfg.synthetic)
     prepare(cfg)
 
 

