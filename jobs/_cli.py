@@ -1,17 +1,26 @@
-"""Shared entry-point wrapper: parse the config, turn expected errors into one clear line."""
+"""Shared entry-point wrapper: parse the config, print it, turn expected errors into one clear line.
+
+Configuration and data problems exit with status 2 and a one-line message naming the file or key,
+not a traceback; anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from aptos_ray.config import Config, ConfigError, parse_args
+# `python jobs/X.py` puts jobs/ (not the checkout) on sys.path; under `ray job submit` the package
+# may not be installed, so make the checkout importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aptos_ray.config import Config, ConfigError, parse_args  # noqa: E402
+from aptos_ray.sources import DataError  # noqa: E402
 
 
 def main(job: Callable[[Config], object], argv: list[str] | None = None) -> None:
     try:
-        cfg = parse_args(argv)
-        job(cfg)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+        job(parse_args(argv))
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
