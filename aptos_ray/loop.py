@@ -158,6 +158,13 @@ def gather(obj):
     return out
 
 
+def peak_memory_mb() -> float:
+    """This process's peak resident CPU memory (GPU memory is reported by torch.cuda separately)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def inject_failure(batches: Iterator, cfg: Config, epoch: int, rank: int, steps: int) -> Iterator:
     """Test hook (``train.fail_at_epoch``): rank 0 dies halfway through that epoch, once."""
     marker = Path(cfg.train.output) / cfg.train.name / ".failure_injected"
@@ -306,9 +313,10 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
             scheduler, device, scaler, use_amp, cfg.train.channels_last, steps,
             progress=cfg.train.progress and is_main, description=f"epoch {epoch}",
         )
-        totals = gather((train_stats["images_per_s"], train_stats["train_grade_counts"]))
+        totals = gather((train_stats["images_per_s"], train_stats["train_grade_counts"], peak_memory_mb()))
         train_stats["images_per_s"] = sum(t[0] for t in totals)
         train_stats["train_grade_counts"] = np.sum([t[1] for t in totals], axis=0).tolist()
+        train_stats["peak_memory_mb"] = [round(t[2]) for t in totals]  # per worker
         val_metrics, cut_points = validate(model, backend, transforms, loss_fn, cfg, info)
         metrics = {
             "epoch": epoch,

@@ -137,12 +137,29 @@ def create_model(cfg: ModelConfig, load_pretrained: bool = True) -> nn.Module:
 
     if kind == "package" and timm_name_for_package(cfg.pretrained):
         _set_normalisation(model, LITE_MEAN, LITE_STD)
+    head_loaded = False
     if load_pretrained and kind == "file":
-        load_weights(model, read_state_dict(cfg.pretrained), source=cfg.pretrained)
+        head_loaded = load_weights(model, read_state_dict(cfg.pretrained), source=cfg.pretrained)["head_loaded"]
     elif load_pretrained and kind == "package":
         path = package_weights_path(cfg.pretrained)
-        load_weights(model, read_state_dict(path), source=f"{package_name(cfg.pretrained)} ({path})")
+        loaded = load_weights(model, read_state_dict(path), source=f"{package_name(cfg.pretrained)} ({path})")
+        head_loaded = loaded["head_loaded"]
+    if not head_loaded:  # weights may carry a head that fits (e.g. a previous fine-tune): keep it
+        init_grade_head(model)
     return model
+
+
+def init_grade_head(model: nn.Module) -> None:
+    """Small initial grade head: outputs start near 0 instead of +-50.
+
+    timm initialises a linear head uniformly in +-1/sqrt(fan_out); for a 1-output regression head
+    that is +-1 per weight, and over 1,280 large pretrained features the first outputs measured
+    +-90 grades, so the first epochs were spent undoing the init (MSE ~150).
+    """
+    head = model.get_classifier()
+    if isinstance(head, nn.Linear):
+        nn.init.normal_(head.weight, std=0.01)
+        nn.init.zeros_(head.bias)
 
 
 def _timm_model(name: str, cfg: ModelConfig, pretrained: bool) -> nn.Module:
