@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import time
 from datetime import datetime
-from pathlib import Path
+
+import pyarrow.fs as pafs
 
 from aptos_ray import storage
 from aptos_ray.config import Config
@@ -47,10 +48,14 @@ def run_name(cfg: Config) -> str:
     if cfg.train.name:
         return cfg.train.name
     if cfg.train.resume:
-        runs = sorted(Path(cfg.train.output).glob("*/metrics.jsonl"), key=lambda p: p.stat().st_mtime)
-        if not runs:
+        # Listed through pyarrow: train.output may be a URI (s3://, gs://, file://).
+        fs, root = storage.filesystem(cfg.train.output)
+        runs = [d.path for d in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                if d.type == pafs.FileType.Directory]
+        metrics = [f for f in fs.get_file_info([f"{r}/metrics.jsonl" for r in runs]) if f.type == pafs.FileType.File]
+        if not metrics:
             raise FileNotFoundError(f"--resume: no run found under {cfg.train.output}; pass --train.name")
-        return runs[-1].parent.name
+        return max(metrics, key=lambda f: f.mtime).path.rstrip("/").split("/")[-2]
     return datetime.now().strftime("run-%Y%m%d-%H%M%S")
 
 

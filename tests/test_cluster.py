@@ -1,0 +1,268 @@
+"""From one machine to a cluster: the cluster configs (cluster/) parse and agree with the installed
+Ray and the code, nothing in them is a secret or listens on every interface, checkpoints load with
+weights_only, training runs through Ray on file:// URIs standing in for s3://, and (slow) a real
+two-node run on this machine (scripts/two_node_run.py)."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+import yaml
+
+from aptos_ray.config import parse_args
+from aptos_ray.train import run_name, train
+from helpers import write_split
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER = REPO / "cluster"
+KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
+CONFIG_FILES = sorted(CLUSTER.rglob("*.yaml"))
+RAY_IMAGE = re.compile(r"^rayproject/ray:(?P<version>[\d.]+)-py3\d+(-(?P<platform>cpu|gpu|cu\d+))?$")
+
+
+def load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def walk(node, key=""):
+    """Every (key, value) of a nested YAML document, lists included."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield k, v
+            yield from walk(v, k)
+    elif isinstance(node, list):
+        for item in node:
+            yield from walk(item, key)
+
+
+def containers(pod_template: dict) -> list[dict]:
+    return pod_template["spec"]["containers"]
+
+
+def job_args(entrypoint: str) -> tuple[str, list[str]]:
+    """'python jobs/X.py --a=b ...' -> ('jobs/X.py', ['--a=b', ...])."""
+    argv = shlex.split(entrypoint)
+    assert argv[0] == "python", entrypoint
+    return argv[1], argv[2:]
+
+
+def pyproject_dependencies() -> list[str]:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [d for d in deps if not d.startswith("ray")]
+
+
+# --- configs ------------------------------------------------------------------------------------
+
+
+def test_cluster_folder_has_launcher_kuberay_and_runtime_env():
+    names = {p.relative_to(CLUSTER).as_posix() for p in CONFIG_FILES}
+    assert {"aws.yaml", "runtime_env.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob-train.yaml",
+            "kuberay/rayjob-tune.yaml"} <= names
+
+
+def test_launcher_config_is_valid_for_the_installed_ray():
+    import jsonschema
+
+    config = load(CLUSTER / "aws.yaml")
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)  # the schema `ray up` checks against
+    docker = config["docker"]
+    for image in (docker["image"], docker["head_image"]):
+        assert RAY_IMAGE.match(image)["version"] == ray.__version__, image
+    assert RAY_IMAGE.match(docker["image"])["platform"] == "gpu"
+    workers = {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
+    assert workers, "no worker node type"
+    for node in workers.values():
+        assert 0 <= node["min_workers"] <= node["max_workers"] <= config["max_workers"]
+        assert node["node_config"]["InstanceType"].startswith(("g5.", "g6.", "g4dn.", "p3.", "p4d.", "p5."))
+    assert config["file_mounts"]["~/aptos-ray"] == "."  # `ray up` runs from the repository root
+    assert any("pip install" in c and "aptos-ray" in c for c in config["setup_commands"])
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start
+    for cmd in (head_start, " ".join(config["worker_start_ray_commands"])):
+        assert "RAY_AUTH_MODE=token ray start" in cmd  # every node in token mode, not only the head
+
+
+def test_kuberay_manifests_match_ray_and_the_code():
+    for path in KUBERAY:
+        doc = load(path)
+        assert doc["apiVersion"] == "ray.io/v1", path
+        assert doc["kind"] in {"RayCluster", "RayJob"}, path
+        cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        assert cluster["rayVersion"] == ray.__version__, path
+        assert cluster["authOptions"]["mode"] == "token", path
+        assert cluster["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", path
+        head = containers(cluster["headGroupSpec"]["template"])
+        groups = cluster["workerGroupSpecs"]
+        assert groups, path
+        for c in head + [c for g in groups for c in containers(g["template"])]:
+            assert RAY_IMAGE.match(c["image"])["version"] == ray.__version__, (path, c["image"])
+        for g in groups:
+            assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], (path, g["groupName"])
+            for c in containers(g["template"]):
+                limits = c["resources"]["limits"]
+                assert str(limits["nvidia.com/gpu"]) == "1" and RAY_IMAGE.match(c["image"])["platform"] == "gpu"
+        if doc["kind"] == "RayJob":
+            script, args = job_args(doc["spec"]["entrypoint"])
+            assert (REPO / script).is_file(), f"{path}: entrypoint {script} is not in the repository"
+            cfg = parse_args(args)  # every --key=value is a real config key of the right type
+            assert cfg.scaling.use_gpu and cfg.data.dataset.startswith(("s3://", "gs://"))
+            assert cfg.train.output.startswith(("s3://", "gs://")) or cfg.tune.output.startswith(("s3://", "gs://"))
+            env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
+            assert env["working_dir"].startswith(("https://", "s3://", "gs://")), \
+                "the submitter pod has no checkout: working_dir must be a remote zip"
+            assert env["pip"] == load(CLUSTER / "runtime_env.yaml")["pip"]
+    scripts = {job_args(load(p)["spec"]["entrypoint"])[0] for p in KUBERAY if load(p)["kind"] == "RayJob"}
+    assert scripts == {"jobs/train.py", "jobs/tune.py"}
+
+
+def test_runtime_env_uploads_the_code_and_not_data_or_runs(tmp_path):
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes  # Ray's own matcher
+    from ray.runtime_env import RuntimeEnv
+
+    env = load(CLUSTER / "runtime_env.yaml")
+    RuntimeEnv(**env)  # Ray validates every field
+    assert env["working_dir"] == "."
+    assert {d.split(">")[0].split("=")[0] for d in env["pip"]} == \
+        {d.split(">")[0].split("=")[0] for d in pyproject_dependencies()}
+    files = ["jobs/train.py", "aptos_ray/loop.py", "configs/demo.yaml", "tests/data/keep.txt",
+             "data/prepared/x/train/part-0.parquet", "runs/r/checkpoint_epoch_0000/model.pt",
+             "tune_runs/t/tuner.pkl", "outputs/predict/submission.csv", ".venv/bin/python", ".git/HEAD"]
+    for f in files:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("x")
+    uploaded = []
+    # include_gitignore=False: the excludes alone must keep data and runs out
+    _dir_travel(tmp_path, [_get_excludes(tmp_path, env["excludes"])],
+                lambda p: uploaded.append(p.relative_to(tmp_path).as_posix()) if p.is_file() else None,
+                include_gitignore=False)
+    assert sorted(uploaded) == ["aptos_ray/loop.py", "configs/demo.yaml", "jobs/train.py", "tests/data/keep.txt"]
+
+
+SECRET_KEY = re.compile(r"(secret|password|passwd|api_?key|access_?key|credential|private_?key|token)", re.I)
+SECRET_TEXT = re.compile(r"(AKIA[0-9A-Z]{16}|-----BEGIN [A-Z ]*PRIVATE KEY|aws_secret_access_key|"
+                         r"ghp_[0-9A-Za-z]{20,}|xox[bp]-)", re.I)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.relative_to(CLUSTER).as_posix())
+def test_no_credentials_in_cluster_configs(path):
+    text = path.read_text()
+    assert not SECRET_TEXT.search(text), f"{path}: looks like a credential"
+    for key, value in walk(yaml.safe_load(text)):
+        if isinstance(key, str) and SECRET_KEY.search(key):
+            # a key naming a secret may point at one (a file path, a secretKeyRef), never hold one
+            assert not isinstance(value, str) or value.startswith(("~/", "/")), f"{path}: {key}: {value!r}"
+        if key == "env":
+            for var in value:
+                if SECRET_KEY.search(var["name"]):
+                    assert "valueFrom" in var and "value" not in var, f"{path}: env {var['name']} holds a value"
+
+
+def test_nothing_listens_on_every_interface():
+    for path in [*CONFIG_FILES, REPO / "scripts" / "two_node_run.py"]:
+        assert "0.0.0.0" not in path.read_text(), f"{path}: binds every interface"
+
+
+def test_two_node_script_binds_localhost_and_uses_its_own_temp_dir_and_token(tmp_path):
+    spec = importlib.util.spec_from_file_location("two_node_run", REPO / "scripts" / "two_node_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cluster = module.TwoNodeCluster(tmp_path)
+    assert "--dashboard-host=127.0.0.1" in cluster.head_cmd
+    assert f"--temp-dir={tmp_path / 'ray'}" in cluster.head_cmd
+    assert any(a.startswith(f"--temp-dir={tmp_path}") for a in cluster.worker_cmd)
+    assert cluster.env["RAY_AUTH_MODE"] == "token"
+    token = Path(cluster.env["RAY_AUTH_TOKEN_PATH"])
+    assert token.parent == tmp_path and oct(token.stat().st_mode & 0o777) == "0o600"
+    assert os.environ.get("RAY_AUTH_TOKEN_PATH") != str(token)  # nothing leaks into this process before start()
+
+
+def test_every_torch_load_uses_weights_only():
+    """A checkpoint is data: torch.load must never unpickle code (weights_only=True)."""
+    offenders = []
+    for folder in ("aptos_ray", "jobs", "scripts", "benchmarks", "tests"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                    safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                               for k in node.keywords)
+                    if not safe:
+                        offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, f"torch.load without weights_only=True: {offenders}"
+
+
+# --- URIs ---------------------------------------------------------------------------------------
+
+
+def test_resume_finds_the_latest_run_under_a_uri(tmp_path):
+    for name in ("older", "newer"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("{}\n")
+        os.utime(tmp_path / name / "metrics.jsonl", (1e9, 1e9 if name == "older" else 2e9))
+    (tmp_path / "not-a-run").mkdir()
+    assert run_name(parse_args([f"--train.output=file://{tmp_path}", "--resume"])) == "newer"
+    with pytest.raises(FileNotFoundError, match="no run found"):
+        run_name(parse_args([f"--train.output=file://{tmp_path}/missing", "--resume"]))
+
+
+def random_dataset(out: Path, per_grade: int = 8, size: int = 32) -> Path:
+    """A prepared dataset of noise images: enough to run the pipeline, no shared data needed."""
+    rng = np.random.default_rng(0)
+    counts = {}
+    for split, n in (("train", per_grade), ("val", per_grade // 2)):
+        grades = [g for g in range(5) for _ in range(n)]
+        images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in grades]
+        write_split(out, split, [f"{split}_{i}" for i in range(len(grades))], grades, images)
+        counts[split] = {str(g): n for g in range(5)}
+    (out / "manifest.json").write_text(json.dumps({"format_version": 1, "encoding": "raw", "image_size": size,
+                                                   "counts": counts}))
+    return out
+
+
+@pytest.mark.ray
+def test_ray_training_reads_and_writes_uris(tmp_path, ray_session):
+    """Data and runs as file:// URIs (what s3:// or gs:// would be on a cluster) through Ray Train."""
+    dataset = random_dataset(tmp_path / "prepared")
+    args = ["--model.name=test_efficientnet", "--data.image_size=32", "--train.batch_size=8",
+            "--train.progress=false", "--train.epochs=1", "--scaling.num_workers=1",
+            f"--data.dataset=file://{dataset}", f"--train.output=file://{tmp_path}/runs", "--train.name=uri"]
+    summary = train(parse_args(args))
+    assert summary["run_dir"] == f"file://{tmp_path}/runs/uri"
+    assert summary["best_checkpoint"] == f"file://{tmp_path}/runs/uri/checkpoint_epoch_0000"
+    run = tmp_path / "runs" / "uri"
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert (run / "summary.json").is_file() and (run / "config.yaml").is_file()
+    assert (run / "plots" / "learning_curves.png").is_file()
+    state = torch.load(run / "checkpoint_epoch_0000" / "model.pt", weights_only=True)
+    assert state["config"]["data"]["dataset"] == f"file://{dataset}"
+
+
+# --- a real two-node cluster on this machine ------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_two_node_run():
+    """2-4 min on 2 shared cores: two Ray nodes, the training job submitted with 2 and 1 workers
+    (real APTOS images when ../shared/data has them, else synthetic ones prepared on the cluster)."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "two_node_run.py")], capture_output=True,
+                         text=True, timeout=600, cwd=REPO)
+    print(out.stdout[-3000:])
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert "2 training workers on 2 different nodes: yes" in out.stdout
+    assert re.search(r"images/s, 1 worker : +\d", out.stdout) and re.search(r"images/s, 2 workers: +\d", out.stdout)
+    assert "0 leftover process(es)" in out.stdout
