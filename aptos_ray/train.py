@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from datetime import datetime
@@ -72,7 +73,11 @@ def train(cfg: Config) -> dict:
     cfg.train.name = run_name(cfg)
     run_dir = storage.join(storage.absolute(cfg.train.output), cfg.train.name)
     check_run_dir(cfg, run_dir)
-    info = DatasetInfo.from_manifest(ensure_dataset(cfg))
+    manifest = ensure_dataset(cfg)
+    # Checkpoints carry the preprocessing the data really had, so predict can repeat it on raw images.
+    cfg.prepare = dataclasses.replace(cfg.prepare, **{k: v for k, v in manifest.get("config", {}).items()
+                                                      if hasattr(cfg.prepare, k)})
+    info = DatasetInfo.from_manifest(manifest)
     cfg.data.dataset = storage.absolute(cfg.data.dataset)
     print(cfg.summary())
     print(f"Run directory: {run_dir}")

@@ -1,0 +1,323 @@
+"""Predict (Ray Data actor pool), the evaluation report and ONNX export.
+
+One tiny run is trained once for the module (timm's test_efficientnet on 32 px APTOS images);
+every test predicts with its best checkpoint. Ray tests share the session's Ray instance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, cohen_kappa_score, recall_score
+
+from aptos_ray.config import ConfigError, SyntheticConfig, parse_args
+from aptos_ray.local import read_split
+from aptos_ray.metrics import apply_cut_points, grading_metrics
+from aptos_ray.predict import TTA_VIEWS, Grader, find_inputs, predict, read_checkpoint, resolve_checkpoint
+from aptos_ray.records import decode_batch
+from aptos_ray.report import bootstrap_qwk, compute_metrics, qwk_from_confusions, wilson_interval
+from aptos_ray.train import train
+from helpers import aptos_subset
+
+REPO = Path(__file__).resolve().parents[1]
+# lr 0.01 for 2 epochs: a poor model, but one that predicts several grades (lower rates give
+# one constant grade, which would make the metric checks below trivially true)
+TINY = ["--model.name=test_efficientnet", "--data.image_size=32", "--train.batch_size=8",
+        "--train.eval_batch_size=32", "--train.progress=false", "--optim.lr=0.01",
+        "--optim.warmup_epochs=0", "--train.epochs=2"]
+
+
+@pytest.fixture(scope="module")
+def dataset(aptos_dir, tmp_path_factory) -> Path:
+    return aptos_subset(aptos_dir, tmp_path_factory.mktemp("aptos") / "prepared", per_grade=16, size=32)
+
+
+@pytest.fixture(scope="module")
+def run(dataset, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("runs")
+    return train(parse_args([*TINY, "--local", f"--data.dataset={dataset}", f"--train.output={out}", "--train.name=tiny"]))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_state(run) -> dict:
+    return torch.load(Path(run["best_checkpoint"]) / "model.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def val_output(run, dataset, ray_session, tmp_path_factory) -> Path:
+    """The val split predicted through Ray Data, with the run directory as the checkpoint."""
+    out = tmp_path_factory.mktemp("predict-val")
+    predict(parse_args([f"--predict.checkpoint={run['run_dir']}", f"--predict.images={dataset}",
+                        "--predict.split=val", f"--predict.output={out}", "--predict.batch_size=8"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def raw_layout(aptos_dir, tmp_path_factory) -> tuple[Path, list[str], dict[str, str]]:
+    """A Kaggle-style folder (test.csv + test_images/) from shared APTOS images plus broken inputs."""
+    root = tmp_path_factory.mktemp("raw") / "kaggle"
+    images = root / "test_images"
+    images.mkdir(parents=True)
+    labels = pd.read_csv(aptos_dir / "labels.csv").groupby("diagnosis").head(2).head(8)
+    for id_ in labels["id_code"]:
+        shutil.copy(aptos_dir / "images" / f"{id_}.png", images / f"{id_}.png")
+    (images / "zero_byte.png").write_bytes(b"")
+    (images / "text_file.png").write_text("this is not a photograph\n")
+    good = labels["id_code"].tolist()
+    ids = good[:4] + ["zero_byte", "text_file", "not_there"] + good[4:] + [good[0]]  # last: a duplicate row
+    pd.DataFrame({"id_code": ids}).to_csv(root / "test.csv", index=False)
+    broken = {"zero_byte": "zero-byte", "text_file": "not an image", "not_there": "missing file", good[0]: "duplicate id"}
+    return root, good, broken
+
+
+def labelled_metrics(frame: pd.DataFrame) -> dict:
+    return grading_metrics(frame["grade"], frame["predicted"])
+
+
+# --------------------------------------------------------------------------- no Ray
+
+
+def test_checkpoint_resolves_from_run_dir_checkpoint_dir_and_file(run, tmp_path):
+    best = Path(run["best_checkpoint"]) / "model.pt"
+    assert resolve_checkpoint(run["run_dir"]) == str(best)
+    assert resolve_checkpoint(run["best_checkpoint"]) == str(best)
+    assert resolve_checkpoint(str(best)) == str(best)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_checkpoint(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match="summary.json"):
+        resolve_checkpoint(str(tmp_path))
+    with pytest.raises(ConfigError, match="predict.checkpoint"):
+        resolve_checkpoint("")
+
+
+def test_input_layouts_are_recognised_and_problems_named(dataset, raw_layout, tmp_path):
+    root, good, broken = raw_layout
+    assert find_inputs(str(dataset), "val").kind == "prepared"
+    raw = find_inputs(str(root), "test")
+    # files that exist are decoded later, in Ray tasks; what the driver can tell already is reported here
+    assert raw.kind == "csv" and [i["id"] for i in raw.items] == good[:4] + ["zero_byte", "text_file"] + good[4:]
+    assert {u["id"]: u["reason"] for u in raw.unreadable} == {"not_there": "missing file", good[0]: "duplicate id: first on line 2"}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no images"):
+        find_inputs(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError):
+        find_inputs(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="split"):
+        find_inputs(str(dataset), "holdout")
+
+
+def test_qwk_from_confusions_and_bootstrap_agree_with_sklearn():
+    rng = np.random.default_rng(1)
+    y_true = rng.integers(0, 5, 300)
+    y_pred = np.clip(y_true + rng.integers(-1, 2, 300), 0, 4)
+    confusion = np.zeros((1, 5, 5), dtype=np.int64)
+    np.add.at(confusion[0], (y_true, y_pred), 1)
+    expected = cohen_kappa_score(y_true, y_pred, weights="quadratic")
+    assert qwk_from_confusions(confusion)[0] == pytest.approx(expected, abs=1e-12)
+    lo, hi = bootstrap_qwk(y_true, y_pred, resamples=1000, seed=0)
+    assert lo < expected < hi and hi - lo < 0.2
+    assert bootstrap_qwk(y_true, y_pred, 1000, seed=0) == (lo, hi)  # seeded: reproducible
+    lo_small, hi_small = bootstrap_qwk(y_true[:40], y_pred[:40], 1000, seed=0)
+    assert hi_small - lo_small > hi - lo  # fewer images, wider interval
+    assert bootstrap_qwk(np.zeros(10, int), np.zeros(10, int)) == (0.0, 0.0)  # undefined -> 0, not NaN
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+
+
+def test_tta_averages_the_probabilities_of_flipped_views(run, dataset):
+    checkpoint = read_checkpoint(run["run_dir"])
+    images = decode_batch(read_split(str(dataset), "val").slice(0, 6).to_pydict())
+    plain, tta = Grader(checkpoint, tta=0), Grader(checkpoint, tta=2)
+    x = plain.transforms.eval(images)
+    with torch.no_grad():
+        views = [plain.model(v).softmax(1) for v in (x, x.flip(3), x.flip(2))]
+    expected = torch.stack(views).mean(0)
+    got = tta(images)
+    np.testing.assert_allclose(np.stack([got[f"prob_{g}"] for g in range(5)], 1), expected.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(got["predicted"], expected.argmax(1).numpy())
+    assert np.allclose(got["p_referable"], expected[:, 2:].sum(1).numpy(), atol=1e-5)
+    with pytest.raises(ConfigError, match="predict.tta"):
+        Grader(checkpoint, tta=len(TTA_VIEWS) + 1)
+
+
+def test_regression_head_applies_the_saved_cut_points(dataset, tmp_path):
+    run = train(parse_args([*TINY, "--local", f"--data.dataset={dataset}", f"--train.output={tmp_path}",
+                            "--train.name=reg", "--train.epochs=1", "--model.head=regression"]))
+    checkpoint = read_checkpoint(run["run_dir"])
+    assert len(checkpoint.cut_points) == 4
+    table = read_split(str(dataset), "val")
+    graded = Grader(checkpoint)(decode_batch(table.to_pydict()))
+    assert "prob_0" not in graded and "p_referable" not in graded  # no probabilities from a regression head
+    np.testing.assert_array_equal(graded["predicted"], apply_cut_points(graded["score"], checkpoint.cut_points))
+    grades = table.column("grade").to_numpy()
+    assert grading_metrics(grades, graded["predicted"])["confusion"] == checkpoint.metrics["val_confusion"]
+    frame = pd.DataFrame({"id": table.column("id").to_pylist(), "grade": grades, **graded})
+    assert compute_metrics(frame, resamples=100)["referable"]["score"] == "continuous grade score"
+
+
+def test_onnx_export_matches_pytorch_and_describes_preprocessing(run, dataset, checkpoint_state, tmp_path):
+    import onnxruntime as ort
+
+    from aptos_ray.export import TOLERANCE, export
+
+    meta = export(parse_args([f"--predict.checkpoint={run['run_dir']}", f"--predict.output={tmp_path}"]))
+    saved = json.loads((tmp_path / "model.json").read_text())
+    assert saved == json.loads(json.dumps(meta))
+    assert saved["parity"]["max_abs_diff"] <= TOLERANCE and saved["parity"]["grades_equal"]
+    assert saved["head"] == "classification" and saved["cut_points"] == checkpoint_state["cut_points"]
+    pre = saved["preprocessing"]
+    assert pre["size"] == 32 and len(pre["mean"]) == 3 and len(pre["std"]) == 3
+    # a deployment with only model.onnx + model.json reproduces the in-training validation grades
+    table = read_split(str(dataset), "val")
+    images = decode_batch(table.to_pydict()).astype(np.float32) / 255.0  # already 32 px
+    x = ((images - np.array(pre["mean"], np.float32)) / np.array(pre["std"], np.float32)).transpose(0, 3, 1, 2)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {saved["input"]["name"]: np.ascontiguousarray(x)})[0]
+    grades = table.column("grade").to_numpy()
+    assert grading_metrics(grades, logits.argmax(1))["qwk"] == pytest.approx(checkpoint_state["metrics"]["val_qwk"], abs=1e-9)
+
+
+# --------------------------------------------------------------------------- Ray Data actor pool
+
+
+@pytest.mark.ray
+def test_val_predictions_reproduce_the_in_training_validation(val_output, dataset, checkpoint_state):
+    predictions = pd.read_parquet(val_output / "predictions.parquet")
+    val = read_split(str(dataset), "val", ["id", "grade"]).to_pandas()
+    assert sorted(predictions["id"]) == sorted(val["id"])  # every row once
+    assert dict(zip(predictions["id"], predictions["grade"])) == dict(zip(val["id"], val["grade"].astype(int)))
+    ours, training = labelled_metrics(predictions), checkpoint_state["metrics"]
+    assert ours["confusion"] == training["val_confusion"]
+    assert ours["qwk"] == pytest.approx(training["val_qwk"], abs=1e-12)
+    assert ours["acc"] == pytest.approx(training["val_acc"], abs=1e-12)
+    assert predictions["predicted"].nunique() > 1  # the checks above are not about a constant model
+    probs = predictions[[f"prob_{g}" for g in range(5)]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert np.allclose(predictions["score"], probs @ np.arange(5), atol=1e-5)  # expected grade
+    summary = json.loads((val_output / "predict.json").read_text())
+    assert summary["num_inputs"] == summary["num_predicted"] == len(val) and summary["num_unreadable"] == 0
+    assert summary["epoch"] == checkpoint_state["epoch"]
+
+
+@pytest.mark.ray
+def test_submission_is_in_kaggle_format(val_output):
+    submission = pd.read_csv(val_output / "submission.csv", dtype={"id_code": str})
+    predictions = pd.read_parquet(val_output / "predictions.parquet")
+    assert list(submission.columns) == ["id_code", "diagnosis"]
+    assert submission["id_code"].is_unique
+    assert submission["id_code"].tolist() == predictions["id"].tolist()
+    assert submission["diagnosis"].tolist() == predictions["predicted"].tolist()
+    assert submission["diagnosis"].between(0, 4).all() and submission["diagnosis"].dtype.kind == "i"
+    assert pd.read_csv(val_output / "unreadable.csv").empty
+
+
+@pytest.mark.ray
+def test_report_holds_the_numbers_it_should(val_output):
+    predictions = pd.read_parquet(val_output / "predictions.parquet")
+    metrics = json.loads((val_output / "metrics.json").read_text())
+    y, p = predictions["grade"], predictions["predicted"]
+    assert metrics["n"] == len(predictions)
+    assert metrics["qwk"] == pytest.approx(cohen_kappa_score(y, p, weights="quadratic"), abs=1e-12)
+    lo, hi = metrics["qwk_ci95"]
+    assert lo <= metrics["qwk"] <= hi and metrics["bootstrap"]["resamples"] == 1000
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert metrics["cohen_kappa"] == pytest.approx(cohen_kappa_score(y, p))
+    recall = recall_score(y, p, labels=range(5), average=None, zero_division=0)
+    assert [g["recall"] for g in metrics["per_grade"]] == pytest.approx(list(recall))
+    ref = metrics["referable"]
+    assert ref["tp"] == int(((y >= 2) & (p >= 2)).sum()) and ref["positives"] == int((y >= 2).sum())
+    assert ref["sensitivity"] == pytest.approx(ref["tp"] / ref["positives"])
+    assert 0 <= ref["auc"] <= 1 and ref["score"] == "P(grade >= 2)"
+    html = (val_output / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3  # figures embedded: the file stands alone
+    assert 'src="data:' in html and ".png\"" not in html
+    assert f"{metrics['qwk']:.3f}" in html and "0.719" in html and "0.547" in html  # seed baseline for context
+    md = (val_output / "report.md").read_text()
+    assert "Referable" in md and f"{metrics['qwk']:.3f}" in md
+    for name in ("confusion_matrix.png", "roc_referable.png", "grade_distribution.png"):
+        assert (val_output / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.ray
+def test_evaluate_job_rewrites_the_same_report(val_output, tmp_path):
+    out = tmp_path / "eval"
+    shutil.copytree(val_output, out)
+    (out / "metrics.json").unlink()
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), f"--predict.output={out}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "QWK" in result.stdout
+    fresh, first = (json.loads((d / "metrics.json").read_text()) for d in (out, val_output))
+    assert {k: v for k, v in fresh.items() if k != "created"} == {k: v for k, v in first.items() if k != "created"}
+    missing = subprocess.run([sys.executable, str(REPO / "jobs" / "evaluate.py"), f"--predict.output={tmp_path / 'no'}"],
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "predictions.parquet" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.ray
+def test_broken_raw_images_are_reported_by_id(run, raw_layout, ray_session, tmp_path, capsys):
+    root, good, broken = raw_layout
+    (tmp_path / "report.html").write_text("an earlier run's report")  # must not pass for this run's
+    summary = predict(parse_args([f"--predict.checkpoint={run['best_checkpoint']}", f"--predict.images={root}",
+                                  f"--predict.output={tmp_path}", "--predict.batch_size=4", "--predict.tta=1"]))
+    printed = capsys.readouterr().out
+    unreadable = pd.read_csv(tmp_path / "unreadable.csv", dtype=str)
+    reasons = {}
+    for row in unreadable.itertuples():
+        reasons.setdefault(row.id, row.reason)
+    assert set(reasons) == set(broken)
+    for id_, fragment in broken.items():
+        assert fragment in reasons[id_]
+        assert id_ in printed
+    predictions = pd.read_parquet(tmp_path / "predictions.parquet")
+    assert predictions["id"].tolist() == good  # input (CSV) order
+    assert (predictions["grade"] == -1).all()  # test.csv has no labels
+    assert summary["num_inputs"] == len(good) + len(broken) == summary["num_predicted"] + summary["num_unreadable"]
+    assert pd.read_csv(tmp_path / "submission.csv", dtype=str)["id_code"].tolist() == good
+    assert not (tmp_path / "report.html").exists()  # nothing to evaluate without labels
+
+
+@pytest.mark.ray
+def test_synthetic_default_predicted_end_to_end_as_raw_layout(run, ray_session, tmp_path):
+    from aptos_ray.synthetic import generate
+
+    raw = generate(SyntheticConfig(output=str(tmp_path / "synthetic"), num_images=10, image_size=64, seed=3))
+    (raw / "train_images" / "notes.txt").write_text("not an image")  # unlisted in train.csv: not an input
+    out = tmp_path / "pred"
+    summary = predict(parse_args([f"--predict.checkpoint={run['run_dir']}", f"--predict.images={raw}",
+                                  f"--predict.output={out}", "--predict.num_actors=1"]))
+    labels = pd.read_csv(raw / "train.csv", dtype={"id_code": str})
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    assert predictions["id"].tolist() == labels["id_code"].tolist()
+    assert predictions["grade"].tolist() == labels["diagnosis"].tolist()
+    assert summary["num_unreadable"] == 0 and summary["num_labelled"] == 10
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 10 and (out / "report.html").is_file()
+
+
+@pytest.mark.ray
+def test_image_folder_without_labels(run, raw_layout, ray_session, tmp_path):
+    root, good, _ = raw_layout
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for id_ in good[:3]:
+        shutil.copy(root / "test_images" / f"{id_}.png", folder / f"{id_}.png")
+    (folder / "README.txt").write_text("three photographs")
+    summary = predict(parse_args([f"--predict.checkpoint={run['run_dir']}", f"--predict.images={folder}",
+                                  f"--predict.output={tmp_path / 'out'}", "--predict.num_actors=1"]))
+    assert summary["num_inputs"] == 4 and summary["num_predicted"] == 3
+    unreadable = pd.read_csv(tmp_path / "out" / "unreadable.csv")
+    assert unreadable["id"].tolist() == ["README"] and "not an image file" in unreadable["reason"][0]
+
+
+def test_compute_metrics_needs_labels():
+    frame = pd.DataFrame({"id": ["a"], "grade": [-1], "predicted": [0], "score": [0.1]})
+    with pytest.raises(ConfigError, match="labelled"):
+        compute_metrics(frame)
