@@ -103,7 +103,8 @@ def _check_package_fits(package: str, name: str) -> None:
                f"TensorFlow 'same' padding the weights were trained with, so its outputs would be wrong.")
     raise ValueError(
         f"model.pretrained={package_name(package)} holds weights for timm's '{expected}', "
-        f"not for model.name='{name}'.{why} Set --model.name={expected} (or --model.name=auto)."
+        f"not for model.name='{name}'.{why} Set --model.name={expected} (or --model.name=auto), or "
+        f"train '{name}' from scratch with --model.pretrained=none (online: --model.pretrained=hub)."
     )
 
 

@@ -47,6 +47,7 @@ def untrained_checkpoint(model: str, size: int, prepare_size: int, folder: Path)
     """A model.pt in the training checkpoint format, with random weights."""
     cfg = Config()
     cfg.model.name, cfg.data.image_size, cfg.prepare.image_size = model, size, prepare_size
+    cfg.model.pretrained, cfg.model.head = "none", "classification"
     state = {"model": create_model(cfg.model, load_pretrained=False).state_dict(), "config": cfg.to_dict(),
              "cut_points": None, "epoch": 0, "metrics": {}}
     path = folder / "model.pt"

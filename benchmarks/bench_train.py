@@ -67,7 +67,8 @@ def plain_loop(data: Path, model_name: str, size: int, batch: int, threads: int,
 
 
 def project_run(data: Path, model_name: str, size: int, batch: int, mode: list[str], name: str) -> dict:
-    args = [f"--data.dataset={data}", f"--model.name={model_name}", f"--data.image_size={size}",
+    args = [f"--data.dataset={data}", f"--model.name={model_name}", "--model.pretrained=none",
+            f"--data.image_size={size}",
             f"--train.batch_size={batch}", "--train.epochs=2", f"--train.output={OUT / 'bench-train-runs'}",
             f"--train.name={name}-{int(time.time())}", "--train.progress=false", *mode]
     summary = train(parse_args(args))

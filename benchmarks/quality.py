@@ -123,14 +123,15 @@ def main() -> None:
     manifest = read_manifest(str(dataset))
     print(f"{dataset}: {json.dumps(manifest['counts'])}")
     path = OUT / f"quality-{args.dataset}.json"
-    results = json.loads(path.read_text()) if path.is_file() else []
+    mine = []
     for seed in args.seeds:
         for recipe in args.recipes:
-            result = run_recipe(recipe, dataset, args.size, args.epochs, seed, args.dataset)
-            results.append(result)
-            path.write_text(json.dumps(results, indent=2))
-            print(table([result]))
-    print(table(results))
+            mine.append(run_recipe(recipe, dataset, args.size, args.epochs, seed, args.dataset))
+            # re-read before appending: several runs may share the file
+            results = json.loads(path.read_text()) if path.is_file() else []
+            path.write_text(json.dumps(results + mine[-1:], indent=2))
+            print(table(mine[-1:]))
+    print(table(mine))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's `ray` and `python`
 SHARED_APTOS = Path(os.environ.get("APTOS_RAY_SHARED_DATA", REPO.parent / "shared" / "data")) / "aptos2019-224"
-TINY = ["--model.name=test_efficientnet", "--data.image_size=32", "--train.epochs=1", "--train.batch_size=8",
+TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
+        "--data.image_size=32", "--train.epochs=1", "--train.batch_size=8",
         "--train.eval_batch_size=32", "--train.progress=false", "--optim.warmup_epochs=0"]
 MEGABYTE = 1024 * 1024
 ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -237,7 +237,8 @@ def random_dataset(out: Path, per_grade: int = 8, size: int = 32) -> Path:
 def test_ray_training_reads_and_writes_uris(tmp_path, ray_session):
     """Data and runs as file:// URIs (what s3:// or gs:// would be on a cluster) through Ray Train."""
     dataset = random_dataset(tmp_path / "prepared")
-    args = ["--model.name=test_efficientnet", "--data.image_size=32", "--train.batch_size=8",
+    args = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
+            "--data.image_size=32", "--train.batch_size=8",
             "--train.progress=false", "--train.epochs=1", "--scaling.num_workers=1",
             f"--data.dataset=file://{dataset}", f"--train.output=file://{tmp_path}/runs", "--train.name=uri"]
     summary = train(parse_args(args))

@@ -30,7 +30,8 @@ from helpers import aptos_subset
 REPO = Path(__file__).resolve().parents[1]
 # lr 0.01 for 2 epochs: a poor model, but one that predicts several grades (lower rates give
 # one constant grade, which would make the metric checks below trivially true)
-TINY = ["--model.name=test_efficientnet", "--data.image_size=32", "--train.batch_size=8",
+TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
+        "--data.image_size=32", "--train.batch_size=8",
         "--train.eval_batch_size=32", "--train.progress=false", "--optim.lr=0.01",
         "--optim.warmup_epochs=0", "--train.epochs=2"]
 

@@ -20,7 +20,8 @@ from aptos_ray.train import train
 from helpers import aptos_subset
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--model.name=test_efficientnet", "--data.image_size=32", "--train.batch_size=8",
+TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
+        "--data.image_size=32", "--train.batch_size=8",
         "--train.eval_batch_size=32", "--train.progress=false", "--optim.lr=0.003",
         "--optim.warmup_epochs=0"]
 
