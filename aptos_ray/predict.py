@@ -513,7 +513,7 @@ def predict(cfg: Config) -> dict:
         print(f"warning: {inputs.path} was prepared differently from the training data ({prepare_from}): "
               f"{', '.join(differences)}; predictions may be off", file=sys.stderr)
 
-    from aptos_ray.prepare import init_ray
+    from aptos_ray.ray_setup import init_ray
 
     init_ray(cfg.scaling)
     started = time.perf_counter()

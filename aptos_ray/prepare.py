@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from aptos_ray import storage
 from aptos_ray.config import Config, ConfigError, PrepareConfig, ScalingConfig
+from aptos_ray.ray_setup import init_ray
 from aptos_ray.preprocess import ImageError, preprocess
 from aptos_ray.records import GRADES, MANIFEST, SCHEMA, SPLITS, encode_image, read_manifest
 from aptos_ray.sources import DataError, check_grades, read_image, read_source, reason_kind
@@ -109,16 +110,6 @@ def prepare(cfg: Config) -> Path | str:
     if p.card:
         _write_card(p.output, required=False)
     return p.output if remote else local_out
-
-
-def init_ray(scaling: ScalingConfig) -> None:
-    """Connect to ``scaling.address`` / ``RAY_ADDRESS`` (e.g. inside ``ray job submit``), else start Ray locally."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = scaling.address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address)
 
 
 def _check_fractions(p: PrepareConfig) -> None:

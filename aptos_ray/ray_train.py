@@ -11,7 +11,6 @@ Choices for small machines (2 CPU cores), measured, see README "Ray on small mac
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,15 +25,8 @@ from ray.train.torch import TorchTrainer
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.local import TRAIN_COLUMNS
+from aptos_ray.ray_setup import init_ray
 from aptos_ray.loop import DatasetInfo, fit
-
-
-def init_ray(cfg: Config) -> None:
-    """Connect to ``scaling.address`` (or RAY_ADDRESS), else start a local Ray instance."""
-    if ray.is_initialized():
-        return
-    address = cfg.scaling.address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, log_to_driver=True)
 
 
 def load_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
@@ -95,7 +87,8 @@ def train_worker(loop_config: dict) -> None:
     fit(cfg, RayBackend(cfg), DatasetInfo(**loop_config["info"]))
 
 
-def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict) -> TorchTrainer:
+def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict, callbacks: list | None = None) -> TorchTrainer:
+    """The run lands in ``train.output/train.name``; ``callbacks`` go to ``RunConfig`` (e.g. Tune's)."""
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     return TorchTrainer(
         train_worker,
@@ -114,6 +107,7 @@ def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict) -> TorchTraine
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -122,6 +116,6 @@ def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict) -> TorchTraine
 
 def run_ray(cfg: Config, info: DatasetInfo):
     """Fit with a TorchTrainer on the connected Ray cluster; returns Ray's Result."""
-    init_ray(cfg)
+    init_ray(cfg.scaling)
     trainer = build_trainer(cfg, info, load_datasets(cfg))
     return trainer.fit()

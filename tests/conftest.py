@@ -32,8 +32,11 @@ def ray_session():
     """One local Ray instance for every test that needs it (starting Ray costs seconds)."""
     import ray
 
+    from aptos_ray.ray_setup import local_ray_options
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}})
+        options = local_ray_options()
+        options["runtime_env"]["env_vars"]["PYTHONWARNINGS"] = "ignore"
+        ray.init(num_cpus=2, log_to_driver=False, **options)
     yield ray
     ray.shutdown()
