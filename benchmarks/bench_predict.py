@@ -39,6 +39,7 @@ from aptos_ray.predict import (  # noqa: E402
     read_checkpoint,
 )
 from aptos_ray.records import decode_batch  # noqa: E402
+from bench_prepare import best_of  # noqa: E402  (the benchmarks folder is on sys.path)
 
 DEFAULT_INPUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "aptos2019-224"
 
@@ -85,16 +86,6 @@ def ray_pipeline(checkpoint: str, inputs, prepare, batch_size: int, num_actors: 
     with ray_progress_off():
         ds = build_dataset(inputs, read_checkpoint(checkpoint), prepare, 0, batch_size, num_actors)
         return len(collect(ds, len(inputs.items)))
-
-
-def best_of(repeat: int, fn) -> float:
-    """Fastest of ``repeat`` runs: the machine is shared, the minimum is the least disturbed."""
-    times = []
-    for _ in range(max(1, repeat)):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:
