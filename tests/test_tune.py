@@ -251,7 +251,7 @@ def test_restored_search_reruns_no_trial(search):
 def test_a_trial_can_be_a_two_worker_ddp_run(toy, tmp_path, tune_ray):
     """One trial of 2 DDP workers: on 2 CPUs that fits only because the trial's own driver takes none."""
     args = search_args(toy, tmp_path, "ddp", "--scaling.num_workers=2", "--train.epochs=1",
-                       "--tune.num_samples=1")
+                       "--tune.num_samples=1", "--tune.grace_period=1")
     result = run_search(parse_args(args))
     table = result["table"]
     assert len(table) == 1 and table["epochs"].iloc[0] == 1
@@ -264,7 +264,8 @@ def test_a_trial_can_be_a_two_worker_ddp_run(toy, tmp_path, tune_ray):
 @pytest.mark.ray
 def test_a_search_whose_trials_all_fail_says_why(toy, tmp_path, tune_ray):
     args = search_args(toy, tmp_path, "broken", "--scaling.num_workers=1", "--train.epochs=1",
-                       "--tune.num_samples=1", "--model.name=no_such_timm_model", "--scaling.max_failures=0")
+                       "--tune.num_samples=1", "--tune.grace_period=1",
+                       "--model.name=no_such_timm_model", "--scaling.max_failures=0")
     with pytest.raises(SearchFailed, match="no_such_timm_model"):
         run_search(parse_args(args))
     table = pd.read_csv(tmp_path / "tune" / "broken" / "trials.csv")
