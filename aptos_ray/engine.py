@@ -143,12 +143,16 @@ def train_one_epoch(
     steps: int | None = None,
     progress: bool = False,
     description: str = "train",
+    progress_bar=tqdm,
 ) -> dict:
-    """One pass over ``minibatches``; returns mean loss, images and images/s."""
+    """One pass over ``minibatches``; returns mean loss, images and images/s.
+
+    ``progress_bar`` is a tqdm-like class (Ray workers pass Ray's, which draws in the driver).
+    """
     model.train()
     total_loss, images_seen, start = 0.0, 0, time.perf_counter()
     grade_counts = np.zeros(5, dtype=np.int64)
-    bar = tqdm(minibatches, total=steps, desc=description, disable=not progress, leave=False)
+    bar = progress_bar(minibatches, total=steps, desc=description) if progress else minibatches
     for images, grades in bar:
         x = transforms.train(images).to(device, non_blocking=True)
         if channels_last and device.type == "cuda":
@@ -169,7 +173,10 @@ def train_one_epoch(
         total_loss += loss.item() * len(grades)
         images_seen += len(grades)
         grade_counts += np.bincount(grades, minlength=5)[:5]
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if progress:
+            bar.set_description(f"{description} loss {loss.item():.3f}")
+    if progress:
+        bar.close()
     seconds = time.perf_counter() - start
     return {
         "train_loss": total_loss / max(images_seen, 1),

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import torch
+from tqdm import tqdm
 
 from aptos_ray import storage
 from aptos_ray.config import Config
@@ -43,6 +44,7 @@ class LocalBackend:
 
     rank = 0
     world_size = 1
+    progress_bar = tqdm
 
     def __init__(self, cfg: Config, run_dir: str, resume: bool):
         if storage.is_uri(run_dir):

@@ -72,6 +72,7 @@ class Backend(Protocol):
     world_size: int
     device: torch.device
     run_dir: str
+    progress_bar: type  # tqdm-like
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
@@ -312,6 +313,7 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
             model, inject_failure(batches, cfg, epoch, rank, steps), transforms, loss_fn, optimizer,
             scheduler, device, scaler, use_amp, cfg.train.channels_last, steps,
             progress=cfg.train.progress and is_main, description=f"epoch {epoch}",
+            progress_bar=backend.progress_bar,
         )
         totals = gather((train_stats["images_per_s"], train_stats["train_grade_counts"], peak_memory_mb()))
         train_stats["images_per_s"] = sum(t[0] for t in totals)

@@ -11,6 +11,7 @@ Choices for small machines (2 CPU cores), measured, see README "Ray on small mac
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.experimental.tqdm_ray import tqdm as tqdm_ray
 from ray.train.torch import TorchTrainer
 
 from aptos_ray import storage
@@ -30,6 +32,9 @@ from aptos_ray.loop import DatasetInfo, fit
 
 
 def load_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
+    # Ray Data logs every operator's progress at INFO when stdout is no terminal (ray job logs,
+    # CI): a few hundred lines per run that bury the epoch lines people read.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     datasets = {}
     for split in ("train", "val"):
         path = storage.join(storage.absolute(cfg.data.dataset), split)
@@ -40,6 +45,8 @@ def load_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
 
 class RayBackend:
     """``loop.Backend`` inside a Ray Train worker."""
+
+    progress_bar = tqdm_ray  # drawn by the driver, not interleaved into worker logs
 
     def __init__(self, cfg: Config):
         context = ray.train.get_context()

@@ -71,7 +71,9 @@ def check_run_dir(cfg: Config, run_dir: str) -> None:
 def train(cfg: Config) -> dict:
     """Run the training job described by ``cfg``; returns the run summary."""
     cfg.train.name = run_name(cfg)
-    run_dir = storage.join(storage.absolute(cfg.train.output), cfg.train.name)
+    # Ray workers run in their own directories: every local path they see must be absolute.
+    cfg.train.output = storage.absolute(cfg.train.output)
+    run_dir = storage.join(cfg.train.output, cfg.train.name)
     check_run_dir(cfg, run_dir)
     manifest = ensure_dataset(cfg)
     # Checkpoints carry the preprocessing the data really had, so predict can repeat it on raw images.

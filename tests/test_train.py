@@ -103,13 +103,16 @@ def test_stopped_driver_resumes_without_losing_or_repeating_an_epoch(aptos_small
 
 
 @pytest.mark.ray
-def test_ray_ddp_survives_a_killed_worker_and_resumes(aptos_small, tmp_path, ray_session):
+def test_ray_ddp_survives_a_killed_worker_and_resumes(aptos_small, tmp_path, ray_session, monkeypatch):
     """2 DDP workers; rank 0 dies halfway through epoch 1; Ray restarts the group from the
-    epoch-0 checkpoint. Then the finished run is extended with --resume."""
-    args = [*TINY, f"--data.dataset={aptos_small}", f"--train.output={tmp_path}", "--train.name=ddp",
-            "--scaling.num_workers=2", "--scaling.max_failures=1", "--train.fail_at_epoch=1"]
+    epoch-0 checkpoint. Then the finished run is extended with --resume. The output path is
+    relative, as people type it: Ray workers run elsewhere and must still write here."""
+    monkeypatch.chdir(tmp_path)
+    args = [*TINY, f"--data.dataset={aptos_small}", "--train.output=runs", "--train.name=ddp",
+            "--scaling.num_workers=2", "--scaling.max_failures=1", "--train.fail_at_epoch=1",
+            "--train.progress=true"]  # Ray's progress bars in the workers, as the demo shows them
     summary = train(parse_args([*args, "--train.epochs=2"]))
-    run = tmp_path / "ddp"
+    run = tmp_path / "runs" / "ddp"
     assert (run / ".failure_injected").is_file()  # the worker really died
     epochs = history(run)
     assert [h["epoch"] for h in epochs] == [0, 1]  # nothing lost, nothing counted twice
