@@ -289,6 +289,27 @@ def reported_epochs(result) -> int:
     return int(df[TIME_ATTR].max())
 
 
+def wait_for_stopped_trainers(timeout_s: float = 30.0) -> None:
+    """Wait until the Ray Train runs of stopped trials are gone (bounded by ``timeout_s``).
+
+    When ASHA stops a trial, the trial's TorchTrainer controller and workers are torn down only
+    after the trial itself: for a moment they keep training and writing their run directory (in
+    tests, a whole short epoch, or a restart from scratch by the controller). Aligning the run
+    directories before they are gone would race with those writes.
+    """
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)
+        except Exception:  # no state API (dashboard off): nothing to wait on
+            return
+        if not any(a.class_name in ("TrainController", "RayTrainWorker") for a in alive):
+            return
+        time.sleep(0.5)
+
+
 def align_run_dir(run_dir: str, epochs: int) -> list[dict]:
     """Forget epochs that a stopped trial finished after its last report reached Tune.
 
@@ -463,6 +484,7 @@ def run_search(cfg: Config) -> dict:
     print(f"Datasets loaded in {time.perf_counter() - started:.1f}s")
     tuner = build_tuner(cfg, make_trainable(cfg, info, datasets, runs_dir), exp_dir)
     results = tuner.fit()
+    wait_for_stopped_trainers()
 
     table, histories = trials_table(results, runs_dir, cfg.train.epochs, saved_trials(exp_dir))
     summarise_trials(table)
