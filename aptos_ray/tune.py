@@ -289,23 +289,29 @@ def reported_epochs(result) -> int:
     return int(df[TIME_ATTR].max())
 
 
-def wait_for_stopped_trainers(timeout_s: float = 30.0) -> None:
-    """Wait until the Ray Train runs of stopped trials are gone (bounded by ``timeout_s``).
+def live_trainer_actors() -> int | None:
+    """Ray Train controller and worker actors alive in the cluster (None without the state API)."""
+    from ray.util.state import list_actors
+
+    try:
+        alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
+    except Exception:  # no dashboard / state API: nothing to wait on
+        return None
+    return sum(a.class_name in ("TrainController", "RayTrainWorker") for a in alive)
+
+
+def wait_for_stopped_trainers(before: int | None, timeout_s: float = 30.0) -> None:
+    """Wait (at most ``timeout_s``) until no more Ray Train actors are alive than ``before`` the search.
 
     When ASHA stops a trial, the trial's TorchTrainer controller and workers are torn down only
     after the trial itself: for a moment they keep training and writing their run directory (in
     tests, a whole short epoch, or a restart from scratch by the controller). Aligning the run
     directories before they are gone would race with those writes.
     """
-    from ray.util.state import list_actors
-
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            alive = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, raise_on_missing_output=False)
-        except Exception:  # no state API (dashboard off): nothing to wait on
-            return
-        if not any(a.class_name in ("TrainController", "RayTrainWorker") for a in alive):
+    while before is not None and time.monotonic() < deadline:
+        now = live_trainer_actors()
+        if now is None or now <= before:
             return
         time.sleep(0.5)
 
@@ -483,8 +489,9 @@ def run_search(cfg: Config) -> dict:
     datasets = load_datasets(cfg)  # once, shared by every trial
     print(f"Datasets loaded in {time.perf_counter() - started:.1f}s")
     tuner = build_tuner(cfg, make_trainable(cfg, info, datasets, runs_dir), exp_dir)
+    trainers_before = live_trainer_actors()
     results = tuner.fit()
-    wait_for_stopped_trainers()
+    wait_for_stopped_trainers(trainers_before)
 
     table, histories = trials_table(results, runs_dir, cfg.train.epochs, saved_trials(exp_dir))
     summarise_trials(table)
