@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from aptos_ray import storage
-from aptos_ray.config import Config, ConfigError, PrepareConfig, ScalingConfig
+from aptos_ray.config import Config, ConfigError, PrepareConfig
 from aptos_ray.ray_setup import init_ray
 from aptos_ray.preprocess import ImageError, preprocess
 from aptos_ray.records import GRADES, MANIFEST, SCHEMA, SPLITS, encode_image, read_manifest

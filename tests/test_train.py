@@ -4,7 +4,6 @@ with a worker killed mid-epoch. Tiny images and timm's tiny test model keep thes
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
