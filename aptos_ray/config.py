@@ -79,7 +79,9 @@ class ModelConfig:
     num_classes: int = 5
     drop_rate: float = 0.2
     drop_path_rate: float = 0.1
-    sync_bn: bool = False  # SyncBatchNorm across DDP workers (small per-worker batches)
+    # BatchNorm statistics under DDP: local (each worker's own batch), sync (SyncBatchNorm across
+    # workers) or frozen (keep the pretrained running statistics and affine; needs pretrained weights).
+    batch_norm: str = "local"
 
 
 @dataclass

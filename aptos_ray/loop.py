@@ -32,6 +32,7 @@ from aptos_ray.engine import (
 )
 from aptos_ray.metrics import grading_metrics, optimise_cut_points
 from aptos_ray.models import (
+    check_sync_bn_device,
     create_model,
     grades_from_outputs,
     maybe_sync_bn,
@@ -266,7 +267,8 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     restored = backend.restored_checkpoint()
     # A restored run takes its weights from the checkpoint: no hub or package read.
     model = create_model(cfg.model, load_pretrained=restored is None)
-    model = maybe_sync_bn(model, cfg.model.sync_bn and backend.world_size > 1)
+    check_sync_bn_device(cfg.model.batch_norm, backend.world_size, device.type == "cuda")
+    model = maybe_sync_bn(model, cfg.model.batch_norm == "sync" and backend.world_size > 1)
     data_cfg = model_data_config(model)
     size = cfg.data.image_size or data_cfg["input_size"][-1]
     transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=cfg.data.augment)

@@ -30,6 +30,7 @@ from aptos_ray.config import ModelConfig
 log = logging.getLogger(__name__)
 
 HEADS = ("classification", "regression")
+BATCH_NORM_MODES = ("local", "sync", "frozen")
 DEFAULT_CUT_POINTS = (0.5, 1.5, 2.5, 3.5)
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -126,6 +127,7 @@ def create_model(cfg: ModelConfig, load_pretrained: bool = True) -> nn.Module:
     """
     name = resolve_model_name(cfg)
     kind = pretrained_kind(cfg.pretrained)
+    check_batch_norm(cfg)
     if not timm.is_model(name):
         raise ValueError(
             f"unknown timm model '{name}'; list candidates with timm.list_models('*{name.split('_')[0]}*')"
@@ -147,6 +149,12 @@ def create_model(cfg: ModelConfig, load_pretrained: bool = True) -> nn.Module:
         head_loaded = loaded["head_loaded"]
     if not head_loaded:  # weights may carry a head that fits (e.g. a previous fine-tune): keep it
         init_grade_head(model)
+    if cfg.batch_norm == "frozen":
+        # Here rather than in the loop, so a checkpoint restores into the same module types
+        # (frozen BatchNorm has no num_batches_tracked). timm's converter keeps the fused activation.
+        from timm.layers import freeze_batch_norm_2d
+
+        model = freeze_batch_norm_2d(model)
     return model
 
 
@@ -386,7 +394,7 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
 
 
 def maybe_sync_bn(model: nn.Module, enabled: bool) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm when ``enabled`` (DDP with small per-worker batches).
+    """BatchNorm -> SyncBatchNorm when ``enabled`` (``model.batch_norm=sync`` under DDP).
 
     Uses timm's converter: torch's own turns timm's fused BatchNormAct2d into a plain
     SyncBatchNorm and silently drops the activation that follows it.
@@ -396,6 +404,26 @@ def maybe_sync_bn(model: nn.Module, enabled: bool) -> nn.Module:
     from timm.layers import convert_sync_batchnorm
 
     return convert_sync_batchnorm(model)
+
+
+def check_sync_bn_device(batch_norm: str, world_size: int, on_gpu: bool) -> None:
+    """torch's SyncBatchNorm raises on CPU tensors under DDP: say so before any worker starts."""
+    if batch_norm == "sync" and world_size > 1 and not on_gpu:
+        raise ValueError(
+            "model.batch_norm=sync needs GPU workers: torch's SyncBatchNorm does not run on CPU under DDP. "
+            "On CPU use --model.batch_norm=local or frozen (with pretrained weights), or --scaling.use_gpu=true."
+        )
+
+
+def check_batch_norm(cfg: ModelConfig) -> None:
+    if cfg.batch_norm not in BATCH_NORM_MODES:
+        raise ValueError(f"model.batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, got '{cfg.batch_norm}'")
+    if cfg.batch_norm == "frozen" and pretrained_kind(cfg.pretrained) == "none":
+        raise ValueError(
+            "model.batch_norm=frozen keeps the pretrained BatchNorm statistics, but model.pretrained=none "
+            "has none (every layer would normalise with mean 0, variance 1). Use pretrained weights, or "
+            "--model.batch_norm=local / sync."
+        )
 
 
 # --- decoding outputs -----------------------------------------------------------------------------

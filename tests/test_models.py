@@ -272,6 +272,36 @@ def test_sync_bn_keeps_activations():
     assert maybe_sync_bn(model, enabled=False) is model
 
 
+def test_frozen_bn_keeps_pretrained_statistics_while_training(lite0_state):
+    lite0 = {"name": "auto", "pretrained": LITE0, "head": "regression", "drop_path_rate": 0.0}  # no random drops
+    plain = create_model(ModelConfig(**lite0)).eval()
+    frozen = create_model(ModelConfig(**lite0, batch_norm="frozen"))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
+    before = {k: v.clone() for k, v in frozen.state_dict().items() if "running_" in k}
+    assert len(before) == 2 * 49  # every BatchNorm of Lite0 (49 of them) kept its two statistics
+    frozen.train()
+    frozen(probe_input(64)).sum().backward()  # a training-mode forward, where BatchNorm would update
+    after = frozen.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    # frozen = the pretrained backbone in eval mode, even in training mode (no batch statistics used)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = frozen.forward_features(x)
+        assert frozen.training
+        assert torch.allclose(features, plain.forward_features(x), atol=1e-4)
+        assert not torch.allclose(features, plain.train().forward_features(x), atol=1e-3)
+    # a checkpoint of the frozen model restores into the architecture predict builds
+    rebuilt = create_model(ModelConfig(**lite0, batch_norm="frozen"), load_pretrained=False)
+    rebuilt.load_state_dict(frozen.state_dict())
+
+
+def test_frozen_bn_without_pretrained_weights_is_a_clear_error():
+    with pytest.raises(ValueError, match="batch_norm=frozen.*pretrained=none"):
+        create_model(ModelConfig(name=TINY, batch_norm="frozen"))
+    with pytest.raises(ValueError, match="model.batch_norm must be one of"):
+        create_model(ModelConfig(name=TINY, batch_norm="syncbn"))
+
+
 # --- decoding -------------------------------------------------------------------------------------
 
 

@@ -78,6 +78,14 @@ def test_existing_run_is_not_overwritten_without_resume(aptos_small, tmp_path):
         train(parse_args(args))
 
 
+def test_sync_bn_on_cpu_workers_fails_before_ray_starts(aptos_small, tmp_path):
+    cfg = parse_args([*TINY, f"--data.dataset={aptos_small}", f"--train.output={tmp_path}",
+                      "--model.batch_norm=sync", "--scaling.num_workers=2"])
+    with pytest.raises(ValueError, match="batch_norm=sync needs GPU workers"):
+        train(cfg)
+    assert not list(tmp_path.iterdir())  # nothing started
+
+
 def test_stopped_driver_resumes_without_losing_or_repeating_an_epoch(aptos_small, tmp_path):
     """Kill the local job (SIGKILL) after its first epoch, then --resume it."""
     args = [sys.executable, str(REPO / "jobs" / "train.py"), *TINY, "--local",
