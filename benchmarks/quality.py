@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
@@ -78,25 +79,31 @@ def test_scores(checkpoint: Path, dataset: Path) -> dict:
     return scores
 
 
-def run_recipe(name: str, dataset: Path, size: int, epochs: int, seed: int, tag: str) -> dict:
-    args = [*RECIPES[name], "--local", f"--data.dataset={dataset}", f"--data.image_size={size}",
-            f"--train.epochs={epochs}", f"--train.seed={seed}", f"--train.output={OUT / 'runs'}",
-            f"--train.name={tag}-{name}-s{seed}-{int(time.time())}", "--train.progress=false"]
+def train_and_score(args: list[str], dataset: Path) -> dict:
+    """Train with ``args``; the best epoch (validation QWK) and its checkpoint's test-split scores."""
     started = time.perf_counter()
     summary = train(parse_args(args))
     history = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     best = max(history, key=lambda h: h["val_qwk"])
     result = {
-        "recipe": name, "seed": seed, "epochs": epochs, "size": size,
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "best_epoch": best["epoch"],
         **{k: best[k] for k in ("val_qwk", "val_acc", "val_kappa")},
         "val_recall": [round(best[f"val_recall_{g}"], 3) for g in range(5)],
+        # throughput and memory of the last epoch (the first one includes warm-up)
+        "images_per_s": history[-1]["images_per_s"], "peak_memory_mb": history[-1]["peak_memory_mb"],
         **test_scores(Path(summary["best_checkpoint"]), dataset),
         "run_dir": summary["run_dir"],
     }
     result["test_recall"] = [round(result.pop(f"test_recall_{g}"), 3) for g in range(5)]
     return result
+
+
+def run_recipe(name: str, dataset: Path, size: int, epochs: int, seed: int, tag: str) -> dict:
+    args = [*RECIPES[name], "--local", f"--data.dataset={dataset}", f"--data.image_size={size}",
+            f"--train.epochs={epochs}", f"--train.seed={seed}", f"--train.output={OUT / 'runs'}",
+            f"--train.name={tag}-{name}-s{seed}-{int(time.time())}", "--train.progress=false"]
+    return {"recipe": name, "seed": seed, "epochs": epochs, "size": size, **train_and_score(args, dataset)}
 
 
 def table(results: list[dict]) -> str:
@@ -107,6 +114,23 @@ def table(results: list[dict]) -> str:
         lines.append(f"| {r['recipe']} | {r['seed']} | {r['val_qwk']:.3f} | {r['test_qwk']:.3f} | "
                      f"{r['test_acc']:.3f} | {r['test_kappa']:.3f} | {auc} | "
                      f"{' '.join(f'{x:.2f}' for x in r['test_recall'])} | {r['minutes']} |")
+    return "\n".join(lines)
+
+
+def mean_std(runs: list[dict], key: str) -> str:
+    if not all(key in r for r in runs):
+        return "-"
+    values = [r[key] for r in runs]
+    return f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+
+
+def seed_summary(results: list[dict]) -> str:
+    """Mean and standard deviation over seeds, one row per recipe."""
+    lines = ["| recipe | seeds | test QWK | test acc | test AUC |", "|---|---|---|---|---|"]
+    for recipe in dict.fromkeys(r["recipe"] for r in results):
+        runs = [r for r in results if r["recipe"] == recipe]
+        cells = " | ".join(mean_std(runs, key) for key in ("test_qwk", "test_acc", "test_auc"))
+        lines.append(f"| {recipe} | {len(runs)} | {cells} |")
     return "\n".join(lines)
 
 
@@ -129,8 +153,12 @@ def main() -> None:
             # re-read before appending: several runs may share the file
             results = json.loads(path.read_text()) if path.is_file() else []
             path.write_text(json.dumps(results + mine[-1:], indent=2))
-            print(table(mine[-1:]))
+            r = mine[-1]
+            print(f"{recipe} seed {seed}: val QWK {r['val_qwk']:.3f}, test QWK {r['test_qwk']:.3f}, "
+                  f"test acc {r['test_acc']:.3f} ({r['minutes']} min)", flush=True)
     print(table(mine))
+    if len(args.seeds) > 1:
+        print("\n" + seed_summary(mine))
 
 
 if __name__ == "__main__":
