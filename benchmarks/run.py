@@ -34,7 +34,7 @@ BENCHMARKS = {
                             ["quality.py", "retinamnist", "--size", "64", "--epochs", "10", "--seeds", "0", "1", "2",
                              "--recipes", "default", "lite0-pretrained-classification"]),
     "bn": ("BatchNorm with small per-worker DDP batches: local vs frozen (vs SyncBatchNorm on GPU)",
-           ["bench_bn.py", "--size", "128", "--epochs", "3", "--batch", "8"]),
+           ["bench_bn.py", "--size", "128", "--epochs", "3", "--batches", "8", "4"]),
     "prepare": ("Prepare throughput: Ray Data vs a plain loop", ["bench_prepare.py", "--limit", "500"]),
     "data": ("Data to the training loop: prepared Parquet + Ray Data vs the seed's ImageFolder",
              ["bench_data.py", "--images", "300"]),
