@@ -62,7 +62,8 @@ def main() -> None:
         rows[label] = train_and_score(run_args, dataset)
         print(f"{label}: {json.dumps({k: rows[label][k] for k in ('val_qwk', 'test_qwk', 'images_per_s')})}",
               flush=True)
-    print(f"\nAPTOS {args.size}px, {args.epochs} epochs, default recipe (pretrained Lite0, regression), "
+    print("\n## Results\n")  # benchmarks/run.py keeps what follows
+    print(f"APTOS {args.size}px, {args.epochs} epochs, default recipe (pretrained Lite0, regression), "
           f"seed {args.seed}\n")
     print("| setup | best val QWK | test QWK | test acc | test kappa | images/s | peak memory per worker (MB) "
           "| minutes |\n|---|---|---|---|---|---|---|---|")

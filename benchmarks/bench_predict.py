@@ -121,7 +121,8 @@ def main() -> None:
         pooled = best_of(args.repeat, lambda: ray_pipeline(checkpoint, inputs, prepare, args.batch_size, args.num_actors))
         ray.shutdown()
 
-    print(f"\n{n} images; Ray start-up ({ray_start:.1f} s) not counted, actor start-up and model loading counted\n")
+    print("\n## Results\n")  # benchmarks/run.py keeps what follows
+    print(f"{n} images; Ray start-up ({ray_start:.1f} s) not counted, actor start-up and model loading counted\n")
     print("| pipeline | seconds | images/s | ratio |\n|---|---|---|---|")
     print(f"| plain loop (1 process, {torch.get_num_threads()} threads) | {plain:.2f} | {n / plain:.1f} | 1.00 |")
     print(f"| Ray Data actor pool ({args.num_actors} actors, {cpus} CPUs) | {pooled:.2f} | {n / pooled:.1f} "

@@ -108,7 +108,8 @@ def main() -> None:
 
     cpus = int(ray.cluster_resources().get("CPU", 0))
     raw_bytes = sum(Path(r["source"]).stat().st_size for r in records if "array" not in r)
-    print(f"\nprepare benchmark: {len(records)} images from {args.input}, {args.image_size} px, {cpus} Ray CPUs "
+    print("\n## Results\n")  # benchmarks/run.py keeps what follows
+    print(f"prepare benchmark: {len(records)} images from {args.input}, {args.image_size} px, {cpus} Ray CPUs "
           f"(best of {args.repeat}; Ray start-up {ray_start:.1f} s and a 64-image warm-up {warm_s:.1f} s not counted)")
     print("\n| pipeline | seconds | images/s | ratio | bytes on disk per image |\n|---|---|---|---|---|")
     loop_bytes = dataset_bytes(work / "loop") / n

@@ -69,6 +69,8 @@ NOTES = {
 }
 QUALITY = {"quality-aptos", "quality-retinamnist", "bn"}
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+MARKER = "## Results"  # every benchmark prints it before its report
+LOG_LINE = re.compile(r"^(\(|\[|\d{4}-\d\d-\d\d|\w+:\s+\d+%)")  # Ray actor logs, timestamps, progress bars
 
 
 def machine() -> dict:
@@ -91,21 +93,23 @@ def run(name: str, command: list[str]) -> dict:
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, str(HERE / command[0]), *command[1:]], cwd=ROOT,
                           capture_output=True, text=True)
-    # Ray workers' progress bars share stdout: drop their escape codes before picking table rows.
+    # Ray workers' logs and progress bars share stdout: drop escape codes and log lines.
     lines = [ANSI.sub("", line.split("\r")[-1]).strip() for line in proc.stdout.splitlines()]
-    tables = [line for line in lines if line.startswith("|")]
-    context = [line for line in lines if line and not line.startswith("|")][-3:]
+    start = len(lines) - lines[::-1].index(MARKER) if MARKER in lines else 0
+    report = [line for line in lines[start:] if not LOG_LINE.match(line)]
+    if not start:  # no marker: the table rows alone
+        report = [line for line in report if line.startswith("|")]
     return {"name": name, "command": " ".join(["python", f"benchmarks/{command[0]}", *command[1:]]),
             "ok": proc.returncode == 0, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "minutes": round((time.perf_counter() - started) / 60, 1),
-            "table": "\n".join(tables), "context": context, "stderr_tail": proc.stderr[-1500:]}
+            "table": "\n".join(report).strip(), "stdout_tail": lines[-3:], "stderr_tail": proc.stderr[-1500:]}
 
 
 def spaced(table: str) -> str:
     """Tables printed one after another arrive as one block of rows: a blank line before each header."""
     rows, out = table.splitlines(), []
     for i, row in enumerate(rows):
-        if i > 0 and i + 1 < len(rows) and rows[i + 1].startswith("|---"):
+        if out and out[-1] and i + 1 < len(rows) and rows[i + 1].startswith("|---"):
             out.append("")
         out.append(row)
     return "\n".join(out)
