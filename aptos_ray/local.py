@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from aptos_ray import storage
 from aptos_ray.config import Config
+from aptos_ray.loop import load_checkpoint_state
 
 TRAIN_COLUMNS = ["id", "grade", "image", "height", "width"]
 CHECKPOINT_DIR = re.compile(r"checkpoint_epoch_(\d+)$")
@@ -74,9 +75,9 @@ class LocalBackend:
                 found[int(match.group(1))] = path
         return found
 
-    def restored_checkpoint(self) -> Path | None:
+    def restored_state(self) -> dict | None:
         found = self.checkpoints()
-        return found[max(found)] if self.resume and found else None
+        return load_checkpoint_state(found[max(found)]) if self.resume and found else None
 
     def report(self, metrics: dict, checkpoint_dir: Path | None, epoch: int) -> None:
         if checkpoint_dir is None:

@@ -80,7 +80,7 @@ class Backend(Protocol):
 
     def val_rows(self) -> Iterable[dict]: ...
 
-    def restored_checkpoint(self) -> Path | None: ...
+    def restored_state(self) -> dict | None: ...
 
     def report(self, metrics: dict, checkpoint_dir: Path | None, epoch: int) -> None: ...
 
@@ -235,6 +235,10 @@ def save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, cfg: C
     return directory
 
 
+def load_checkpoint_state(directory: str | Path) -> dict:
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
 # --- the loop ------------------------------------------------------------------------------------
 
 
@@ -264,7 +268,7 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     rank, device = backend.rank, backend.device
     is_main = rank == 0
     torch.manual_seed(cfg.train.seed + rank)
-    restored = backend.restored_checkpoint()
+    restored = backend.restored_state()
     # A restored run takes its weights from the checkpoint: no hub or package read.
     model = create_model(cfg.model, load_pretrained=restored is None)
     check_sync_bn_device(cfg.model.batch_norm, backend.world_size, device.type == "cuda")
@@ -280,12 +284,11 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
 
     start_epoch = 0
     if restored is not None:
-        state = torch.load(restored / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = state["epoch"] + 1
+        model.load_state_dict(restored["model"])
+        optimizer.load_state_dict(restored["optimizer"])
+        scheduler.load_state_dict(restored["scheduler"])
+        scaler.load_state_dict(restored["scaler"])
+        start_epoch = restored["epoch"] + 1
     model = backend.prepare_model(model)
     if use_amp and cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -295,7 +298,7 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
         cfg.save(run.path("config.yaml"))
         run.keep_epochs_before(start_epoch)
         if restored is not None:
-            print(f"Resumed from {restored} (epoch {start_epoch - 1} done)")
+            print(f"Resumed from the checkpoint of epoch {start_epoch - 1}")
         print(f"{info.num_train} training images, {steps} steps/epoch x {backend.world_size} "
               f"workers x batch {cfg.train.batch_size}, input {size}px, sampling={cfg.data.sampling}")
 

@@ -25,7 +25,7 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from aptos_ray.config import ModelConfig
+from aptos_ray.config import ConfigError, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ def maybe_sync_bn(model: nn.Module, enabled: bool) -> nn.Module:
 def check_sync_bn_device(batch_norm: str, world_size: int, on_gpu: bool) -> None:
     """torch's SyncBatchNorm raises on CPU tensors under DDP: say so before any worker starts."""
     if batch_norm == "sync" and world_size > 1 and not on_gpu:
-        raise ValueError(
+        raise ConfigError(
             "model.batch_norm=sync needs GPU workers: torch's SyncBatchNorm does not run on CPU under DDP. "
             "On CPU use --model.batch_norm=local or frozen (with pretrained weights), or --scaling.use_gpu=true."
         )
@@ -417,9 +417,9 @@ def check_sync_bn_device(batch_norm: str, world_size: int, on_gpu: bool) -> None
 
 def check_batch_norm(cfg: ModelConfig) -> None:
     if cfg.batch_norm not in BATCH_NORM_MODES:
-        raise ValueError(f"model.batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, got '{cfg.batch_norm}'")
+        raise ConfigError(f"model.batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, got '{cfg.batch_norm}'")
     if cfg.batch_norm == "frozen" and pretrained_kind(cfg.pretrained) == "none":
-        raise ValueError(
+        raise ConfigError(
             "model.batch_norm=frozen keeps the pretrained BatchNorm statistics, but model.pretrained=none "
             "has none (every layer would normalise with mean 0, variance 1). Use pretrained weights, or "
             "--model.batch_norm=local / sync."

@@ -12,7 +12,6 @@ Choices for small machines (2 CPU cores), measured, see README "Ray on small mac
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.local import TRAIN_COLUMNS
 from aptos_ray.ray_setup import init_ray
-from aptos_ray.loop import DatasetInfo, fit
+from aptos_ray.loop import DatasetInfo, fit, load_checkpoint_state
 
 
 def load_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
@@ -74,13 +73,13 @@ class RayBackend:
         for batch in batches:
             yield {k: v[self.rank :: self.world_size] for k, v in batch.items()}
 
-    def restored_checkpoint(self) -> Path | None:
+    def restored_state(self) -> dict | None:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return None
-        # Checkpoint.as_directory() deletes a downloaded copy when its block ends; keep a local copy.
-        local = Path(tempfile.mkdtemp(prefix="aptos-ray-restore-"))
-        return Path(checkpoint.to_directory(str(local)))
+        # as_directory() removes a downloaded copy when the block ends: the state is in memory by then.
+        with checkpoint.as_directory() as directory:
+            return load_checkpoint_state(directory)
 
     def report(self, metrics: dict, checkpoint_dir: Path | None, epoch: int) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

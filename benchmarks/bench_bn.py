@@ -1,6 +1,6 @@
 """BatchNorm under DDP with small per-worker batches: local statistics vs frozen vs SyncBatchNorm.
 
-    python benchmarks/bench_bn.py [--size 128] [--epochs 4] [--batch 8]
+    python benchmarks/bench_bn.py [--size 128] [--epochs 3] [--batches 8 4]
 
 The default recipe (pretrained Lite0, regression head) on the shared APTOS folder, same split,
 budget and global batch everywhere. The reference is one process with the whole batch (BatchNorm
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -41,13 +42,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8, help="per worker")
+    parser.add_argument("--batches", type=int, nargs="+", default=[8], help="per-worker batch sizes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=str(OUT / "bench_bn.json"))
     args = parser.parse_args()
     dataset = prepared("aptos", args.size)
     rows = {}
-    for label, mode in setups(args.batch).items():
+    every_setup = {label: mode for batch in args.batches for label, mode in setups(batch).items()}
+    for label, mode in every_setup.items():
         if "sync" in mode[-1] and not torch.cuda.is_available():
             rows[label] = {"skipped": "GPU workers only (torch's SyncBatchNorm does not run on CPU)"}
             continue
@@ -55,13 +57,14 @@ def main() -> None:
             mode = [*mode, "--scaling.use_gpu=true"]
         run_args = [*mode, f"--data.dataset={dataset}", f"--data.image_size={args.size}",
                     f"--train.epochs={args.epochs}", f"--train.seed={args.seed}", f"--train.output={OUT / 'runs'}",
-                    f"--train.name=bn-{label.split()[0]}-{label.split(',')[-1].split()[0]}-{int(time.time())}",
+                    f"--train.name=bn-{re.sub('[^a-z0-9]+', '-', label.lower())}{int(time.time())}",
                     "--train.progress=false"]
         rows[label] = train_and_score(run_args, dataset)
         print(f"{label}: {json.dumps({k: rows[label][k] for k in ('val_qwk', 'test_qwk', 'images_per_s')})}",
               flush=True)
-    print(f"\nAPTOS {args.size}px, {args.epochs} epochs, default recipe (pretrained Lite0, regression), "
-          f"global batch {2 * args.batch}, seed {args.seed}\n")
+    print("\n## Results\n")  # benchmarks/run.py keeps what follows
+    print(f"APTOS {args.size}px, {args.epochs} epochs, default recipe (pretrained Lite0, regression), "
+          f"seed {args.seed}\n")
     print("| setup | best val QWK | test QWK | test acc | test kappa | images/s | peak memory per worker (MB) "
           "| minutes |\n|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():

@@ -119,7 +119,8 @@ def main() -> None:
     rows = [case("APTOS files, 224 px", labels, APTOS / "images")]
     full_labels, full_images = full_size_images(args.images // 2, args.full_size)
     rows.append(case(f"synthetic full-size, {args.full_size} px", full_labels, full_images))
-    print("\n| input | images | seed ImageFolder img/s | aptos-ray img/s | ratio | prepare once (s) |")
+    print("\n## Results\n")  # benchmarks/run.py keeps what follows
+    print("| input | images | seed ImageFolder img/s | aptos-ray img/s | ratio | prepare once (s) |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['input']} | {r['images']} | {r['seed_images_per_s']:.1f} | {r['aptos_ray_images_per_s']:.1f} | "

@@ -121,13 +121,12 @@ def main() -> None:
         pooled = best_of(args.repeat, lambda: ray_pipeline(checkpoint, inputs, prepare, args.batch_size, args.num_actors))
         ray.shutdown()
 
-    rows = [("plain loop (1 process)", plain), (f"Ray Data actor pool ({args.num_actors} actors, {cpus} CPUs)", pooled)]
-    width = max(len(r[0]) for r in rows)
-    print(f"\n{'':<{width}}  {'seconds':>8}  {'images/s':>9}")
-    for name, seconds in rows:
-        print(f"{name:<{width}}  {seconds:>8.2f}  {n / seconds:>9.1f}")
-    print(f"\nratio (actor pool / plain): {plain / pooled:.2f}x   (Ray start-up, not counted: {ray_start:.1f}s)")
-
+    print("\n## Results\n")  # benchmarks/run.py keeps what follows
+    print(f"{n} images; Ray start-up ({ray_start:.1f} s) not counted, actor start-up and model loading counted\n")
+    print("| pipeline | seconds | images/s | ratio |\n|---|---|---|---|")
+    print(f"| plain loop (1 process, {torch.get_num_threads()} threads) | {plain:.2f} | {n / plain:.1f} | 1.00 |")
+    print(f"| Ray Data actor pool ({args.num_actors} actors, {cpus} CPUs) | {pooled:.2f} | {n / pooled:.1f} "
+          f"| {plain / pooled:.2f} |")
 
 if __name__ == "__main__":
     main()

@@ -108,17 +108,17 @@ def main() -> None:
 
     cpus = int(ray.cluster_resources().get("CPU", 0))
     raw_bytes = sum(Path(r["source"]).stat().st_size for r in records if "array" not in r)
-    print(f"\nprepare benchmark: {len(records)} images from {args.input}, {args.image_size} px, {cpus} Ray CPUs "
+    print("\n## Results\n")  # benchmarks/run.py keeps what follows
+    print(f"prepare benchmark: {len(records)} images from {args.input}, {args.image_size} px, {cpus} Ray CPUs "
           f"(best of {args.repeat}; Ray start-up {ray_start:.1f} s and a 64-image warm-up {warm_s:.1f} s not counted)")
-    print(f"{'what':<34}{'seconds':>9}{'images/s':>10}{'bytes/image':>13}")
+    print("\n| pipeline | seconds | images/s | ratio | bytes on disk per image |\n|---|---|---|---|---|")
     loop_bytes = dataset_bytes(work / "loop") / n
-    print(f"{'plain loop (1 process, raw)':<34}{loop_s:>9.2f}{n / loop_s:>10.1f}{loop_bytes:>13,.0f}")
+    print(f"| plain loop (1 process, raw) | {loop_s:.2f} | {n / loop_s:.1f} | 1.00 | {loop_bytes:,.0f} |")
     for encoding, seconds in results.items():
         folder = work / f"ray-{encoding}"
-        print(f"{'prepare, Ray Data (' + encoding + ')':<34}{seconds:>9.2f}{len(records) / seconds:>10.1f}"
-              f"{dataset_bytes(folder) / len(records):>13,.0f}")
-    print(f"{'input files':<34}{'':>9}{'':>10}{raw_bytes / max(1, len(records)):>13,.0f}")
-    print(f"speed-up of prepare (raw) over the plain loop: {loop_s / results['raw']:.2f}x")
+        print(f"| prepare, Ray Data ({encoding}) | {seconds:.2f} | {len(records) / seconds:.1f} "
+              f"| {loop_s / seconds:.2f} | {dataset_bytes(folder) / len(records):,.0f} |")
+    print(f"| (input files) | | | | {raw_bytes / max(1, len(records)):,.0f} |")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

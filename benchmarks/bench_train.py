@@ -95,7 +95,8 @@ def main() -> None:
     for label, mode in runs.items():
         rows[label] = project_run(data, args.model, args.size, args.batch, mode, label.split()[0].lower())
     base = rows["plain PyTorch loop, 2 threads"]["images_per_s"]
-    print(f"\n{args.model}, {args.size}px, batch {args.batch} per worker, {torch.get_num_threads()} cores\n")
+    print("\n## Results\n")  # benchmarks/run.py keeps what follows
+    print(f"{args.model}, {args.size}px, batch {args.batch} per worker, {torch.get_num_threads()} cores\n")
     print("| setup | images/s | ratio to plain loop | peak memory per worker (MB) |\n|---|---|---|---|")
     for label, r in rows.items():
         r["ratio"] = r["images_per_s"] / base

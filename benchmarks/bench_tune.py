@@ -103,7 +103,8 @@ def main() -> None:
     full, full_s = search("full", data, args, grace_period=args.epochs)
     text = f"{args}\n\n" + report(asha, asha_s, full, full_s, args.epochs)
     (OUT / f"bench_tune_grace{args.grace}.md").write_text(text)
-    print("\n" + text)
+    print("\n## Results\n")  # benchmarks/run.py keeps what follows
+    print(text)
 
 
 if __name__ == "__main__":

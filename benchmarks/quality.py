@@ -156,6 +156,7 @@ def main() -> None:
             r = mine[-1]
             print(f"{recipe} seed {seed}: val QWK {r['val_qwk']:.3f}, test QWK {r['test_qwk']:.3f}, "
                   f"test acc {r['test_acc']:.3f} ({r['minutes']} min)", flush=True)
+    print("\n## Results\n")  # benchmarks/run.py keeps what follows
     print(table(mine))
     if len(args.seeds) > 1:
         print("\n" + seed_summary(mine))

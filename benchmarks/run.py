@@ -2,7 +2,8 @@
 
     python benchmarks/run.py                      # everything (~1.5 h on 2 cores, mostly the quality runs)
     python benchmarks/run.py --skip-quality       # speed only (about 20 min on 2 cores)
-    python benchmarks/run.py --only train data    # a subset
+    python benchmarks/run.py --only train data    # rerun some sections, keep the others
+    python benchmarks/run.py --render             # rewrite RESULTS.md from out/results.json
 
 Each benchmark is its own script (run alone for details); this runner calls them one after
 another, so they never compete for the cores, and collects the Markdown tables they print.
@@ -33,12 +34,12 @@ BENCHMARKS = {
                             ["quality.py", "retinamnist", "--size", "64", "--epochs", "10", "--seeds", "0", "1", "2",
                              "--recipes", "default", "lite0-pretrained-classification"]),
     "bn": ("BatchNorm with small per-worker DDP batches: local vs frozen (vs SyncBatchNorm on GPU)",
-           ["bench_bn.py", "--size", "128", "--epochs", "3", "--batch", "8"]),
+           ["bench_bn.py", "--size", "128", "--epochs", "3", "--batches", "8", "4"]),
     "prepare": ("Prepare throughput: Ray Data vs a plain loop", ["bench_prepare.py", "--limit", "500"]),
     "data": ("Data to the training loop: prepared Parquet + Ray Data vs the seed's ImageFolder",
              ["bench_data.py", "--images", "300"]),
     "train": ("Training: TorchTrainer vs a plain PyTorch loop", ["bench_train.py", "--size", "64"]),
-    "predict": ("Inference: Ray Data actor pool vs a plain loop", ["bench_predict.py"]),
+    "predict": ("Inference: Ray Data actor pool vs a plain loop", ["bench_predict.py", "--limit", "1000"]),
     "tune": ("Tune: ASHA vs a full grid", ["bench_tune.py", "--grace", "2"]),
 }
 # How to read each table (printed under it in RESULTS.md).
@@ -60,12 +61,16 @@ NOTES = {
     "data": "Images/s delivered to the training loop (decoded, augmented tensors), same images and cores.",
     "train": "Images/s of the second epoch; the project's rows run the whole pipeline (Parquet, Ray Data shard, "
              "resampling, augmentation).",
-    "predict": "efficientnet_b0 at 224 px on raw APTOS files.",
+    "predict": "efficientnet_b0 at 224 px on raw APTOS files (preprocessing included). On one 2-core machine the "
+               "pool splits the same two cores into two single-threaded actors and pays their start-up; it is "
+               "there to spread inference over a cluster's nodes.",
     "tune": "500 APTOS images at 64 px, 6 learning rates x 4 epochs; a full grid against ASHA (grace period 2, "
             "the default) on the same grid and seed.",
 }
 QUALITY = {"quality-aptos", "quality-retinamnist", "bn"}
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+MARKER = "## Results"  # every benchmark prints it before its report
+LOG_LINE = re.compile(r"^(\(|\[|\d{4}-\d\d-\d\d|\w+:\s+\d+%)")  # Ray actor logs, timestamps, progress bars
 
 
 def machine() -> dict:
@@ -88,22 +93,45 @@ def run(name: str, command: list[str]) -> dict:
     started = time.perf_counter()
     proc = subprocess.run([sys.executable, str(HERE / command[0]), *command[1:]], cwd=ROOT,
                           capture_output=True, text=True)
-    # Ray workers' progress bars share stdout: drop their escape codes before picking table rows.
+    # Ray workers' logs and progress bars share stdout: drop escape codes and log lines.
     lines = [ANSI.sub("", line.split("\r")[-1]).strip() for line in proc.stdout.splitlines()]
-    tables = [line for line in lines if line.startswith("|")]
-    context = [line for line in lines if line and not line.startswith("|")][-3:]
+    start = len(lines) - lines[::-1].index(MARKER) if MARKER in lines else 0
+    report = [line for line in lines[start:] if not LOG_LINE.match(line)]
+    if not start:  # no marker: the table rows alone
+        report = [line for line in report if line.startswith("|")]
     return {"name": name, "command": " ".join(["python", f"benchmarks/{command[0]}", *command[1:]]),
-            "ok": proc.returncode == 0, "minutes": round((time.perf_counter() - started) / 60, 1),
-            "table": "\n".join(tables), "context": context, "stderr_tail": proc.stderr[-1500:]}
+            "ok": proc.returncode == 0, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "minutes": round((time.perf_counter() - started) / 60, 1),
+            "table": "\n".join(report).strip(), "stdout_tail": lines[-3:], "stderr_tail": proc.stderr[-1500:]}
+
+
+def spaced(table: str) -> str:
+    """Tables printed one after another arrive as one block of rows: a blank line before each header."""
+    rows, out = table.splitlines(), []
+    for i, row in enumerate(rows):
+        if out and out[-1] and i + 1 < len(rows) and rows[i + 1].startswith("|---"):
+            out.append("")
+        out.append(row)
+    return "\n".join(out)
+
+
+def merged(results: list[dict]) -> list[dict]:
+    """This run's results over the previous run's (``--only`` reruns a part), in BENCHMARKS order."""
+    path = HERE / "out" / "results.json"
+    previous = json.loads(path.read_text())["results"] if path.is_file() else []
+    by_name = {r["name"]: r for r in previous if r["name"] in BENCHMARKS} | {r["name"]: r for r in results}
+    return [by_name[name] for name in BENCHMARKS if name in by_name]
 
 
 def write_results(info: dict, results: list[dict]) -> str:
     lines = ["# Benchmark results", "",
              f"{info['date']} · {info['machine']} · Python {info['python']} · {info['versions']} · GPU: {info['gpu']}",
-             "", "Written by `python benchmarks/run.py`. Ratios are measured side by side in one run.", ""]
+             "", "Written by `python benchmarks/run.py` (`--only NAME` reruns one section and keeps the others). "
+             "Ratios are measured side by side within one benchmark; absolute times are context only.", ""]
     for r in results:
-        lines += [f"## {BENCHMARKS[r['name']][0]}", "", f"`{r['command']}` ({r['minutes']} min)", ""]
-        lines += [r["table"] or "(no table: see out/results.json)", "", NOTES[r["name"]], ""] if r["ok"] else \
+        when = f"{r['minutes']} min, {r.get('date', info['date'])}"
+        lines += [f"## {BENCHMARKS[r['name']][0]}", "", f"`{r['command']}` ({when})", ""]
+        lines += [spaced(r["table"]) or "(no table: see out/results.json)", "", NOTES[r["name"]], ""] if r["ok"] else \
                  ["Failed:", "", "```", r["stderr_tail"], "```", ""]
     text = "\n".join(lines)
     (HERE / "RESULTS.md").write_text(text)
@@ -116,14 +144,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS))
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--render", action="store_true", help="rewrite RESULTS.md from out/results.json, run nothing")
     args = parser.parse_args()
+    if args.render:
+        saved = json.loads((HERE / "out" / "results.json").read_text())
+        write_results(saved["machine"], saved["results"])
+        return
     names = args.only or [n for n in BENCHMARKS if not (args.skip_quality and n in QUALITY)]
     info, results = machine(), []
     for name in names:
         print(f"== {name}: {' '.join(BENCHMARKS[name][1])}", flush=True)
         results.append(run(name, BENCHMARKS[name][1]))
         print(results[-1]["table"] or results[-1]["stderr_tail"], flush=True)
-        write_results(info, results)  # after each one, so a long run shows progress
+        write_results(info, merged(results))  # after each one, so a long run shows progress
     print(f"\nwrote {HERE / 'RESULTS.md'}")
 
 
