@@ -6,7 +6,7 @@ The default recipe (pretrained Lite0, regression head) on the shared APTOS folde
 budget and global batch everywhere. The reference is one process with the whole batch (BatchNorm
 sees 2 x batch images); the DDP runs split that batch over 2 TorchTrainer workers, so each
 BatchNorm sees only ``batch`` images. SyncBatchNorm runs on GPU workers only (torch's limit): on a
-CPU machine its row says so, and bench_gpu.py measures it where a GPU is lent.
+machine with fewer than 2 GPUs its row says so; with 2 or more, every DDP row runs on GPUs.
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ def main() -> None:
     rows = {}
     every_setup = {label: mode for batch in args.batches for label, mode in setups(batch).items()}
     for label, mode in every_setup.items():
-        if "sync" in mode[-1] and not torch.cuda.is_available():
-            rows[label] = {"skipped": "GPU workers only (torch's SyncBatchNorm does not run on CPU)"}
+        on_gpus = torch.cuda.device_count() >= 2  # one GPU per DDP worker: then every DDP row uses them
+        if "sync" in mode[-1] and not on_gpus:
+            rows[label] = {"skipped": "needs 2 GPU workers (torch's SyncBatchNorm does not run on CPU)"}
             continue
-        if "sync" in mode[-1]:
+        if on_gpus and "--local" not in mode:
             mode = [*mode, "--scaling.use_gpu=true"]
         run_args = [*mode, f"--data.dataset={dataset}", f"--data.image_size={args.size}",
                     f"--train.epochs={args.epochs}", f"--train.seed={args.seed}", f"--train.output={OUT / 'runs'}",

@@ -93,7 +93,8 @@ def main() -> None:
         sys.exit("bench_gpu.py needs CUDA: run it on a GPU machine")
     cpu = {size: augmentation_rate(size, 32) for size in args.sizes}
     rows = [train_rate(m, s, args.batch, args.steps) for m in args.models for s in args.sizes]
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, AMP fp16 + channels_last, batch {args.batch}\n")
+    print("\n## Results\n")  # benchmarks/run.py keeps what follows
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, AMP fp16 + channels_last, batch {args.batch}\n")
     print("| model | px | train img/s | GPU util % | peak GPU GB | CPU cores to feed it |\n|---|---|---|---|---|---|")
     for r in rows:
         r["cpu_cores_needed"] = r["images_per_s"] / cpu[r["size"]]

@@ -96,12 +96,14 @@ def main() -> None:
     parser.add_argument("--model", default="test_efficientnet")
     parser.add_argument("--lrs", default="1e-4,3e-4,1e-3,3e-3,1e-2,3e-2")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--grace", type=int, default=1, help="ASHA grace period (epochs)")
+    parser.add_argument("--grace", type=int, default=2, help="ASHA grace period (epochs; the default config's)")
     args = parser.parse_args()
     data = dataset(args.images, args.size)
     asha, asha_s = search("asha", data, args, grace_period=args.grace)
     full, full_s = search("full", data, args, grace_period=args.epochs)
-    text = f"{args}\n\n" + report(asha, asha_s, full, full_s, args.epochs)
+    setup = (f"{args.images} APTOS images at {args.size} px, {args.model}, {args.workers} worker(s) per trial, "
+             f"learning rates {args.lrs}, {args.epochs} epochs, ASHA grace period {args.grace}")
+    text = f"{setup}\n\n" + report(asha, asha_s, full, full_s, args.epochs)
     (OUT / f"bench_tune_grace{args.grace}.md").write_text(text)
     print("\n## Results\n")  # benchmarks/run.py keeps what follows
     print(text)
