@@ -12,7 +12,7 @@ import pyarrow.fs as pafs
 from aptos_ray import storage
 from aptos_ray.config import Config
 from aptos_ray.loop import DatasetInfo, RunFiles
-from aptos_ray.models import check_sync_bn_device
+from aptos_ray.models import check_batch_norm, check_sync_bn_device
 from aptos_ray.records import MANIFEST, read_manifest
 
 
@@ -76,6 +76,7 @@ def train(cfg: Config) -> dict:
     cfg.train.output = storage.absolute(cfg.train.output)
     run_dir = storage.join(cfg.train.output, cfg.train.name)
     check_run_dir(cfg, run_dir)
+    check_batch_norm(cfg.model)  # here, not first inside the Ray workers
     if not cfg.train.local:
         check_sync_bn_device(cfg.model.batch_norm, cfg.scaling.num_workers, cfg.scaling.use_gpu)
     manifest = ensure_dataset(cfg)

@@ -83,6 +83,9 @@ def test_sync_bn_on_cpu_workers_fails_before_ray_starts(aptos_small, tmp_path):
                       "--model.batch_norm=sync", "--scaling.num_workers=2"])
     with pytest.raises(ValueError, match="batch_norm=sync needs GPU workers"):
         train(cfg)
+    cfg.model.batch_norm = "syncbn"
+    with pytest.raises(ValueError, match="model.batch_norm must be one of local, sync, frozen"):
+        train(cfg)
     assert not list(tmp_path.iterdir())  # nothing started
 
 
