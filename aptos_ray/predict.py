@@ -34,6 +34,7 @@ import torch
 from aptos_ray import storage
 from aptos_ray.config import Config, ConfigError, PrepareConfig, config_from_dict
 from aptos_ray.engine import GradeTransforms, autocast
+from aptos_ray.errors import MissingFileError
 from aptos_ray.loop import CHECKPOINT_FILE
 from aptos_ray.models import create_model, grades_from_outputs, model_data_config, scores_from_outputs
 from aptos_ray.preprocess import ImageError, preprocess
@@ -66,7 +67,7 @@ def resolve_checkpoint(path: str) -> str:
     if kind == "File":
         return path
     if kind == "NotFound":
-        raise FileNotFoundError(f"{path}: checkpoint not found (expected a run directory, checkpoint directory or model.pt)")
+        raise MissingFileError(f"{path}: checkpoint not found (expected a run directory, checkpoint directory or model.pt)")
     if _file_type(storage.join(path, CHECKPOINT_FILE)) == "File":
         return storage.join(path, CHECKPOINT_FILE)
     summary = storage.join(path, "summary.json")
@@ -77,8 +78,8 @@ def resolve_checkpoint(path: str) -> str:
         for candidate in (storage.join(best, CHECKPOINT_FILE), moved):
             if _file_type(candidate) == "File":
                 return candidate
-        raise FileNotFoundError(f"{summary}: best checkpoint {best} has no {CHECKPOINT_FILE} (pruned or moved?)")
-    raise FileNotFoundError(
+        raise MissingFileError(f"{summary}: best checkpoint {best} has no {CHECKPOINT_FILE} (pruned or moved?)")
+    raise MissingFileError(
         f"{path}: no {CHECKPOINT_FILE} and no summary.json: not a checkpoint directory, nor a finished run "
         f"(for an unfinished run, pass one of its checkpoint_epoch_NNNN folders)"
     )
@@ -234,7 +235,7 @@ def find_inputs(images: str, split: str = "test") -> Inputs:
         raise ConfigError(f"{images}: predict reads raw images from local folders; URIs work for prepared datasets only")
     path = Path(images)
     if not path.exists():
-        raise FileNotFoundError(f"{images}: not found (--predict.images)")
+        raise MissingFileError(f"{images}: not found (--predict.images)")
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise ConfigError(f"{images}: expected a folder, a CSV of ids or a prepared dataset")
@@ -611,4 +612,6 @@ def read_predictions(output: str) -> pd.DataFrame:
         with storage.open_input(path) as f:
             return pq.read_table(pa.BufferReader(f.read())).to_pandas()
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: not found; run `python jobs/predict.py --predict.output={output} ...` first") from None
+        raise MissingFileError(
+            f"{path}: not found; run `python jobs/predict.py --predict.output={output} ...` first"
+        ) from None

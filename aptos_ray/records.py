@@ -19,6 +19,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from aptos_ray.errors import MissingFileError
+
 SPLITS = ("train", "val", "test")
 GRADES = (0, 1, 2, 3, 4)
 GRADE_NAMES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative")
@@ -81,7 +83,7 @@ def read_manifest(dataset: str) -> dict:
         with open_input(f"{dataset.rstrip('/')}/{MANIFEST}") as f:
             return json.loads(f.read())
     except FileNotFoundError:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{dataset}: no {MANIFEST}; is this a prepared dataset? Run `python jobs/prepare.py "
             f"--prepare.input=<raw data> --prepare.output={dataset}` first."
         ) from None

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from aptos_ray.errors import MissingFileError
+
 
 def is_uri(path: str) -> bool:
     return "://" in str(path)
@@ -36,7 +38,7 @@ def exists(path: str) -> bool:
 def open_input(path: str):
     fs, inner = filesystem(path)
     if fs.get_file_info(inner).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(path)
+        raise MissingFileError(path)
     return fs.open_input_stream(inner)
 
 

@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from aptos_ray.config import SyntheticConfig
+from aptos_ray.errors import ExistingFileError
 
 # Bump when the drawing changes: a finished output with another version is regenerated.
 GENERATOR_VERSION = 1
@@ -579,7 +580,7 @@ def generate(cfg: SyntheticConfig) -> Path:
         return out
     if out.exists() and any(out.iterdir()) and not (out / COMPLETE_MARKER).is_file():
         # Never delete a folder we did not write: the user may have pointed output at real data.
-        raise FileExistsError(f"synthetic.output {out} exists and is not a synthetic dataset; choose another folder")
+        raise ExistingFileError(f"synthetic.output {out} exists and is not a synthetic dataset; choose another folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:

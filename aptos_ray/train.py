@@ -11,6 +11,7 @@ import pyarrow.fs as pafs
 
 from aptos_ray import storage
 from aptos_ray.config import Config
+from aptos_ray.errors import ExistingFileError, MissingFileError
 from aptos_ray.loop import DatasetInfo, RunFiles
 from aptos_ray.models import check_batch_norm, check_sync_bn_device
 from aptos_ray.records import MANIFEST, read_manifest
@@ -26,7 +27,7 @@ def ensure_dataset(cfg: Config) -> dict:
     manifest_path = storage.join(cfg.data.dataset, MANIFEST)
     if not storage.exists(manifest_path):
         if not uses_embedded_default(cfg):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{manifest_path} not found: prepare the dataset first, e.g. `python jobs/prepare.py "
                 f"--prepare.input=<raw data> --prepare.output={cfg.data.dataset}`"
             )
@@ -56,7 +57,7 @@ def run_name(cfg: Config) -> str:
                 if d.type == pafs.FileType.Directory]
         metrics = [f for f in fs.get_file_info([f"{r}/metrics.jsonl" for r in runs]) if f.type == pafs.FileType.File]
         if not metrics:
-            raise FileNotFoundError(f"--resume: no run found under {cfg.train.output}; pass --train.name")
+            raise MissingFileError(f"--resume: no run found under {cfg.train.output}; pass --train.name")
         return max(metrics, key=lambda f: f.mtime).path.rstrip("/").split("/")[-2]
     return datetime.now().strftime("run-%Y%m%d-%H%M%S")
 
@@ -64,9 +65,9 @@ def run_name(cfg: Config) -> str:
 def check_run_dir(cfg: Config, run_dir: str) -> None:
     started = storage.exists(storage.join(run_dir, "metrics.jsonl"))
     if cfg.train.resume and not started:
-        raise FileNotFoundError(f"--resume: {run_dir} has no finished epoch to resume from")
+        raise MissingFileError(f"--resume: {run_dir} has no finished epoch to resume from")
     if started and not cfg.train.resume:
-        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it or pick another --train.name")
+        raise ExistingFileError(f"{run_dir} already holds a run: pass --resume to continue it or pick another --train.name")
 
 
 def train(cfg: Config) -> dict:

@@ -44,6 +44,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from aptos_ray import plots, storage
 from aptos_ray.config import Config, ConfigError, config_from_dict, resolve_key, set_value
+from aptos_ray.errors import ExistingFileError, MissingFileError
 from aptos_ray.loop import DatasetInfo, RunFiles
 from aptos_ray.ray_setup import init_ray
 from aptos_ray.ray_train import build_trainer, load_datasets
@@ -166,7 +167,7 @@ def experiment_name(cfg: Config) -> str:
     if cfg.tune.resume:
         found = sorted(Path(cfg.tune.output).glob("*/tuner.pkl"), key=lambda p: p.stat().st_mtime)
         if not found:
-            raise FileNotFoundError(f"tune.resume: no search found under {cfg.tune.output}; pass --tune.name")
+            raise MissingFileError(f"tune.resume: no search found under {cfg.tune.output}; pass --tune.name")
         return found[-1].parent.name
     return datetime.now().strftime("tune-%Y%m%d-%H%M%S")
 
@@ -174,9 +175,9 @@ def experiment_name(cfg: Config) -> str:
 def check_experiment_dir(cfg: Config, exp_dir: str) -> None:
     started = ray_tune.Tuner.can_restore(exp_dir)
     if cfg.tune.resume and not started:
-        raise FileNotFoundError(f"tune.resume: {exp_dir} holds no search to resume")
+        raise MissingFileError(f"tune.resume: {exp_dir} holds no search to resume")
     if started and not cfg.tune.resume:
-        raise FileExistsError(f"{exp_dir} already holds a search: pass --tune.resume=true to continue it "
+        raise ExistingFileError(f"{exp_dir} already holds a search: pass --tune.resume=true to continue it "
                               "or pick another --tune.name")
 
 
@@ -457,7 +458,7 @@ def search_config(cfg: Config, exp_dir: str) -> Config:
         cfg.save(path)
         return cfg
     if not storage.exists(path):
-        raise FileNotFoundError(f"tune.resume: {path} not found (the search was not started by jobs/tune.py)")
+        raise MissingFileError(f"tune.resume: {path} not found (the search was not started by jobs/tune.py)")
     saved = config_from_dict(yaml.safe_load(storage.read_text(path)))
     saved.tune.resume = True
     print(f"Resuming with the search's saved config {path}")
