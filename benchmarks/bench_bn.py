@@ -49,9 +49,9 @@ def main() -> None:
     dataset = prepared("aptos", args.size)
     rows = {}
     every_setup = {label: mode for batch in args.batches for label, mode in setups(batch).items()}
+    on_gpus = torch.cuda.device_count() >= 2  # one GPU per DDP worker: then every DDP row uses them
     for label, mode in every_setup.items():
-        on_gpus = torch.cuda.device_count() >= 2  # one GPU per DDP worker: then every DDP row uses them
-        if "sync" in mode[-1] and not on_gpus:
+        if "--model.batch_norm=sync" in mode and not on_gpus:
             rows[label] = {"skipped": "needs 2 GPU workers (torch's SyncBatchNorm does not run on CPU)"}
             continue
         if on_gpus and "--local" not in mode:

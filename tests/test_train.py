@@ -91,11 +91,11 @@ def test_sync_bn_on_cpu_workers_fails_before_ray_starts(aptos_small, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--data.dataset=/nonexistent/prepared"], "manifest.json not found"),
-    (["--model.pretrained=/nonexistent/weights.pth", "--model.name=test_efficientnet", "--local"],
-     "weights file not found"),
+    (["--data.dataset={data}", "--model.pretrained=/nonexistent/weights.pth", "--model.name=test_efficientnet",
+      "--local"], "weights file not found"),
 ])
 def test_job_user_errors_exit_2_without_traceback(aptos_small, tmp_path, args, message):
-    args = [f"--data.dataset={aptos_small}", *args] if args[0].startswith("--model") else args
+    args = [a.format(data=aptos_small) for a in args]
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *args, f"--train.output={tmp_path}",
                            "--train.epochs=1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -77,6 +77,7 @@ def test_search_space_accepts_every_kind_and_short_keys():
     ({"optim.lr": {"uniform": [1e-4]}}, r"needs \[low, high\]"),
     ({"optim.lr": {"choice": []}}, "non-empty list"),
     ({"train.batch_size": {"uniform": [4, 16]}}, "expects int"),  # floats for an int field
+    ({"data.augment": {"choice": ["yes", "no"]}}, "expects bool"),
     ({"model.drop_rate": {"choice": ["yes", "no"]}}, "expects float"),
     ({"train.name": {"choice": ["a", "b"]}}, "cannot be searched"),
     ({"tune.num_samples": {"randint": [1, 4]}}, "cannot be searched"),
