@@ -1,13 +1,63 @@
-"""Errors a job reports as one line (``jobs/_cli.py``): the user named a path that is missing or taken.
+"""Every error this project raises on purpose, in one place.
 
-Subclasses of the built-in errors, so callers may still catch FileNotFoundError / FileExistsError;
-a built-in one raised anywhere else is a bug and keeps its traceback.
+The jobs (``jobs/_cli.py``) report ``UserError``s as one line and exit 2: a wrong key or value, bad
+data, a path that is missing or taken, unusable weights or checkpoints. Anything else keeps its
+traceback, because it is a bug. The file errors subclass the built-in ones, so callers may still
+catch FileNotFoundError / FileExistsError.
 """
 
+from __future__ import annotations
 
-class MissingFileError(FileNotFoundError):
+
+class UserError(Exception):
+    """Base of the errors a job reports as one line (exit status 2)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config key or value that is unknown, malformed or out of range."""
+
+
+class DataError(UserError):
+    """Input data that cannot be used as a whole (nothing readable, no labels, bad layout)."""
+
+
+class WeightsError(UserError, RuntimeError):
+    """Pretrained weights could not be found, downloaded or fitted to the model."""
+
+
+class CorruptCheckpointError(UserError, ValueError):
+    """A checkpoint file exists but cannot be used (truncated, not a checkpoint, another model)."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
     """A file, folder or run the user pointed at does not exist."""
 
 
-class ExistingFileError(FileExistsError):
+class ExistingFileError(UserError, FileExistsError):
     """The output the user named already holds something that must not be overwritten."""
+
+
+# Failures of a job that ran: each has its own exit status (jobs/export.py, jobs/tune.py).
+
+
+class ExportError(RuntimeError):
+    """The exported model is missing a dependency or does not reproduce PyTorch's outputs (exit 1)."""
+
+
+class SearchFailed(RuntimeError):
+    """No trial of a search finished a single epoch (exit 1)."""
+
+
+class SearchInterrupted(RuntimeError):
+    """The search stopped before every trial finished, e.g. Ctrl+C; its state is saved (exit 130)."""
+
+
+class ImageError(ValueError):
+    """One input image that cannot be used; ``reason`` is the short text its quarantine shows.
+
+    Not a UserError: a bad image is quarantined with its reason, it does not stop a job.
+    """
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason

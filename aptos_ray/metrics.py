@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, cohen_kappa_score, confusion_matrix, recall_score
+from sklearn.metrics import (
+    accuracy_score,
+    cohen_kappa_score,
+    confusion_matrix,
+    recall_score,
+)
 
 NUM_GRADES = 5
 DEFAULT_CUT_POINTS = [0.5, 1.5, 2.5, 3.5]

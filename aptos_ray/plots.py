@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from aptos_ray.records import GRADE_NAMES  # noqa: E402
+from aptos_ray.data.format import GRADE_NAMES  # noqa: E402
 
 
 def _png(fig) -> bytes:

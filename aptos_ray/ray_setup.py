@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import socket
 
+import ray
+
 from aptos_ray.config import ScalingConfig
 
 
 def init_ray(scaling: ScalingConfig) -> None:
     """Connect to ``scaling.address`` or RAY_ADDRESS (e.g. inside ``ray job submit``), else start
     a local Ray instance."""
-    import ray
-
     if ray.is_initialized():
         return
     address = scaling.address or os.environ.get("RAY_ADDRESS") or None

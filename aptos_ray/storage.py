@@ -7,6 +7,11 @@ jobs read or write goes through these helpers so that a URI works wherever a pat
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -70,3 +75,55 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def join(base: str, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *parts])
+
+
+@contextmanager
+def publish_dir(target: str) -> Iterator[Path]:
+    """Build a folder aside, then publish it at ``target`` in one step; yields the local folder to fill.
+
+    Local targets: the folder is a hidden sibling (``.NAME.tmp-PID-XXXX``) renamed over ``target``
+    when the block ends without an error, and the old contents are removed only after that, so
+    readers see the old folder or the new one, never half of one. URI targets: the folder is
+    built in a local temporary directory and uploaded over ``target``'s old contents. Leftovers
+    of writers that were killed (their process is gone) are removed first.
+    """
+    if is_uri(target):
+        with tempfile.TemporaryDirectory(prefix="aptos-publish-") as tmp:
+            yield Path(tmp)
+            fs, inner = filesystem(target)
+            fs.delete_dir_contents(inner, missing_dir_ok=True)  # nothing stale from an older version
+            upload_dir(tmp, target)
+        return
+    final = Path(target).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_leftovers(final)
+    staging = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()
+    try:
+        yield staging
+        old = final.with_name(f".{final.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        if final.exists():
+            os.rename(final, old)
+        os.rename(staging, final)  # a kill between the two renames leaves both copies, never neither
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # still there only when the block failed
+
+
+def _remove_dead_leftovers(final: Path) -> None:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` siblings whose writer process no longer runs."""
+    for kind in ("tmp", "old"):
+        for leftover in final.parent.glob(f".{final.name}.{kind}-*"):
+            pid = leftover.name.rsplit(".", 1)[-1].split("-")[1]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aptos_ray.config import SyntheticConfig, parse_args  # noqa: E402
-from aptos_ray.engine import GradeTransforms, fixed_step_minibatches  # noqa: E402
-from aptos_ray.records import read_manifest  # noqa: E402
-from aptos_ray.sampling import repeat_rates, resample_batches  # noqa: E402
+from aptos_ray.train.step import GradeTransforms, fixed_step_minibatches  # noqa: E402
+from aptos_ray.data.format import read_manifest  # noqa: E402
+from aptos_ray.train.sampling import repeat_rates, resample_batches  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "bench-data"
 APTOS = ROOT.parent / "shared" / "data" / "aptos2019-224"
@@ -82,7 +82,7 @@ def project_rate(dataset: Path, epochs: int = 2) -> float:
 
 
 def prepare_once(raw_csv: Path, images: Path, out: Path) -> float:
-    from aptos_ray.prepare import prepare
+    from aptos_ray.data.prepare import prepare
 
     start = time.perf_counter()
     prepare(parse_args([f"--prepare.input={raw_csv}", f"--prepare.images={images}", f"--prepare.output={out}",
@@ -103,7 +103,7 @@ def case(name: str, labels: pd.DataFrame, images: Path) -> dict:
 
 
 def full_size_images(n: int, size: int) -> tuple[pd.DataFrame, Path]:
-    from aptos_ray.synthetic import generate
+    from aptos_ray.data.synthetic import generate
 
     raw = generate(SyntheticConfig(output=str(OUT / f"synthetic-{size}"), num_images=n, image_size=size, seed=1))
     return pd.read_csv(raw / "train.csv"), raw / "train_images"

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aptos_ray.config import ModelConfig  # noqa: E402
-from aptos_ray.engine import GradeTransforms  # noqa: E402
-from aptos_ray.models import create_model  # noqa: E402
+from aptos_ray.train.step import GradeTransforms  # noqa: E402
+from aptos_ray.model.factory import create_model  # noqa: E402
 
 
 def gpu_utilisation(samples: list[int], stop: threading.Event) -> None:
@@ -41,7 +41,7 @@ def gpu_utilisation(samples: list[int], stop: threading.Event) -> None:
 
 def train_rate(name: str, size: int, batch: int, steps: int) -> dict:
     device = torch.device("cuda")
-    model = create_model(ModelConfig(name=name)).to(device).to(memory_format=torch.channels_last)
+    model = create_model(ModelConfig(name=name, pretrained="none", head="classification")).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cuda")
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)

@@ -27,11 +27,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aptos_ray.config import Config  # noqa: E402
-from aptos_ray.prepare import PHASH_SIZE, prepare, stratified_subset  # noqa: E402
+from aptos_ray.data.prepare import PHASH_SIZE, prepare, stratified_subset  # noqa: E402
 from aptos_ray.ray_setup import init_ray  # noqa: E402
-from aptos_ray.preprocess import ImageError, preprocess  # noqa: E402
-from aptos_ray.records import encode_image  # noqa: E402
-from aptos_ray.sources import read_image, read_source  # noqa: E402
+from aptos_ray.data.preprocess import ImageError, preprocess  # noqa: E402
+from aptos_ray.data.format import encode_image  # noqa: E402
+from aptos_ray.data.sources import read_image, read_source  # noqa: E402
 
 DEFAULT_INPUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "aptos2019-224"
 

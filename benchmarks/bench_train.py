@@ -22,12 +22,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aptos_ray.config import ModelConfig, parse_args  # noqa: E402
-from aptos_ray.engine import GradeTransforms  # noqa: E402
-from aptos_ray.local import read_split, table_batches  # noqa: E402
-from aptos_ray.loop import peak_memory_mb  # noqa: E402
-from aptos_ray.models import create_model, model_data_config  # noqa: E402
-from aptos_ray.records import decode_batch  # noqa: E402
-from aptos_ray.train import train  # noqa: E402
+from aptos_ray.train.step import GradeTransforms  # noqa: E402
+from aptos_ray.data.format import read_split, table_batches  # noqa: E402
+from aptos_ray.train.loop import peak_memory_mb  # noqa: E402
+from aptos_ray.model.factory import create_model, model_data_config  # noqa: E402
+from aptos_ray.data.format import decode_batch  # noqa: E402
+from aptos_ray.train.driver import train  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 APTOS = ROOT.parent / "shared" / "data" / "aptos2019-224"
@@ -36,7 +36,7 @@ APTOS = ROOT.parent / "shared" / "data" / "aptos2019-224"
 def dataset(images: int, size: int) -> Path:
     out = OUT / f"bench-train-{images}-{size}"
     if not (out / "manifest.json").is_file():
-        from aptos_ray.prepare import prepare
+        from aptos_ray.data.prepare import prepare
 
         prepare(parse_args([f"--prepare.input={APTOS}", f"--prepare.output={out}", f"--prepare.limit={images}",
                             f"--prepare.image_size={size}", "--prepare.card=false"]))
@@ -47,7 +47,7 @@ def plain_loop(data: Path, model_name: str, size: int, batch: int, threads: int,
     """The baseline: nothing but the PyTorch work of a training step."""
     torch.set_num_threads(threads)
     images = decode_batch(next(table_batches(read_split(str(data), "train"), 10_000)))
-    model = create_model(ModelConfig(name=model_name))
+    model = create_model(ModelConfig(name=model_name, pretrained="none", head="classification"))
     cfg = model_data_config(model)
     transforms = GradeTransforms(size, cfg["mean"], cfg["std"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

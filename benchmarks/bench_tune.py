@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aptos_ray.config import parse_args  # noqa: E402
-from aptos_ray.tune import run_search  # noqa: E402
+from aptos_ray.tune.search import run_search  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "tune"
 APTOS = ROOT.parent / "shared" / "data" / "aptos2019-224"
@@ -35,7 +35,7 @@ APTOS = ROOT.parent / "shared" / "data" / "aptos2019-224"
 def dataset(images: int, size: int) -> Path:
     out = ROOT / "benchmarks" / "out" / f"bench-tune-{images}-{size}"
     if not (out / "manifest.json").is_file():
-        from aptos_ray.prepare import prepare
+        from aptos_ray.data.prepare import prepare
 
         prepare(parse_args([f"--prepare.input={APTOS}", f"--prepare.output={out}", f"--prepare.limit={images}",
                             f"--prepare.image_size={size}", "--prepare.card=false"]))

@@ -25,12 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aptos_ray.config import config_from_dict, parse_args  # noqa: E402
-from aptos_ray.engine import GradeTransforms, predict_outputs  # noqa: E402
-from aptos_ray.local import read_split, table_batches  # noqa: E402
+from aptos_ray.train.step import GradeTransforms, predict_outputs  # noqa: E402
+from aptos_ray.data.format import read_split, table_batches  # noqa: E402
 from aptos_ray.metrics import grading_metrics  # noqa: E402
-from aptos_ray.models import create_model, grades_from_outputs, model_data_config  # noqa: E402
-from aptos_ray.records import read_manifest  # noqa: E402
-from aptos_ray.train import train  # noqa: E402
+from aptos_ray.model.factory import create_model, model_data_config  # noqa: E402
+from aptos_ray.model.heads import get_head  # noqa: E402
+from aptos_ray.train.checkpoint import best_of  # noqa: E402
+from aptos_ray.data.format import read_manifest  # noqa: E402
+from aptos_ray.train.driver import train  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 OUT = ROOT / "benchmarks" / "out"
@@ -51,7 +53,7 @@ def prepared(dataset: str, size: int) -> Path:
     out = OUT / f"{dataset}-{size}"
     if (out / "manifest.json").is_file():
         return out
-    from aptos_ray.prepare import prepare
+    from aptos_ray.data.prepare import prepare
 
     source = {"aptos": SHARED / "aptos2019-224", "retinamnist": SHARED / "retinamnist" / "retinamnist.npz"}[dataset]
     cfg = parse_args([f"--prepare.input={source}", f"--prepare.output={out}", f"--prepare.image_size={size}",
@@ -71,10 +73,11 @@ def test_scores(checkpoint: Path, dataset: Path) -> dict:
     transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=False)
     table = read_split(str(dataset), "test")
     outputs, grades, _ = predict_outputs(model, table_batches(table, 256), transforms, torch.device("cpu"))
-    predicted = grades_from_outputs(outputs, cfg.model.head, state["cut_points"]).numpy()
+    head = get_head(cfg.model.head, cfg.model.num_classes)
+    predicted = head.grades(outputs, state["cut_points"]).numpy()
     scores = {k: v for k, v in grading_metrics(grades, predicted, prefix="test_").items()}
-    if cfg.model.head == "classification":
-        probs = torch.softmax(outputs, 1).numpy()
+    if head.has_probabilities:
+        probs = head.probabilities(outputs).numpy()
         scores["test_auc"] = float(roc_auc_score(grades, probs, multi_class="ovr", labels=list(range(5))))
     return scores
 
@@ -84,7 +87,7 @@ def train_and_score(args: list[str], dataset: Path) -> dict:
     started = time.perf_counter()
     summary = train(parse_args(args))
     history = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    best = max(history, key=lambda h: h["val_qwk"])
+    best = best_of(history)
     result = {
         "minutes": round((time.perf_counter() - started) / 60, 1),
         "best_epoch": best["epoch"],

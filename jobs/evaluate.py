@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _cli import main  # noqa: E402
 
-from aptos_ray.report import evaluate  # noqa: E402
+from aptos_ray.infer.report import evaluate  # noqa: E402
 
 if __name__ == "__main__":
     main(evaluate)

@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _cli import main  # noqa: E402
 
-from aptos_ray.export import ExportError, export  # noqa: E402
+from aptos_ray.infer.export import ExportError, export  # noqa: E402
 
 
 def job(cfg) -> None:

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from _cli import main  # noqa: E402
 
-from aptos_ray.predict import predict  # noqa: E402
+from aptos_ray.infer.predict import predict  # noqa: E402
 
 if __name__ == "__main__":
     main(predict)

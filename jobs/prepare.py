@@ -17,7 +17,7 @@ from _cli import main  # noqa: E402
 
 def prepare_job(cfg) -> None:
     print(cfg.summary())
-    from aptos_ray.prepare import prepare  # imports Ray: only once the config is valid
+    from aptos_ray.data.prepare import prepare  # imports Ray: only once the config is valid
 
     print(f"prepared dataset: {prepare(cfg)}")
 

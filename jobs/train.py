@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _cli import main  # noqa: E402
 
-from aptos_ray.train import train  # noqa: E402
+from aptos_ray.train.driver import train  # noqa: E402
 
 if __name__ == "__main__":
     main(train)

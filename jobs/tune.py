@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _cli import main  # noqa: E402
 
-from aptos_ray.tune import SearchFailed, SearchInterrupted, run_search  # noqa: E402
+from aptos_ray.tune.search import SearchFailed, SearchInterrupted, run_search  # noqa: E402
 
 if __name__ == "__main__":
     try:

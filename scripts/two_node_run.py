@@ -194,7 +194,7 @@ def make_dataset(cluster: TwoNodeCluster, per_grade: int) -> Path:
         log(f"dataset: {per_grade} images per grade from {SHARED_APTOS}, 32 px")
         return aptos_subset(SHARED_APTOS, out, per_grade=per_grade, size=32)
     from aptos_ray.config import SyntheticConfig
-    from aptos_ray.synthetic import generate
+    from aptos_ray.data.synthetic import generate
 
     raw = generate(SyntheticConfig(output=str(cluster.root / "data" / "raw"), num_images=5 * per_grade,
                                    image_size=64))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from aptos_ray.records import SCHEMA, encode_image
+from aptos_ray.data.format import SCHEMA, encode_image
 
 
 def write_split(out: Path, split: str, ids, grades, images) -> None:
@@ -62,3 +63,30 @@ def aptos_subset(aptos_dir: Path, out: Path, per_grade: int = 24, size: int = 32
                 "num_inputs": sum(sum(c.values()) for c in counts.values())}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+FAIL_AT_EPOCH = 1
+
+
+def failing_worker(loop_config: dict) -> None:
+    """Ray Train's worker function, except that rank 0 dies (``os._exit``) on the first batch of
+    epoch ``FAIL_AT_EPOCH``, once per run: the marker file stops it dying again after the restart.
+    Test-only fault injection, swapped in for ``ray_backend.train_worker`` by a test."""
+    from aptos_ray.config import config_from_dict
+    from aptos_ray.train.loop import DatasetInfo, fit
+    from aptos_ray.train.ray_backend import RayBackend
+
+    cfg = config_from_dict(loop_config["config"])
+    backend = RayBackend(cfg)
+    marker = Path(cfg.train.output) / cfg.train.name / ".failure_injected"
+    rows = backend.train_rows
+
+    def dying_rows(epoch: int):
+        for batch in rows(epoch):
+            if epoch == FAIL_AT_EPOCH and backend.rank == 0 and not marker.exists():
+                marker.write_text(f"killed in epoch {epoch}\n")
+                os._exit(1)
+            yield batch
+
+    backend.train_rows = dying_rows
+    fit(cfg, backend, DatasetInfo(**loop_config["info"]))

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from aptos_ray.card import exposure_limits, write_card
-from aptos_ray.records import GRADES, SCHEMA, SPLITS, encode_image
-from aptos_ray.synthetic import render_fundus
+from aptos_ray.data.card import exposure_limits, write_card
+from aptos_ray.data.format import GRADES, SCHEMA, SPLITS, encode_image
+from aptos_ray.data.synthetic import render_fundus
 
 # ----------------------------------------------------------------------------- a small dataset
 
@@ -222,8 +222,8 @@ def test_card_of_real_prepare_runs(ray_session, aptos_dir, tmp_path):
     """prepare (Ray) writes the card beside the dataset; its numbers are the manifest's. On ~150
     real APTOS photos (a stratified `prepare.limit` subset) and on the synthetic default."""
     from aptos_ray.config import Config
-    from aptos_ray.prepare import prepare
-    from aptos_ray.synthetic import generate
+    from aptos_ray.data.prepare import prepare
+    from aptos_ray.data.synthetic import generate
 
     cfg = Config()
     cfg.synthetic.output, cfg.synthetic.num_images, cfg.synthetic.image_size = str(tmp_path / "raw"), 60, 128

@@ -20,10 +20,10 @@ import pytest
 import ray
 import torch
 import yaml
+from helpers import write_split
 
 from aptos_ray.config import parse_args
-from aptos_ray.train import run_name, train
-from helpers import write_split
+from aptos_ray.train.driver import run_name, train
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -130,7 +130,10 @@ def test_kuberay_manifests_match_ray_and_the_code():
 
 
 def test_runtime_env_uploads_the_code_and_not_data_or_runs(tmp_path):
-    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes  # Ray's own matcher
+    from ray._private.runtime_env.packaging import (  # Ray's own matcher
+        _dir_travel,
+        _get_excludes,
+    )
     from ray.runtime_env import RuntimeEnv
 
     env = load(CLUSTER / "runtime_env.yaml")
@@ -211,8 +214,8 @@ def test_every_torch_load_uses_weights_only():
 def test_resume_finds_the_latest_run_under_a_uri(tmp_path):
     for name in ("older", "newer"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "metrics.jsonl").write_text("{}\n")
-        os.utime(tmp_path / name / "metrics.jsonl", (1e9, 1e9 if name == "older" else 2e9))
+        (tmp_path / name / "config.yaml").write_text("{}\n")
+        os.utime(tmp_path / name / "config.yaml", (1e9, 1e9 if name == "older" else 2e9))
     (tmp_path / "not-a-run").mkdir()
     assert run_name(parse_args([f"--train.output=file://{tmp_path}", "--resume"])) == "newer"
     with pytest.raises(FileNotFoundError, match="no run found"):

@@ -1,6 +1,6 @@
 import pytest
 
-from aptos_ray.config import Config, ConfigError, config_from_dict, flatten, parse_args
+from aptos_ray.config import Config, ConfigError, config_from_dict, parse_args
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
@@ -41,7 +41,7 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
     assert again == cfg
     cfg.save(tmp_path / "config.yaml")
     assert parse_args(["--config", str(tmp_path / "config.yaml")]) == cfg
-    assert flatten(cfg)["tune.space"] == {"optim.lr": {"choice": [0.1]}}
+    assert again.tune.space == {"optim.lr": {"choice": [0.1]}}
 
 
 def test_shipped_configs_load():

@@ -1,7 +1,12 @@
 import numpy as np
 from sklearn.metrics import cohen_kappa_score
 
-from aptos_ray.metrics import apply_cut_points, grading_metrics, optimise_cut_points, quadratic_weighted_kappa
+from aptos_ray.metrics import (
+    apply_cut_points,
+    grading_metrics,
+    optimise_cut_points,
+    quadratic_weighted_kappa,
+)
 
 
 def test_qwk_matches_sklearn_and_handles_constant_predictions():

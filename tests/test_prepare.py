@@ -16,16 +16,15 @@ import pytest
 from test_sources import BROKEN, DECODE_BROKEN, GOOD, write_broken_corpus
 
 from aptos_ray.config import Config
-from aptos_ray.prepare import (
+from aptos_ray.data.format import GRADES, SCHEMA, SPLITS, decode_batch, read_manifest
+from aptos_ray.data.prepare import phash_array, prepare
+from aptos_ray.data.sources import DataError, reason_kind
+from aptos_ray.data.splits import (
     assign_splits,
     near_duplicate_groups,
-    phash_array,
-    prepare,
     split_units,
     stratified_subset,
 )
-from aptos_ray.records import GRADES, SCHEMA, SPLITS, decode_batch, read_manifest
-from aptos_ray.sources import DataError, reason_kind
 
 REPO = Path(__file__).resolve().parents[1]
 

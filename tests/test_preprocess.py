@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from aptos_ray.config import PrepareConfig
-from aptos_ray.preprocess import (
+from aptos_ray.data.preprocess import (
     ImageError,
     ben_graham,
     circle_mask,

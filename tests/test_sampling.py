@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from aptos_ray.engine import fixed_step_minibatches
-from aptos_ray.records import encode_image
-from aptos_ray.sampling import expected_grade_mix, repeat_rates, resample_batches
+from aptos_ray.data.format import encode_image
+from aptos_ray.train.sampling import repeat_rates, resample_batches
+from aptos_ray.train.step import fixed_step_minibatches
 
 COUNTS = {0: 1444, 1: 296, 2: 799, 3: 154, 4: 236}  # the shared APTOS folder's grades
 
@@ -25,7 +25,10 @@ def test_resampled_mix_matches_the_configured_weighting(mode):
     out = list(resample_batches([batch], repeat_rates(COUNTS, mode), seed=0, epoch=0))
     grades = np.concatenate([b["grade"] for b in out])
     mix = np.bincount(grades, minlength=5) / len(grades)
-    expected = expected_grade_mix(COUNTS, mode)
+    # Independently of the code under test: each grade's share is count x its weight, normalised.
+    weight = {"none": lambda n: 1.0, "inverse": lambda n: 1.0 / n, "sqrt": lambda n: n ** -0.5}[mode]
+    mass = {g: n * weight(n) for g, n in COUNTS.items()}
+    expected = {g: m / sum(mass.values()) for g, m in mass.items()}
     assert len(grades) == pytest.approx(sum(COUNTS.values()), rel=0.05)  # epoch keeps its size
     for g in range(5):
         assert mix[g] == pytest.approx(expected[g], abs=0.03)

@@ -9,8 +9,14 @@ import pytest
 from PIL import Image
 
 from aptos_ray.config import PrepareConfig
-from aptos_ray.preprocess import ImageError
-from aptos_ray.sources import DataError, parse_grade, read_image, read_source, reason_kind
+from aptos_ray.data.preprocess import ImageError
+from aptos_ray.data.sources import (
+    DataError,
+    parse_grade,
+    read_image,
+    read_source,
+    reason_kind,
+)
 
 GOOD_SIZE = 48
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from aptos_ray.config import SyntheticConfig
-from aptos_ray.synthetic import (
+from aptos_ray.data.synthetic import (
     APTOS_GRADE_COUNTS,
     COMPLETE_MARKER,
     generate,

@@ -10,13 +10,17 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
+import ray
 import torch
+from helpers import aptos_subset, failing_worker
 
 from aptos_ray.config import parse_args
-from aptos_ray.train import train
-from helpers import aptos_subset
+from aptos_ray.train import ray_backend
+from aptos_ray.train.checkpoint import checkpoint_folders, record_from_folders
+from aptos_ray.train.driver import train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
@@ -107,17 +111,16 @@ def test_stopped_driver_resumes_without_losing_or_repeating_an_epoch(aptos_small
     args = [sys.executable, str(REPO / "jobs" / "train.py"), *TINY, "--local",
             f"--data.dataset={aptos_small}", f"--train.output={tmp_path}", "--train.name=stopped",
             "--train.epochs=4"]
-    metrics = tmp_path / "stopped" / "metrics.jsonl"
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 1 and \
-                list((tmp_path / "stopped").glob("checkpoint_epoch_*/model.pt")):
+        if checkpoint_folders(str(tmp_path / "stopped")):
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done_before = [h["epoch"] for h in history(tmp_path / "stopped")]
+    assert not (tmp_path / "stopped" / "metrics.jsonl").exists()  # written by the driver at the end only
+    done_before = [h["epoch"] for h in record_from_folders(str(tmp_path / "stopped")).history]
     assert done_before and done_before[-1] < 3, "the job should have been stopped mid-run"
     out = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -127,12 +130,14 @@ def test_stopped_driver_resumes_without_losing_or_repeating_an_epoch(aptos_small
 
 @pytest.mark.ray
 def test_ray_ddp_survives_a_killed_worker_and_resumes(aptos_small, tmp_path, ray_session, monkeypatch):
-    """2 DDP workers; rank 0 dies halfway through epoch 1; Ray restarts the group from the
-    epoch-0 checkpoint. Then the finished run is extended with --resume. The output path is
-    relative, as people type it: Ray workers run elsewhere and must still write here."""
+    """2 DDP workers; rank 0 dies in epoch 1; Ray restarts the group from the epoch-0 checkpoint.
+    Then the finished run is extended with --resume. The output path is relative, as people type
+    it: Ray workers run elsewhere and must still write here."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ray_backend, "train_worker", failing_worker)  # rank 0 dies once in epoch 1
+    ray.cloudpickle.register_pickle_by_value(helpers)  # the workers cannot import tests/helpers.py
     args = [*TINY, f"--data.dataset={aptos_small}", "--train.output=runs", "--train.name=ddp",
-            "--scaling.num_workers=2", "--scaling.max_failures=1", "--train.fail_at_epoch=1",
+            "--scaling.num_workers=2", "--scaling.max_failures=1",
             "--train.progress=true"]  # Ray's progress bars in the workers, as the demo shows them
     summary = train(parse_args([*args, "--train.epochs=2"]))
     run = tmp_path / "runs" / "ddp"
@@ -142,6 +147,8 @@ def test_ray_ddp_survives_a_killed_worker_and_resumes(aptos_small, tmp_path, ray
     manifest = json.loads((aptos_small / "manifest.json").read_text())
     assert all(h["val_images"] == sum(manifest["counts"]["val"].values()) for h in epochs)
     assert summary["epochs"] == 2
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
     summary = train(parse_args([*args, "--train.epochs=3", "--resume"]))
     assert [h["epoch"] for h in history(run)] == [0, 1, 2]
     assert summary["epochs"] == 3

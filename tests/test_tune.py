@@ -12,11 +12,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from helpers import write_split
 
 from aptos_ray.config import ConfigError, parse_args
-from aptos_ray.tune import SearchFailed, best_config, check_schedule, markdown, run_search, search_space
-from aptos_ray.tune import searcher, tracking_callbacks, trial_config
-from helpers import write_split
+from aptos_ray.errors import SearchFailed
+from aptos_ray.tune.results import best_config, markdown
+from aptos_ray.tune.search import check_schedule, run_search, searcher, tracking_callbacks, trial_config
+from aptos_ray.tune.space import search_space
 
 TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
         "--data.image_size=32", "--train.batch_size=8", "--train.eval_batch_size=32", "--train.progress=false",
@@ -220,7 +222,7 @@ def test_best_config_trains_as_is(search, tmp_path):
     best.train.epochs, best.train.local, best.train.output = 1, True, str(tmp_path)
     import torch
 
-    from aptos_ray.train import train
+    from aptos_ray.train.driver import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 OpenMP threads on 2 busy cores: 0.5 s -> 60 s for this epoch (measured)

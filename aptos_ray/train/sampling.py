@@ -36,13 +36,6 @@ def repeat_rates(counts: dict[int, int], mode: str) -> dict[int, float]:
     return {g: w * total / mass for g, w in weights.items()}
 
 
-def expected_grade_mix(counts: dict[int, int], mode: str) -> dict[int, float]:
-    """Fraction of each grade in a resampled epoch."""
-    rates = repeat_rates(counts, mode)
-    total = sum(counts[g] * r for g, r in rates.items())
-    return {g: counts[g] * r / total for g, r in rates.items()}
-
-
 def _row_key(row_id) -> int:
     return zlib.crc32(str(row_id).encode())
 

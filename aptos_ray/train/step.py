@@ -13,11 +13,10 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from aptos_ray.records import decode_batch
+from aptos_ray.data.format import decode_batch
 
 
 class GradeTransforms:
@@ -108,19 +107,6 @@ def fixed_step_minibatches(
             pick = rng.integers(0, len(pool_grades), batch_size)
             yield pool_images[pick], pool_grades[pick]
             emitted += 1
-
-
-def loss_function(head: str, class_weights: torch.Tensor | None, label_smoothing: float):
-    """Cross-entropy (optionally class-weighted, as in the seed) or MSE on the grade."""
-
-    def classification(outputs: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
-        weight = class_weights.to(outputs.device) if class_weights is not None else None
-        return F.cross_entropy(outputs, grades, weight=weight, label_smoothing=label_smoothing)
-
-    def regression(outputs: torch.Tensor, grades: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(outputs.squeeze(1), grades.float())
-
-    return classification if head == "classification" else regression
 
 
 def autocast(device: torch.device, enabled: bool):

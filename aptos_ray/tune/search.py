@@ -26,14 +26,10 @@ plots/, checkpoint_epoch_NNNN/), and the search's ``trials.csv``, ``trials.md``,
 from __future__ import annotations
 
 import importlib.util
-import math
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-import pandas as pd
-import pyarrow.fs as pafs
 import ray
 import yaml
 from ray import tune as ray_tune
@@ -42,98 +38,42 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from aptos_ray import plots, storage
-from aptos_ray.config import Config, ConfigError, config_from_dict, resolve_key, set_value
-from aptos_ray.errors import ExistingFileError, MissingFileError
-from aptos_ray.loop import DatasetInfo, RunFiles
+from aptos_ray import storage
+from aptos_ray.config import Config, ConfigError, config_from_dict, set_value
+from aptos_ray.data.embedded import ensure_dataset
+from aptos_ray.errors import ExistingFileError, MissingFileError, SearchInterrupted
 from aptos_ray.ray_setup import init_ray
-from aptos_ray.ray_train import build_trainer, load_datasets
-from aptos_ray.train import ensure_dataset, summarise
+from aptos_ray.train.loop import DatasetInfo
+from aptos_ray.train.ray_backend import build_trainer, load_datasets
+from aptos_ray.tune.results import (
+    METRIC,
+    SearchFailed,
+    markdown,
+    saved_trials,
+    trials_table,
+    write_outputs,
+    write_trial_runs,
+)
+from aptos_ray.tune.space import plain, search_space
 
-METRIC = "val_qwk"
+__all__ = ["SearchFailed", "SearchInterrupted", "run_search"]
+
 MODE = "max"
 TIME_ATTR = "epochs_done"  # 1-based epoch count: stays right when a trial's run resumes
 SEARCH_CONFIG = "search_config.yaml"
 TRIAL_DRIVER_MEMORY = 2**20  # bytes of Ray's logical "memory" resource: a non-empty request, no CPU
-SPEC_KINDS = ("loguniform", "uniform", "choice", "randint", "grid")
-# Fields every trial sets itself, or that only the search driver reads.
-NOT_SEARCHABLE = {"train.name", "train.output", "train.resume", "train.local", "train.epochs", "scaling.address"}
 
 
-class SearchInterrupted(RuntimeError):
-    """The search stopped before every trial finished (e.g. Ctrl+C); its state is saved."""
-
-
-class SearchFailed(RuntimeError):
-    """No trial finished a single epoch."""
-
-
-# --- search space --------------------------------------------------------------------------------
-
-
-def _check_values(key: str, values: list) -> None:
-    """Each value must be one the config field accepts (same check as a YAML file or --key=value)."""
-    scratch = Config()
-    for value in values:
-        try:
-            set_value(scratch, key, value)
-        except ConfigError as e:
-            raise ConfigError(f"tune.space['{key}']: {e}") from None
-
-
-def _domain(key: str, spec: Any):
-    """One ``{"kind": args}`` spec -> a Ray Tune domain, with a clear error for a bad one."""
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPEC_KINDS:
-        raise ConfigError(f"tune.space['{key}'] must be one of {{kind: args}} with kind in "
-                          f"{', '.join(SPEC_KINDS)}; got {spec!r}")
-    kind, args = next(iter(spec.items()))
-    if kind in ("choice", "grid"):
-        if not isinstance(args, list) or not args:
-            raise ConfigError(f"tune.space['{key}']: {kind} needs a non-empty list, got {args!r}")
-        _check_values(key, args)
-        # grid: every value, each tune.num_samples times (random search only)
-        return ray_tune.choice(args) if kind == "choice" else ray_tune.grid_search(args)
-    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)):
-        raise ConfigError(f"tune.space['{key}']: {kind} needs [low, high], got {args!r}")
-    low, high = args
-    if not low < high:
-        raise ConfigError(f"tune.space['{key}']: {kind} needs low < high, got {args!r}")
-    if kind == "randint":  # Tune's randint excludes high
-        _check_values(key, [int(low), int(high) - 1])
-        return ray_tune.randint(int(low), int(high))
-    if kind == "loguniform" and low <= 0:
-        raise ConfigError(f"tune.space['{key}']: loguniform needs low > 0, got {args!r}")
-    _check_values(key, [float(low), float(high), (low + high) / 2.0])
-    return ray_tune.loguniform(low, high) if kind == "loguniform" else ray_tune.uniform(low, high)
-
-
-def search_space(space: dict) -> dict[str, Any]:
-    """``tune.space`` -> Ray Tune domains keyed by the full dotted config key ('lr' -> 'optim.lr')."""
-    if not isinstance(space, dict) or not space:
-        raise ConfigError("tune.space is empty: give at least one 'section.key: {kind: args}'")
-    domains = {}
-    for key, spec in space.items():
-        section, name = resolve_key(str(key))
-        full = f"{section}.{name}"
-        if section == "tune" or full in NOT_SEARCHABLE:
-            raise ConfigError(f"tune.space: '{full}' cannot be searched (the search sets it itself)")
-        domains[full] = _domain(full, spec)
-    return domains
 
 
 # --- one trial -----------------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    """numpy scalars (from Tune's samplers) -> Python ones, which the typed config accepts."""
-    return value.item() if hasattr(value, "item") else value
 
 
 def trial_config(base: dict, params: dict, output: str, name: str) -> Config:
     """The base config with a trial's sampled values, writing its run to ``output/name``."""
     cfg = config_from_dict(base)
     for key, value in params.items():
-        set_value(cfg, key, _plain(value))
+        set_value(cfg, key, plain(value))
     cfg.train.output = output
     cfg.train.name = name
     cfg.train.resume = False  # a rerun trial resumes anyway: Ray Train restores a run of the same name
@@ -279,171 +219,6 @@ def build_tuner(cfg: Config, trainable, exp_dir: str) -> ray_tune.Tuner:
     )
 
 
-# --- results -------------------------------------------------------------------------------------
-
-
-def reported_epochs(result) -> int:
-    """Epochs whose report (and checkpoint) reached Tune."""
-    df = result.metrics_dataframe
-    if df is None or df.empty or TIME_ATTR not in df:
-        return 0
-    return int(df[TIME_ATTR].max())
-
-
-def live_trainer_actors() -> int | None:
-    """Ray Train controller and worker actors alive in the cluster (None without the state API)."""
-    from ray.util.state import list_actors
-
-    try:
-        alive = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, raise_on_missing_output=False)
-    except Exception:  # no dashboard / state API: nothing to wait on
-        return None
-    return sum(a.class_name in ("TrainController", "RayTrainWorker") for a in alive)
-
-
-def wait_for_stopped_trainers(before: int | None, timeout_s: float = 30.0) -> None:
-    """Wait (at most ``timeout_s``) until no more Ray Train actors are alive than ``before`` the search.
-
-    When ASHA stops a trial, the trial's TorchTrainer controller and workers are torn down only
-    after the trial itself: for a moment they keep training and writing their run directory (in
-    tests, a whole short epoch, or a restart from scratch by the controller). Aligning the run
-    directories before they are gone would race with those writes.
-    """
-    deadline = time.monotonic() + timeout_s
-    while before is not None and time.monotonic() < deadline:
-        now = live_trainer_actors()
-        if now is None or now <= before:
-            return
-        time.sleep(0.5)
-
-
-def align_run_dir(run_dir: str, epochs: int) -> list[dict]:
-    """Forget epochs that a stopped trial finished after its last report reached Tune.
-
-    ASHA's stop is asynchronous: the trial's workers may finish one more epoch (a line in
-    metrics.jsonl, perhaps a checkpoint) before they are killed, but that epoch never reached
-    Tune, and its checkpoint may never have been written. The history is cut back to what was
-    reported, so a trial's best epoch always has a kept checkpoint; folders are left alone.
-    """
-    files = RunFiles(run_dir)
-    history = files.history()
-    if len(history) > epochs:
-        files.keep_epochs_before(epochs)
-        history = history[:epochs]
-        if history:
-            files.write_plots(history)
-    return history
-
-
-def saved_trials(exp_dir: str) -> dict[str, tuple[str, str]]:
-    """Trial folder name -> (trial id, status), as saved for a resume. The status is TERMINATED or
-    ERROR once a trial finished, PENDING or PAUSED when the search was interrupted (Ctrl+C) before
-    it did; the statuses in memory after an interrupt say TERMINATED, hence the saved state. The
-    folder name identifies also a trial that errored before its first report."""
-    return {Path(t.path).name: (t.trial_id, t.status) for t in ray_tune.ExperimentAnalysis(exp_dir).trials}
-
-
-def trials_table(results, runs_dir: str, max_epochs: int, trials: dict[str, tuple[str, str]]) -> tuple[pd.DataFrame, dict]:
-    """One row per trial (searched values, epochs, best QWK and epoch, seconds, status; best
-    first) and every trial's per-epoch history."""
-    rows, histories = [], {}
-    for result in results:
-        trial_id, tune_status = trials[Path(result.path).name]
-        run_dir = storage.join(runs_dir, trial_id)
-        finished = tune_status in ("TERMINATED", "ERROR")
-        # An unfinished trial's run dir is left as is: its TorchTrainer resumes from it.
-        history = align_run_dir(run_dir, reported_epochs(result)) if finished else RunFiles(run_dir).history()
-        histories[trial_id] = history
-        best = max(history, key=lambda h: h[METRIC]) if history else {}
-        if result.error:
-            status = "error"
-        elif not finished:
-            status = "unfinished"
-        else:
-            status = "completed" if len(history) >= max_epochs else "stopped early"
-        rows.append({
-            "trial_id": trial_id,
-            **{k: _plain(v) for k, v in result.config.items()},
-            "epochs": len(history),
-            "best_val_qwk": best.get(METRIC, math.nan),
-            "best_epoch": best.get("epoch", -1),
-            "seconds": round(float((result.metrics or {}).get("time_total_s", math.nan)), 1),
-            "status": status,
-            "run_dir": run_dir,
-        })
-    table = pd.DataFrame(rows)
-    # trial_id breaks ties: a restored search prints the same table
-    table = table.sort_values(["best_val_qwk", "trial_id"], ascending=[False, True], na_position="last")
-    table = table.reset_index(drop=True)
-    return table, histories
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """A GitHub table without the tabulate package."""
-    def cell(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-    shown = table.drop(columns=["run_dir"])
-    lines = ["| " + " | ".join(shown.columns) + " |", "|" + "---|" * len(shown.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in shown.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
-
-def best_config(base: Config, best_row: dict, params: list[str]) -> Config:
-    """A full resolved config that ``jobs/train.py --config`` accepts as is (name cleared)."""
-    cfg = config_from_dict(base.to_dict())
-    for key in params:
-        set_value(cfg, key, _plain(best_row[key]))
-    cfg.train.name = ""
-    cfg.train.resume = False
-    cfg.tune.resume = False
-    return cfg
-
-
-def qwk_curves_png(table: pd.DataFrame, histories: dict[str, list[dict]], params: list[str]) -> bytes:
-    curves = {}
-    for row in table.to_dict("records"):  # records: dotted column names are no attribute names
-        values = ", ".join(_short(k, row.get(k)) for k in params)
-        curves[f"{row['trial_id']} {values}"] = [(h["epoch"], h[METRIC]) for h in histories[row["trial_id"]]]
-    return plots.qwk_curves(curves, title="Validation QWK per trial")
-
-
-def _short(key: str, value: Any) -> str:
-    shown = f"{value:.3g}" if isinstance(value, float) else str(value)
-    return f"{key.split('.')[-1]}={shown}"
-
-
-def write_outputs(cfg: Config, table: pd.DataFrame, histories: dict, exp_dir: str, params: list[str]) -> dict:
-    paths = {name: storage.join(exp_dir, name) for name in
-             ("trials.csv", "trials.md", "best_config.yaml", "qwk_per_epoch.png")}
-    storage.write_text(paths["trials.csv"], table.to_csv(index=False))
-    storage.write_text(paths["trials.md"], markdown(table))
-    finished = table[table["epochs"] > 0]
-    if finished.empty:
-        raise SearchFailed(f"no trial finished an epoch; the first error:\n{first_error(exp_dir)}")
-    storage.write_bytes(paths["qwk_per_epoch.png"], qwk_curves_png(table, histories, params))
-    # a record, not .iloc[0]: a row Series of mixed columns turns ints into floats
-    best_config(cfg, finished.to_dict("records")[0], params).save(paths["best_config.yaml"])
-    return paths
-
-
-def first_error(exp_dir: str) -> str:
-    """The end of the first trial error Tune saved (error.txt in the trial folder)."""
-    fs, inner = storage.filesystem(exp_dir)
-    for info in sorted(fs.get_file_info(pafs.FileSelector(inner, recursive=True)), key=lambda i: i.path):
-        if info.base_name == "error.txt":
-            with fs.open_input_stream(info.path) as f:
-                return "\n".join(f.read().decode(errors="replace").strip().splitlines()[-3:])
-    return "(none saved)"
-
-
-def summarise_trials(table: pd.DataFrame) -> None:
-    """summary.json in every trial's run directory, as a train run has."""
-    for row in table.to_dict("records"):
-        if row["epochs"] > 0:
-            summarise(row["run_dir"], 0.0 if math.isnan(row["seconds"]) else row["seconds"])
-
-
 # --- the job -------------------------------------------------------------------------------------
 
 
@@ -490,13 +265,11 @@ def run_search(cfg: Config) -> dict:
     datasets = load_datasets(cfg)  # once, shared by every trial
     print(f"Datasets loaded in {time.perf_counter() - started:.1f}s")
     tuner = build_tuner(cfg, make_trainable(cfg, info, datasets, runs_dir), exp_dir)
-    trainers_before = live_trainer_actors()
     results = tuner.fit()
-    wait_for_stopped_trainers(trainers_before)
 
-    table, histories = trials_table(results, runs_dir, cfg.train.epochs, saved_trials(exp_dir))
-    summarise_trials(table)
-    paths = write_outputs(cfg, table, histories, exp_dir, params)
+    table, records = trials_table(results, runs_dir, cfg.train.epochs, saved_trials(exp_dir))
+    write_trial_runs(table, records)
+    paths = write_outputs(cfg, table, records, exp_dir, params)
     trial_epochs = int(table["epochs"].sum())
     interrupted = (table["status"] == "unfinished").any()
     state = "interrupted" if interrupted else "done"

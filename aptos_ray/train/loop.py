@@ -1,18 +1,17 @@
 """The training loop, shared by Ray Train workers and the local fallback.
 
 ``fit(cfg, backend, info)`` knows nothing of Ray: a *backend* supplies this rank's data, wraps
-the model for DDP, restores and reports checkpoints. ``ray_train.RayBackend`` is the Ray one,
-``local.LocalBackend`` the one-process one; every other line is the same for both.
+the model for DDP, restores and reports checkpoints. ``train.ray_backend.RayBackend`` is the Ray one,
+``train.local.LocalBackend`` the one-process one; every other line is the same for both.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
+import resource
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,28 +20,25 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from aptos_ray import plots, storage
 from aptos_ray.config import Config, OptimConfig
-from aptos_ray.engine import (
-    GradeTransforms,
-    fixed_step_minibatches,
-    loss_function,
-    predict_outputs,
-    train_one_epoch,
-)
-from aptos_ray.metrics import grading_metrics, optimise_cut_points
-from aptos_ray.models import (
+from aptos_ray.metrics import grading_metrics
+from aptos_ray.model.factory import (
     check_sync_bn_device,
     create_model,
-    grades_from_outputs,
     maybe_sync_bn,
     model_data_config,
     param_groups,
-    scores_from_outputs,
 )
-from aptos_ray.sampling import repeat_rates, resample_batches
-
-CHECKPOINT_FILE = "model.pt"
+from aptos_ray.model.heads import Head, get_head
+from aptos_ray.model.weights import unwrap
+from aptos_ray.train.checkpoint import save_checkpoint
+from aptos_ray.train.sampling import repeat_rates, resample_batches
+from aptos_ray.train.step import (
+    GradeTransforms,
+    fixed_step_minibatches,
+    predict_outputs,
+    train_one_epoch,
+)
 
 
 @dataclass
@@ -71,7 +67,6 @@ class Backend(Protocol):
     rank: int
     world_size: int
     device: torch.device
-    run_dir: str
     progress_bar: type  # tqdm-like
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module: ...
@@ -146,10 +141,6 @@ def class_weights(counts: dict[int, int], num_classes: int) -> torch.Tensor:
     )
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
-
-
 def gather(obj):
     """All ranks' objects as a list (just ``[obj]`` without torch.distributed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -161,88 +152,14 @@ def gather(obj):
 
 def peak_memory_mb() -> float:
     """This process's peak resident CPU memory (GPU memory is reported by torch.cuda separately)."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def inject_failure(batches: Iterator, cfg: Config, epoch: int, rank: int, steps: int) -> Iterator:
-    """Test hook (``train.fail_at_epoch``): rank 0 dies halfway through that epoch, once."""
-    marker = Path(cfg.train.output) / cfg.train.name / ".failure_injected"
-    armed = cfg.train.fail_at_epoch == epoch and rank == 0 and not storage.is_uri(cfg.train.output)
-    for step, batch in enumerate(batches):
-        if armed and step == steps // 2 and not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"killed at epoch {epoch} step {step}\n")
-            os._exit(1)
-        yield batch
-
-
-# --- run directory (rank 0) --------------------------------------------------------------------
-
-
-class RunFiles:
-    """config.yaml, metrics.jsonl and plots/ of a run; local path or URI."""
-
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-
-    def path(self, *parts: str) -> str:
-        return storage.join(self.run_dir, *parts)
-
-    def history(self) -> list[dict]:
-        try:
-            text = storage.read_text(self.path("metrics.jsonl"))
-        except FileNotFoundError:
-            return []
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-    def keep_epochs_before(self, epoch: int) -> None:
-        """On resume, forget epochs after the restored checkpoint: none is counted twice."""
-        history = [h for h in self.history() if h["epoch"] < epoch]
-        storage.write_text(self.path("metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
-
-    def append(self, metrics: dict) -> list[dict]:
-        history = [h for h in self.history() if h["epoch"] != metrics["epoch"]] + [metrics]
-        storage.write_text(self.path("metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
-        return history
-
-    def write_plots(self, history: list[dict]) -> None:
-        best = max(history, key=lambda h: h["val_qwk"])
-        storage.write_bytes(self.path("plots", "learning_curves.png"), plots.learning_curves(history))
-        storage.write_bytes(
-            self.path("plots", "confusion_best.png"),
-            plots.confusion_matrix(best["val_confusion"], f"Validation, best epoch {best['epoch']}"),
-        )
-
-
-def save_checkpoint(directory: Path, model, optimizer, scheduler, scaler, cfg: Config, epoch: int,
-                    metrics: dict, cut_points) -> Path:
-    """Everything needed to resume or predict, loadable with torch.load(weights_only=True)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {
-        "model": unwrap(model).state_dict(),
-        "config": cfg.to_dict(),
-        "cut_points": cut_points,
-        "epoch": epoch,
-        "metrics": metrics,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-    }
-    torch.save(state, directory / CHECKPOINT_FILE)
-    cfg.save(directory / "config.yaml")
-    return directory
-
-
-def load_checkpoint_state(directory: str | Path) -> dict:
-    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
 # --- the loop ------------------------------------------------------------------------------------
 
 
-def validate(model, backend: Backend, transforms, loss_fn, cfg: Config, info: DatasetInfo) -> tuple[dict, list | None]:
+def validate(model, backend: Backend, transforms, head: Head, loss_fn, cfg: Config,
+             info: DatasetInfo) -> tuple[dict, list | None]:
     """Validation metrics over every rank's part of the val split (never resampled or augmented)."""
     # The unwrapped model: a DDP forward broadcasts buffers, which would hang ranks whose
     # validation parts differ in length.
@@ -256,10 +173,8 @@ def validate(model, backend: Backend, transforms, loss_fn, cfg: Config, info: Da
     if len(grades) == 0:
         raise RuntimeError("the validation split is empty: prepare with prepare.val_fraction > 0")
     loss = float(loss_fn(outputs, torch.from_numpy(grades)))
-    cut_points = None
-    if cfg.model.head == "regression":
-        cut_points = optimise_cut_points(scores_from_outputs(outputs, "regression").numpy(), grades)
-    predicted = grades_from_outputs(outputs, cfg.model.head, cut_points).numpy()
+    cut_points = head.fit_cut_points(outputs, grades)
+    predicted = head.grades(outputs, cut_points).numpy()
     return {"val_loss": loss, **grading_metrics(grades, predicted, prefix="val_"), "val_images": len(grades)}, cut_points
 
 
@@ -273,30 +188,30 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     model = create_model(cfg.model, load_pretrained=restored is None)
     check_sync_bn_device(cfg.model.batch_norm, backend.world_size, device.type == "cuda")
     model = maybe_sync_bn(model, cfg.model.batch_norm == "sync" and backend.world_size > 1)
+    if restored is not None:
+        model.load_state_dict(restored["model"])
     data_cfg = model_data_config(model)
     size = cfg.data.image_size or data_cfg["input_size"][-1]
     transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=cfg.data.augment)
+    head = get_head(cfg.model.head, cfg.model.num_classes)
     steps = steps_per_epoch(cfg, info.num_train, backend.world_size)
-    optimizer = build_optimizer(cfg.optim, model)
-    scheduler = build_scheduler(cfg.optim, optimizer, steps, cfg.train.epochs)
     use_amp = cfg.train.amp and device.type == "cuda"
+    # The model goes to its device before the optimizer exists and its state is restored: torch
+    # moves optimizer state to each parameter's device when the state is loaded, and never again.
+    model = backend.prepare_model(model)
+    if use_amp and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optim, unwrap(model))
+    scheduler = build_scheduler(cfg.optim, optimizer, steps, cfg.train.epochs)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch = 0
+    start_epoch, history = 0, []
     if restored is not None:
-        model.load_state_dict(restored["model"])
         optimizer.load_state_dict(restored["optimizer"])
         scheduler.load_state_dict(restored["scheduler"])
         scaler.load_state_dict(restored["scaler"])
         start_epoch = restored["epoch"] + 1
-    model = backend.prepare_model(model)
-    if use_amp and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-
-    run = RunFiles(backend.run_dir)
+        history = [h for h in restored.get("history", []) if h["epoch"] < start_epoch]
     if is_main:
-        cfg.save(run.path("config.yaml"))
-        run.keep_epochs_before(start_epoch)
         if restored is not None:
             print(f"Resumed from the checkpoint of epoch {start_epoch - 1}")
         print(f"{info.num_train} training images, {steps} steps/epoch x {backend.world_size} "
@@ -304,7 +219,7 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
 
     rates = repeat_rates(info.train_counts, cfg.data.sampling)
     weights = class_weights(info.train_counts, cfg.model.num_classes) if cfg.optim.class_weighted_loss else None
-    loss_fn = loss_function(cfg.model.head, weights, cfg.optim.label_smoothing)
+    loss_fn = head.loss(weights, cfg.optim.label_smoothing)
     metrics: dict = {}
     for epoch in range(start_epoch, cfg.train.epochs):
         started = time.perf_counter()
@@ -314,31 +229,32 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
             encoding=info.encoding,
         )
         train_stats = train_one_epoch(
-            model, inject_failure(batches, cfg, epoch, rank, steps), transforms, loss_fn, optimizer,
-            scheduler, device, scaler, use_amp, cfg.train.channels_last, steps,
-            progress=cfg.train.progress and is_main, description=f"epoch {epoch}",
-            progress_bar=backend.progress_bar,
+            model, batches, transforms, loss_fn, optimizer, scheduler, device, scaler, use_amp,
+            cfg.train.channels_last, steps, progress=cfg.train.progress and is_main,
+            description=f"epoch {epoch}", progress_bar=backend.progress_bar,
         )
         totals = gather((train_stats["images_per_s"], train_stats["train_grade_counts"], peak_memory_mb()))
         train_stats["images_per_s"] = sum(t[0] for t in totals)
         train_stats["train_grade_counts"] = np.sum([t[1] for t in totals], axis=0).tolist()
         train_stats["peak_memory_mb"] = [round(t[2]) for t in totals]  # per worker
-        val_metrics, cut_points = validate(model, backend, transforms, loss_fn, cfg, info)
+        val_metrics, cut_points = validate(model, backend, transforms, head, loss_fn, cfg, info)
         metrics = {
             "epoch": epoch,
             **train_stats,
             **val_metrics,
             "lr": optimizer.param_groups[-1]["lr"],
             "epoch_seconds": time.perf_counter() - started,
-            "rank": rank,
         }
+        history.append(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint_dir = None
             if is_main:
-                checkpoint_dir = save_checkpoint(Path(tmp) / "checkpoint", model, optimizer, scheduler,
-                                                 scaler, cfg, epoch, metrics, cut_points)
-                history = run.append({k: v for k, v in metrics.items() if k != "rank"})
-                run.write_plots(history)
+                state = {
+                    "model": unwrap(model).state_dict(), "config": cfg.to_dict(), "cut_points": cut_points,
+                    "epoch": epoch, "metrics": metrics, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                }
+                checkpoint_dir = save_checkpoint(Path(tmp) / "checkpoint", state, cfg, history)
                 print(epoch_line(metrics))
             backend.report(metrics, checkpoint_dir, epoch)
     return metrics

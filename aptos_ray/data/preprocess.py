@@ -17,17 +17,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from aptos_ray.config import PrepareConfig
+from aptos_ray.errors import ImageError
 
 # PIL's own protection against decompression bombs stays on; fundus photographs are < 50 MP.
 BEN_GRAHAM_RADIUS = 0.9  # Ben Graham masked at 90% of the radius: hides the bright ring the filter leaves at the rim
 
 
-class ImageError(ValueError):
-    """An input image that cannot be used; ``reason`` is the short text shown in the quarantine."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
 
 
 def _to_rgb_mode(img: Image.Image) -> Image.Image:

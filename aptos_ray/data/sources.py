@@ -30,8 +30,9 @@ import numpy as np
 import pandas as pd
 
 from aptos_ray.config import PrepareConfig
-from aptos_ray.preprocess import ImageError, load_image, to_rgb_uint8
-from aptos_ray.records import GRADES, SPLITS
+from aptos_ray.data.format import GRADES, SPLITS
+from aptos_ray.data.preprocess import ImageError, load_image, to_rgb_uint8
+from aptos_ray.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 ID_COLUMNS = ("id_code", "id", "image", "image_id")  # Kaggle 2019, generic, Kaggle 2015
@@ -44,8 +45,6 @@ SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "
 NPZ_SPLITS = ("train", "val", "test")
 
 
-class DataError(Exception):
-    """The input cannot be prepared at all; the message names the file and the fix."""
 
 
 @dataclass

@@ -18,26 +18,27 @@ No Ray: pyarrow reads the Parquet files, local or remote (URIs through ``aptos_r
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-import uuid
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 from matplotlib.figure import Figure
 from PIL import Image
 
 from aptos_ray import storage
-from aptos_ray.records import GRADE_NAMES, GRADES, SPLITS, decode_batch, read_manifest
+from aptos_ray.data.card_figures import THUMB, grades_figure, grid_figure
+from aptos_ray.data.format import (
+    GRADE_NAMES,
+    GRADES,
+    SPLITS,
+    decode_batch,
+    read_manifest,
+    read_split,
+)
 
 CARD_DIR = "card"
 README = "README.md"
-THUMB = 112  # px per thumbnail in the image grids
 SAMPLES_PER_GRADE = 6
 EXTREMES = 8  # darkest and brightest photos listed (and shown)
 MAX_DUP_ROWS = 12  # near-duplicate groups drawn; the table lists more
@@ -50,36 +51,9 @@ def write_card(dataset_dir: str) -> Path | str:
     dataset = str(dataset_dir).rstrip("/")
     manifest = read_manifest(dataset)
     meta = read_rows(dataset, META_COLUMNS)
-    remote = storage.is_uri(dataset)
-    parent = Path(tempfile.mkdtemp(prefix="aptos-card-")) if remote else Path(dataset)
-    staging = parent / f".{CARD_DIR}.tmp-{uuid.uuid4().hex[:8]}"
-    staging.mkdir(parents=True)
-    try:
-        text = _render(dataset, manifest, meta, staging)
-        (staging / README).write_text(text)
-        if remote:
-            return _upload(staging, f"{dataset}/{CARD_DIR}")
-        return _replace_dir(staging, parent / CARD_DIR) / README
-    finally:
-        shutil.rmtree(parent if remote else staging, ignore_errors=True)
-
-
-def _replace_dir(new: Path, target: Path) -> Path:
-    # Readers see the old card or the new one, never half of one.
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    if target.exists():
-        os.rename(target, old)
-    os.rename(new, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
-
-
-def _upload(local: Path, uri: str) -> str:
-    fs, inner = storage.filesystem(uri)
-    fs.delete_dir_contents(inner, missing_dir_ok=True)  # no stale figures from an older card
-    fs.create_dir(inner, recursive=True)  # local filesystems (file://) need the folder first
-    storage.upload_dir(local, uri)
-    return f"{uri}/{README}"
+    with storage.publish_dir(storage.join(dataset, CARD_DIR)) as staging:
+        (staging / README).write_text(_render(dataset, manifest, meta, staging))
+    return storage.join(dataset, CARD_DIR, README) if storage.is_uri(dataset) else Path(dataset) / CARD_DIR / README
 
 
 # ---------------------------------------------------------------- reading
@@ -88,16 +62,7 @@ def _upload(local: Path, uri: str) -> str:
 def read_rows(dataset: str, columns: list[str], ids: list[str] | None = None) -> pa.Table:
     """Rows of every split (only ``ids`` when given), only ``columns``: images are read only for
     the few rows a figure shows."""
-    fs, root = storage.filesystem(dataset)
-    tables = []
-    for split in SPLITS:
-        path = f"{root.rstrip('/')}/{split}"
-        if fs.get_file_info(path).type != pafs.FileType.Directory:
-            continue
-        ds = pads.dataset(path, format="parquet", filesystem=fs)
-        wanted = [c for c in columns if c in ds.schema.names]
-        flt = pc.field("id").isin(ids) if ids is not None else None
-        tables.append(ds.to_table(columns=wanted, filter=flt))
+    tables = [t for t in (read_split(dataset, split, columns, ids) for split in SPLITS) if t.num_rows]
     if not tables:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
     return pa.concat_tables(tables, promote_options="default")
@@ -223,7 +188,7 @@ def _counts(manifest: dict) -> dict[str, list[int]]:
 
 def _grades_section(manifest: dict, cols: dict, out: Path) -> str:
     counts = _counts(manifest)
-    _grades_figure(counts, out / "grades.png")
+    grades_figure(counts, out / "grades.png")
     header = "| split | " + " | ".join(f"{g} {GRADE_NAMES[g]}" for g in GRADES) + " | total |"
     lines = ["## Grades per split", "", header, "|---" + "|---:" * (len(GRADES) + 1) + "|"]
     for s in SPLITS:
@@ -256,22 +221,6 @@ def _checks(manifest: dict, counts: dict[str, list[int]], cols: dict) -> str:
     return "\n".join(["Checks:", ""] + [f"- {'ok' if ok else '**MISMATCH**'}: {text}" for text, ok in checks])
 
 
-def _grades_figure(counts: dict[str, list[int]], path: Path) -> None:
-    fig = Figure(figsize=(7.5, 3.6))
-    ax = fig.subplots()
-    width = 0.8 / len(SPLITS)
-    x = np.arange(len(GRADES))
-    for k, s in enumerate(SPLITS):
-        bars = ax.bar(x + (k - (len(SPLITS) - 1) / 2) * width, counts[s], width, label=f"{s} ({sum(counts[s])})")
-        ax.bar_label(bars, fontsize=7)
-    ax.set_xticks(x, [f"{g}\n{GRADE_NAMES[g]}" for g in GRADES])
-    ax.set_ylabel("images")
-    ax.set_title("Grades per split")
-    ax.legend(frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
 # ---------------------------------------------------------------- sample images
 
 
@@ -283,14 +232,14 @@ def _samples_section(samples: list[str], images: dict, info: dict, out: Path) ->
     rows = [[images.get(i) for i in by_grade[g]] for g in GRADES]
     captions = [[i for i in by_grade[g]] for g in GRADES]
     labels = [f"{g} {GRADE_NAMES[g]}" for g in GRADES]
-    _grid_figure(rows, captions, labels, out / "samples_preprocessed.png", "After preprocessing (as stored)")
+    grid_figure(rows, captions, labels, out / "samples_preprocessed.png", "After preprocessing (as stored)")
     lines += ["After preprocessing, as training reads them:", "",
               "![after preprocessing](samples_preprocessed.png)", ""]
     originals = {i: load_original(info["source"].get(i, "")) for i in samples}
     available = sum(o is not None for o in originals.values())
     if available:
         rows = [[originals[i] for i in by_grade[g]] for g in GRADES]
-        _grid_figure(rows, captions, labels, out / "samples_original.png", "Original photographs")
+        grid_figure(rows, captions, labels, out / "samples_original.png", "Original photographs")
         lines += [f"The same images before preprocessing ({available} of {len(samples)} originals readable here):",
                   "", "![originals](samples_original.png)"]
     else:
@@ -298,51 +247,6 @@ def _samples_section(samples: list[str], images: dict, info: dict, out: Path) ->
         lines.append(f"Originals are not available: the `source` column does not name a readable local file "
                      f"here (e.g. `{example}`), so only the preprocessed images are shown.")
     return "\n".join(lines)
-
-
-def _thumb(img: np.ndarray | None) -> np.ndarray:
-    """Letterbox an image into a THUMB x THUMB tile; a grey tile when it is missing."""
-    tile = np.full((THUMB, THUMB, 3), 90 if img is None else 0, np.uint8)
-    if img is None:
-        return tile
-    h, w = img.shape[:2]
-    scale = THUMB / max(h, w)
-    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
-    small = np.asarray(Image.fromarray(img).resize((tw, th), Image.BILINEAR))
-    y, x = (THUMB - th) // 2, (THUMB - tw) // 2
-    tile[y:y + th, x:x + tw] = small
-    return tile
-
-
-def _grid_figure(rows: list[list[np.ndarray | None]], captions: list[list[str]], labels: list[str],
-                 path: Path, title: str, label_colors: list[str] | None = None) -> None:
-    """One mosaic image in one axes (fast: no subplot per thumbnail), captions under tiles."""
-    ncols = max(1, max((len(r) for r in rows), default=1))
-    gap = 22  # px under each tile for its caption
-    mosaic = np.full((len(rows) * (THUMB + gap), ncols * (THUMB + 4), 3), 255, np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            y, x = r * (THUMB + gap), c * (THUMB + 4)
-            mosaic[y:y + THUMB, x:x + THUMB] = _thumb(img)
-    dpi, left, top = 100, 1.1, 0.35  # margins in inches: row labels, title
-    w, h = mosaic.shape[1] / dpi, mosaic.shape[0] / dpi  # the mosaic at 1 image px per figure px
-    fig = Figure(figsize=(w + left, h + top), dpi=dpi)
-    ax = fig.add_axes((left / (w + left), 0, w / (w + left), h / (h + top)))
-    ax.imshow(mosaic, interpolation="nearest")
-    for r, row in enumerate(captions):
-        for c, text in enumerate(row):
-            ax.text(c * (THUMB + 4) + THUMB / 2, r * (THUMB + gap) + THUMB + 2, text, ha="center", va="top",
-                    fontsize=6)
-        if not rows[r]:
-            ax.text(4, r * (THUMB + gap) + THUMB / 2, "(none)", va="center", fontsize=8, color="grey")
-    ax.set_yticks([r * (THUMB + gap) + THUMB / 2 for r in range(len(rows))], labels, fontsize=8)
-    for tick, color in zip(ax.get_yticklabels(), label_colors or []):
-        tick.set_color(color)
-    ax.set_xticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    fig.suptitle(title, fontsize=10, x=0.5, y=1.0, va="top")
-    fig.savefig(path, dpi=dpi)
 
 
 # ---------------------------------------------------------------- sizes and brightness
@@ -423,7 +327,7 @@ def _brightness_section(manifest: dict, picks: dict, images: dict, info: dict, o
     dark, bright = picks["dark"], picks["bright"]
     rows = [[_original_or(images, info, i) for i in dark], [_original_or(images, info, i) for i in bright]]
     captions = [[f"{i}\n{brightness[i]:.0f}" for i in dark], [f"{i}\n{brightness[i]:.0f}" for i in bright]]
-    _grid_figure(rows, captions, ["darkest", "brightest"], out / "brightness_extremes.png",
+    grid_figure(rows, captions, ["darkest", "brightest"], out / "brightness_extremes.png",
                  "Darkest and brightest photographs (mean brightness)")
     lines += [f"The {len(dark)} darkest: {_id_list(dark, brightness)}", "",
               f"The {len(bright)} brightest: {_id_list(bright, brightness)}", "",
@@ -477,7 +381,7 @@ def _duplicates_section(manifest: dict, images: dict, info: dict, out: Path) -> 
     captions = [[f"{i}\ngrade {gr}" for i, gr in zip(g["ids"], g["grades"])][:SAMPLES_PER_GRADE] for g in shown]
     labels = [f"{'conflict' if g['conflicting'] else 'group'} {k + 1}" for k, g in enumerate(shown)]
     colors = ["tab:red" if g["conflicting"] else "black" for g in shown]
-    _grid_figure(rows, captions, labels, out / "duplicates.png", "Near-duplicate groups (conflicting grades first)",
+    grid_figure(rows, captions, labels, out / "duplicates.png", "Near-duplicate groups (conflicting grades first)",
                  colors)
     lines += ["![near-duplicates](duplicates.png)", "", "| group | ids | grades | splits | conflicting |",
               "|---:|---|---|---|---|"]

@@ -19,15 +19,22 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.experimental.tqdm_ray import tqdm as tqdm_ray
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
-from aptos_ray.local import TRAIN_COLUMNS
+from aptos_ray.data.format import TRAIN_COLUMNS
 from aptos_ray.ray_setup import init_ray
-from aptos_ray.loop import DatasetInfo, fit, load_checkpoint_state
+from aptos_ray.train.checkpoint import checkpoint_name, load_checkpoint_state
+from aptos_ray.train.loop import DatasetInfo, fit
 
 
 def load_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
@@ -53,7 +60,6 @@ class RayBackend:
         self.rank = context.get_world_rank()
         self.world_size = context.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.run_dir = storage.join(storage.absolute(cfg.train.output), cfg.train.name)
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_data = ray.train.get_dataset_shard("val")
 
@@ -84,7 +90,7 @@ class RayBackend:
     def report(self, metrics: dict, checkpoint_dir: Path | None, epoch: int) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(scalars, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
+        ray.train.report(scalars, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(epoch))
 
 
 def train_worker(loop_config: dict) -> None:
@@ -121,7 +127,7 @@ def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict, callbacks: lis
 
 
 def run_ray(cfg: Config, info: DatasetInfo):
-    """Fit with a TorchTrainer on the connected Ray cluster; returns Ray's Result."""
+    """Fit with a TorchTrainer on the connected Ray cluster; returns Ray's ``Result``, the run's record."""
     init_ray(cfg.scaling)
     trainer = build_trainer(cfg, info, load_datasets(cfg))
     return trainer.fit()

@@ -21,9 +21,10 @@ import torch
 
 from aptos_ray import storage
 from aptos_ray.config import Config, ConfigError
-from aptos_ray.models import grades_from_outputs
-from aptos_ray.predict import Grader, prepare_config, read_checkpoint
-from aptos_ray.records import GRADE_NAMES
+from aptos_ray.data.format import GRADE_NAMES
+from aptos_ray.errors import ExportError
+from aptos_ray.infer.checkpoint import prepare_config, read_checkpoint
+from aptos_ray.infer.grader import Grader
 
 OPSET = 17  # supported by the installed torch exporters and by onnxruntime >= 1.15
 TOLERANCE = 1e-4  # max |onnx - torch| / max(1, max |torch|)
@@ -31,8 +32,6 @@ PARITY_BATCHES = (1, 5)  # the graph is traced at batch 2: both differ from it
 INPUT_NAME, OUTPUT_NAME = "image", "outputs"
 
 
-class ExportError(RuntimeError):
-    """The exported model is missing or does not reproduce the PyTorch outputs."""
 
 
 def export_onnx(model: torch.nn.Module, size: int, path: Path) -> str:
@@ -81,8 +80,8 @@ def check_parity(grader: Grader, path: Path, seed: int = 0) -> dict:
                               f"at batch {batch}")
         diff = float((got - expected).abs().max()) / max(1.0, float(expected.abs().max()))
         worst = max(worst, diff)
-        same = torch.equal(grades_from_outputs(got, grader.head, grader.cut_points),
-                           grades_from_outputs(expected, grader.head, grader.cut_points))
+        same = torch.equal(grader.head.grades(got, grader.cut_points),
+                           grader.head.grades(expected, grader.cut_points))
         grades_equal = grades_equal and same
     result = {"max_abs_diff": worst, "tolerance": TOLERANCE, "batch_sizes": list(PARITY_BATCHES),
               "grades_equal": grades_equal, "onnxruntime": ort.__version__}
@@ -95,13 +94,7 @@ def check_parity(grader: Grader, path: Path, seed: int = 0) -> dict:
 def metadata(grader: Grader, checkpoint, exporter: str, parity: dict, prepare: dict, prepare_from: str) -> dict:
     """Everything a deployment needs to feed the model and read its output, without this package."""
     head = grader.head
-    if head == "classification":
-        decode = ("argmax of the 5 outputs" if grader.cut_points is None else
-                  "expected grade sum(softmax(outputs)_k * k), cut at cut_points")
-        output = {"name": OUTPUT_NAME, "shape": ["batch", 5], "meaning": "logits for grades 0-4"}
-    else:
-        decode = "outputs[:, 0] cut at cut_points (a score equal to a cut point takes the lower grade)"
-        output = {"name": OUTPUT_NAME, "shape": ["batch", 1], "meaning": "continuous grade score"}
+    output = {"name": OUTPUT_NAME, "shape": ["batch", head.num_outputs], "meaning": head.output_meaning}
     cfg = checkpoint.config
     return {
         "format": "onnx", "file": "model.onnx", "opset": OPSET, "exporter": exporter,
@@ -114,9 +107,10 @@ def metadata(grader: Grader, checkpoint, exporter: str, parity: dict, prepare: d
             "resize": "antialiased bilinear resize of the square prepared image to size x size",
             "fundus": {"from": prepare_from, **prepare,
                        "steps": "crop the black border, pad-resize to image_size square, Ben Graham (if set), "
-                                "circle mask (if set): aptos_ray.preprocess.preprocess"},
+                                "circle mask (if set): aptos_ray.data.preprocess.preprocess"},
         },
-        "head": head, "num_classes": cfg.model.num_classes, "cut_points": grader.cut_points, "decode": decode,
+        "head": head.name, "num_classes": cfg.model.num_classes, "cut_points": grader.cut_points,
+        "decode": head.decoding(grader.cut_points),
         "grade_names": list(GRADE_NAMES),
         "model": cfg.model.name, "checkpoint": checkpoint.path, "epoch": checkpoint.epoch,
         "val_metrics": {k: v for k, v in checkpoint.metrics.items()

@@ -4,7 +4,8 @@
       -> ray.data.from_items -> map_batches(decode, validate, preprocess, phash)   (Ray tasks)
       -> driver: tqdm over iter_batches, rows staged to one Parquet file, metadata kept
       -> near-duplicate groups (phash Hamming distance) -> seeded stratified splits
-      -> <output>.tmp-XXXX/{train,val,test}/part-*.parquet + manifest.json -> rename over <output>
+      -> .<output>.tmp-PID-XXXX/{train,val,test}/part-*.parquet + manifest.json -> rename over <output>
+         (storage.publish_dir; a URI output is built locally and uploaded)
 
 Images that fail to decode come back from the Ray tasks as quarantine rows, so the books always
 balance: ``num_inputs == num_written + num_quarantined``.
@@ -17,11 +18,8 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
-import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,15 +28,37 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
 from PIL import Image
+from ray.data import DataContext
 from tqdm import tqdm
 
 from aptos_ray import storage
 from aptos_ray.config import Config, ConfigError, PrepareConfig
+from aptos_ray.data.card import write_card
+from aptos_ray.data.format import (
+    GRADES,
+    MANIFEST,
+    SCHEMA,
+    SPLITS,
+    encode_image,
+    read_manifest,
+)
+from aptos_ray.data.preprocess import ImageError, preprocess
+from aptos_ray.data.sources import (
+    DataError,
+    check_grades,
+    read_image,
+    read_source,
+    reason_kind,
+)
+from aptos_ray.data.splits import (
+    assign_splits,
+    near_duplicate_groups,
+    phash_array,
+    stratified_subset,
+)
 from aptos_ray.ray_setup import init_ray
-from aptos_ray.preprocess import ImageError, preprocess
-from aptos_ray.records import GRADES, MANIFEST, SCHEMA, SPLITS, encode_image, read_manifest
-from aptos_ray.sources import DataError, check_grades, read_image, read_source, reason_kind
 
 FORMAT_VERSION = 1
 BATCH_SIZE = 32  # images per Ray task batch: ~6 MB of 256 px raw output, small enough to stream
@@ -93,23 +113,12 @@ def prepare(cfg: Config) -> Path | str:
     records = stratified_subset(src.records, p.limit, p.seed)
     init_ray(cfg.scaling)
 
-    remote = storage.is_uri(p.output)
-    local_out = Path(tempfile.mkdtemp(prefix="aptos-prepare-")) / "dataset" if remote else Path(p.output)
-    local_out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = local_out.with_name(f"{local_out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        manifest = build_dataset(records, src, p, tmp)
-        _replace_dir(tmp, local_out)
-        print(summary_table(manifest))
-        if remote:
-            storage.upload_dir(local_out, p.output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # only still there when something failed
-        if remote:
-            shutil.rmtree(local_out.parent, ignore_errors=True)
+    with storage.publish_dir(p.output) as out:
+        manifest = build_dataset(records, src, p, out)
+    print(summary_table(manifest))
     if p.card:
         _write_card(p.output, required=False)
-    return p.output if remote else local_out
+    return p.output if storage.is_uri(p.output) else Path(p.output)
 
 
 def _check_fractions(p: PrepareConfig) -> None:
@@ -134,17 +143,6 @@ def _check_output(output: str) -> None:
             f"{output}: exists and is not a prepared dataset (no {MANIFEST}); refusing to replace it. "
             f"Choose another --prepare.output or remove the folder"
         )
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Rename ``new`` over ``target``; the old dataset is removed only once the new one is in place."""
-    if target.exists():
-        old = target.with_name(f"{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, old)
-        os.rename(new, target)  # a crash between the two renames leaves both copies, never neither
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(new, target)
 
 
 # ---------------------------------------------------------------- Ray part
@@ -192,9 +190,6 @@ def _ray_items(records: list[dict]) -> list[dict]:
 
 def run_pipeline(records: list[dict], p: PrepareConfig, staging: Path) -> tuple[list[dict], list[dict]]:
     """Process every record with Ray Data; stage good rows to Parquet. -> (metadata rows, quarantine)."""
-    import ray
-    from ray.data import DataContext
-
     ctx = DataContext.get_current()
     old_bars = ctx.enable_progress_bars
     ctx.enable_progress_bars = False  # our tqdm bar counts images; Ray's per-operator bars would interleave
@@ -226,7 +221,7 @@ def _staged_schema() -> pa.Schema:
 
 def build_dataset(records: list[dict], src, p: PrepareConfig, out: Path) -> dict:
     """Write the complete dataset (Parquet per split + manifest) into ``out``; return the manifest."""
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
     staging = out / STAGING
     meta, decode_quarantine = run_pipeline(records, p, staging)
     quarantined = src.quarantined + decode_quarantine
@@ -340,152 +335,6 @@ def duplicates_report(meta, groups, cross, max_distance: int) -> dict:
     }
 
 
-# ---------------------------------------------------------------- near-duplicates and splits
-
-
-def phash_array(hexes: list[str]) -> np.ndarray:
-    """Hex hashes -> (n, words) uint64, 16 hex digits per word."""
-    words = max(1, len(hexes[0]) // 16) if hexes else 1
-    return np.array(
-        [[int(h[k * 16:(k + 1) * 16], 16) for k in range(words)] for h in hexes], dtype=np.uint64
-    ).reshape(len(hexes), words)
-
-
-def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise Hamming distances between (m, words) and (n, words) uint64 hashes -> (m, n)."""
-    return sum(np.bitwise_count(a[:, None, k] ^ b[None, :, k]).astype(np.int32) for k in range(a.shape[1]))
-
-
-def near_duplicate_groups(hashes: np.ndarray, max_distance: int) -> list[list[int]]:
-    """Groups (index lists, size >= 2, sorted) of hashes linked by Hamming distance <= max_distance.
-
-    All pairs are compared: n^2/2 XOR + popcount of 64-bit words in numpy (~1 s for 10k images
-    of 256-bit hashes, tens of seconds at 50k). That is exact and simpler than a BK-tree or
-    multi-index hashing, which only pay off at millions. Pairs are linked transitively (union-find).
-    """
-    hashes = hashes.reshape(len(hashes), -1)
-    n = len(hashes)
-    if n < 2 or max_distance < 0:
-        return []
-    uf = _UnionFind(n)
-    block = max(1, (1 << 22) // (n * hashes.shape[1]))  # rows per block: <= 4M word comparisons at once
-    for start in range(0, n, block):
-        stop = min(n, start + block)
-        rows, cols = np.nonzero(hamming(hashes[start:stop], hashes[start:]) <= max_distance)
-        for i, j in zip(rows + start, cols + start):
-            if i < j:
-                uf.union(int(i), int(j))
-    members = defaultdict(list)
-    for i in range(n):
-        members[uf.find(i)].append(i)
-    return sorted((m for m in members.values() if len(m) > 1), key=lambda m: m[0])
-
-
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]  # path halving
-            i = self.parent[i]
-        return i
-
-    def union(self, i: int, j: int) -> None:
-        ri, rj = self.find(i), self.find(j)
-        if ri != rj:
-            self.parent[max(ri, rj)] = min(ri, rj)
-
-
-def assign_splits(grades: np.ndarray, given: list[str | None], groups: list[list[int]],
-                  val_fraction: float, test_fraction: float, seed: int) -> tuple[list[str], list[list[int]]]:
-    """One split per row -> (splits, groups the input itself spread over several splits).
-
-    Given splits are honoured. A near-duplicate group is one unit: rows of a group without a
-    given split follow the group's (most common) given split, and groups with none are split
-    together, stratified by the group's most common grade, so a duplicate never straddles splits.
-    """
-    n = len(grades)
-    group_of = np.arange(n)
-    for members in groups:
-        group_of[members] = members[0]
-    units = defaultdict(list)
-    for i in range(n):
-        units[int(group_of[i])].append(i)
-    splits: list[str | None] = list(given)
-    cross, free = [], []
-    for members in units.values():
-        named = [given[i] for i in members if given[i]]
-        if named:
-            common = Counter(named).most_common()
-            target = sorted(common, key=lambda kv: (-kv[1], SPLITS.index(kv[0])))[0][0]
-            for i in members:
-                splits[i] = splits[i] or target
-            if len(set(named)) > 1:
-                cross.append(members)
-        else:
-            free.append(members)
-    labels = np.array([_unit_grade(grades[m]) for m in free], dtype=int)
-    for members, split in zip(free, split_units(labels, val_fraction, test_fraction, seed)):
-        for i in members:
-            splits[i] = split
-    return splits, cross
-
-
-def _unit_grade(grades: np.ndarray) -> int:
-    counts = np.bincount(grades, minlength=len(GRADES))
-    return int(np.flatnonzero(counts == counts.max())[-1])  # ties -> the higher, rarer grade
-
-
-def split_units(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> list[str]:
-    """Seeded split of units stratified by label: test first, then val out of the rest."""
-    out = np.array(["train"] * len(labels), dtype=object)
-    rest = np.arange(len(labels))
-    if test_fraction > 0:
-        rest, test = _stratified_take(rest, labels, test_fraction, seed)
-        out[test] = "test"
-    if val_fraction > 0:
-        rest, val = _stratified_take(rest, labels, val_fraction / (1 - test_fraction), seed + 1)
-        out[val] = "val"
-    return list(out)
-
-
-def _stratified_take(idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int,
-                     size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(kept, taken) with ``taken`` ~ fraction (or ``size``) of ``idx``, stratified by ``labels``.
-
-    sklearn refuses to stratify a label with a single member; those are pooled into one bucket
-    first, and if that still fails the take is a plain seeded random one.
-    """
-    from sklearn.model_selection import train_test_split
-
-    take = size if size is not None else fraction
-    if len(idx) < 2 or (size is not None and size <= 0) or (size is None and round(fraction * len(idx)) < 1):
-        return idx, idx[:0]
-    strata = labels[idx].copy()
-    counts = Counter(strata.tolist())
-    strata[np.isin(strata, [k for k, c in counts.items() if c < 2])] = -1
-    if np.count_nonzero(strata == -1) == 1:  # a pool of one is no better: join the largest stratum
-        strata[strata == -1] = counts.most_common(1)[0][0]
-    for stratify in (strata, None):
-        try:
-            kept, taken = train_test_split(idx, test_size=take, stratify=stratify, random_state=seed)
-            return np.sort(kept), np.sort(taken)
-        except ValueError:
-            continue
-    return idx, idx[:0]
-
-
-def stratified_subset(records: list[dict], limit: int, seed: int) -> list[dict]:
-    """``limit`` records stratified by (given split, grade), in input order; all when limit <= 0."""
-    if limit <= 0 or limit >= len(records):
-        return records
-    keys = [f"{r['split'] or ''}:{r['grade']}" for r in records]
-    codes = np.unique(keys, return_inverse=True)[1]
-    _, taken = _stratified_take(np.arange(len(records)), codes, 0.0, seed, size=limit)
-    return [records[i] for i in taken]
-
-
 # ---------------------------------------------------------------- report and card
 
 
@@ -510,13 +359,6 @@ def _top_reasons(quarantined: list[dict], k: int = 3) -> str:
 
 
 def _write_card(dataset: str, required: bool) -> None:
-    try:
-        from aptos_ray.card import write_card
-    except ImportError as e:
-        if required:
-            raise DataError(f"cannot write the data card: aptos_ray.card is not available ({e})") from None
-        print(f"note: no data card written (aptos_ray.card not available: {e})", file=sys.stderr)
-        return
     try:
         write_card(dataset)
     except Exception as e:  # the dataset is complete and in place; a failed card must not hide that

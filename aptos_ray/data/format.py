@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 from PIL import Image
 
+from aptos_ray import storage
 from aptos_ray.errors import MissingFileError
 
 SPLITS = ("train", "val", "test")
 GRADES = (0, 1, 2, 3, 4)
 GRADE_NAMES = ("No DR", "Mild", "Moderate", "Severe", "Proliferative")
 MANIFEST = "manifest.json"
+TRAIN_COLUMNS = ["id", "grade", "image", "height", "width"]  # what training and predict read
 
 SCHEMA = pa.schema(
     [
@@ -77,13 +82,32 @@ def decode_batch(batch: dict, encoding: str = "raw") -> np.ndarray:
 
 def read_manifest(dataset: str) -> dict:
     """Read ``manifest.json`` of a prepared dataset (local path or URI)."""
-    from aptos_ray.storage import open_input
-
     try:
-        with open_input(f"{dataset.rstrip('/')}/{MANIFEST}") as f:
+        with storage.open_input(f"{dataset.rstrip('/')}/{MANIFEST}") as f:
             return json.loads(f.read())
     except FileNotFoundError:
         raise MissingFileError(
             f"{dataset}: no {MANIFEST}; is this a prepared dataset? Run `python jobs/prepare.py "
             f"--prepare.input=<raw data> --prepare.output={dataset}` first."
         ) from None
+
+
+def read_split(dataset: str, split: str, columns: list[str] = TRAIN_COLUMNS, ids: list[str] | None = None) -> pa.Table:
+    """One split of a prepared dataset as an Arrow table (local path or URI): only ``columns`` the
+    split has, and only the rows of ``ids`` when given (images are large: read only what is shown)."""
+    fs, inner = storage.filesystem(storage.join(dataset, split))
+    if fs.get_file_info(inner).type.name == "NotFound":
+        return pa.table({c: pa.array([], type=pa.string()) for c in columns})
+    ds = pads.dataset(inner, filesystem=fs, format="parquet")
+    wanted = [c for c in columns if c in ds.schema.names]
+    return ds.to_table(columns=wanted, filter=pc.field("id").isin(ids) if ids is not None else None)
+
+
+def table_batches(table: pa.Table, batch_size: int, order: np.ndarray | None = None) -> Iterator[dict]:
+    """Numpy row batches, like Ray Data's ``iter_batches(batch_format="numpy")``."""
+    if order is None:
+        order = np.arange(table.num_rows)
+    for start in range(0, len(order), batch_size):
+        chunk = table.take(pa.array(order[start : start + batch_size]))
+        yield {name: np.asarray(chunk.column(name).to_pylist(), dtype=object if name in ("id", "image") else None)
+               for name in chunk.column_names}

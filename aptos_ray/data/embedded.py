@@ -1,0 +1,39 @@
+"""The embedded default: with no dataset at ``data.dataset``, the synthetic fundus set is generated and
+prepared on first use, so every job runs on a fresh checkout with no data."""
+
+from __future__ import annotations
+
+from aptos_ray import storage
+from aptos_ray.config import Config
+from aptos_ray.data.format import MANIFEST, read_manifest
+from aptos_ray.errors import MissingFileError
+
+
+def uses_embedded_default(cfg: Config) -> bool:
+    """True when the config trains on the synthetic dataset that it also knows how to build."""
+    return cfg.prepare.input == cfg.synthetic.output and cfg.prepare.output == cfg.data.dataset
+
+
+def ensure_dataset(cfg: Config) -> dict:
+    """The prepared dataset's manifest; the embedded default is generated on first use."""
+    manifest_path = storage.join(cfg.data.dataset, MANIFEST)
+    if not storage.exists(manifest_path):
+        if not uses_embedded_default(cfg):
+            raise MissingFileError(
+                f"{manifest_path} not found: prepare the dataset first, e.g. `python jobs/prepare.py "
+                f"--prepare.input=<raw data> --prepare.output={cfg.data.dataset}`"
+            )
+        build_default_dataset(cfg)
+    return read_manifest(cfg.data.dataset)
+
+
+def build_default_dataset(cfg: Config) -> None:
+    """Synthetic fundus photos -> prepared dataset (about a minute for the default 600 images)."""
+    # Imported here: prepare pulls in Ray Data, which a run on an existing dataset never needs.
+    from aptos_ray.data.prepare import prepare
+    from aptos_ray.data.synthetic import generate
+
+    print(f"No dataset at {cfg.data.dataset}: generating the embedded synthetic default "
+          f"({cfg.synthetic.num_images} images) and preparing it.")
+    generate(cfg.synthetic)
+    prepare(cfg)

@@ -1,0 +1,98 @@
+"""A predict output folder: submission.csv (Kaggle format), predictions.parquet, unreadable.csv,
+predict.json, and, with labels, the evaluation report (``infer.report``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from aptos_ray import storage
+from aptos_ray.errors import MissingFileError
+from aptos_ray.infer.grader import PROB_COLUMNS
+from aptos_ray.infer.inputs import Inputs
+from aptos_ray.metrics import NUM_GRADES
+
+UNREADABLE_COLUMNS = ["id", "source", "reason"]
+SHOW_UNREADABLE = 50  # printed lines; the CSV always has all of them
+REPORT_FILES = ("metrics.json", "report.md", "report.html")
+FIGURES = {"confusion": "confusion_matrix.png", "roc": "roc_referable.png", "grades": "grade_distribution.png"}
+
+
+def split_results(rows: pd.DataFrame, inputs: Inputs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(predictions in input order, unreadable rows: found on the driver + failed to decode)."""
+    if rows.empty:
+        rows = pd.DataFrame({"id": [], "reason": []})
+    failed = rows[rows["reason"].astype(str) != ""]
+    unreadable = pd.concat([pd.DataFrame(inputs.unreadable, columns=UNREADABLE_COLUMNS),
+                            failed.reindex(columns=UNREADABLE_COLUMNS).fillna("")], ignore_index=True)
+    good = rows[rows["reason"].astype(str) == ""]
+    order = ["order"] if "order" in good else ["id"]  # prepared splits have no input order: by id
+    good = good.sort_values(order, kind="stable").reset_index(drop=True)
+    keep = ["id", "grade", "predicted", "score", *[c for c in ("p_referable", *PROB_COLUMNS) if c in good], *(
+        ["source"] if "source" in good else [])]
+    predictions = good[keep].copy()
+    predictions["id"] = predictions["id"].astype(str)
+    predictions["grade"] = predictions["grade"].astype(np.int64)
+    predictions["predicted"] = predictions["predicted"].astype(np.int64)
+    return predictions, unreadable.astype(str)
+
+
+def write_outputs(output: str, predictions: pd.DataFrame, unreadable: pd.DataFrame, meta: dict) -> dict:
+    """submission.csv, predictions.parquet, unreadable.csv, predict.json; returns the summary."""
+    if len(predictions) + len(unreadable) != meta["num_inputs"]:  # a bug, never a data problem
+        raise RuntimeError(f"predict lost rows: {meta['num_inputs']} inputs != {len(predictions)} predicted "
+                           f"+ {len(unreadable)} unreadable")
+    submission = pd.DataFrame({"id_code": predictions["id"], "diagnosis": predictions["predicted"]})
+    storage.write_text(storage.join(output, "submission.csv"), submission.to_csv(index=False))
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(predictions, preserve_index=False), buf)
+    storage.write_bytes(storage.join(output, "predictions.parquet"), buf.getvalue())
+    storage.write_text(storage.join(output, "unreadable.csv"), unreadable.to_csv(index=False))
+    remove_stale_report(output)
+    summary = {
+        **meta,
+        "num_predicted": int(len(predictions)),
+        "num_unreadable": int(len(unreadable)),
+        "num_labelled": int((predictions["grade"] >= 0).sum()),
+        "predicted_grade_counts": {str(g): int((predictions["predicted"] == g).sum()) for g in range(NUM_GRADES)},
+    }
+    storage.write_text(storage.join(output, "predict.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def remove_stale_report(output: str) -> None:
+    """A report left by an earlier run in the same folder must not pass for this run's."""
+    for name in (*REPORT_FILES, *FIGURES.values()):
+        fs, inner = storage.filesystem(storage.join(output, name))
+        if fs.get_file_info(inner).type.name == "File":
+            fs.delete_file(inner)
+
+
+def print_summary(summary: dict, unreadable: pd.DataFrame, output: str) -> None:
+    print(f"predicted {summary['num_predicted']} of {summary['num_inputs']} images in {summary['seconds']:.1f}s "
+          f"({summary['images_per_s']:.1f} img/s); grades {summary['predicted_grade_counts']}")
+    if len(unreadable):
+        print(f"{len(unreadable)} unreadable inputs (not predicted, listed in {storage.join(output, 'unreadable.csv')}):")
+        for row in unreadable.head(SHOW_UNREADABLE).itertuples():
+            print(f"  {row.id}: {row.reason}")
+        if len(unreadable) > SHOW_UNREADABLE:
+            print(f"  ... and {len(unreadable) - SHOW_UNREADABLE} more")
+    print(f"wrote {storage.join(output, 'submission.csv')} and predictions.parquet")
+
+
+def read_predictions(output: str) -> pd.DataFrame:
+    """``predictions.parquet`` of a predict output folder."""
+    path = storage.join(output, "predictions.parquet")
+    try:
+        with storage.open_input(path) as f:
+            return pq.read_table(pa.BufferReader(f.read())).to_pandas()
+    except FileNotFoundError:
+        raise MissingFileError(
+            f"{path}: not found; run `python jobs/predict.py --predict.output={output} ...` first"
+        ) from None

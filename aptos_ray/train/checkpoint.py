@@ -1,0 +1,171 @@
+"""A run directory: its checkpoints, its record, and the files the driver writes from the record.
+
+    <train.output>/<train.name>/
+        config.yaml                     the driver, at start
+        checkpoint_epoch_NNNN/          one per reported epoch, the best ``train.keep_checkpoints``
+            model.pt                    (by validation QWK) and the latest kept: Ray Train's storage
+            config.yaml                 in Ray runs, the local backend in --local runs (written aside
+            history.json                and renamed into place), the same files either way
+        checkpoint_manager_snapshot.json  Ray runs: Ray Train's own record of the kept checkpoints
+        metrics.jsonl, summary.json, plots/   the driver (train, or tune for its trials), after fit
+
+One owner per file. The workers write nothing but checkpoints, and every checkpoint carries the
+history of every epoch up to its own (``history.json``), so a run's record is simply its latest
+registered checkpoint: Ray Train's ``Result`` names it in Ray runs, the checkpoint folders in local
+runs. Nothing is rewritten afterwards, and a resumed run continues the history it restored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aptos_ray import plots, storage
+from aptos_ray.config import Config
+from aptos_ray.errors import CorruptCheckpointError, MissingFileError
+
+CHECKPOINT_FILE = "model.pt"
+HISTORY_FILE = "history.json"
+CHECKPOINT_DIR = re.compile(r"checkpoint_epoch_(\d+)$")
+
+
+def checkpoint_name(epoch: int) -> str:
+    return f"checkpoint_epoch_{epoch:04d}"
+
+
+def best_key(metrics: dict) -> tuple:
+    """The one rule for "best": highest validation QWK, NaN lowest, and of equal scores the later
+    epoch, as Ray Train's checkpoint manager orders them (it keeps what this calls best)."""
+    qwk = metrics.get("val_qwk", float("nan"))
+    valid = qwk is not None and not math.isnan(qwk)
+    return (valid, qwk if valid else 0.0, metrics.get("epoch", -1))
+
+
+def best_of(history: list[dict]) -> dict:
+    return max(history, key=best_key)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def save_checkpoint(directory: Path, state: dict, cfg: Config, history: list[dict]) -> Path:
+    """model.pt (loadable with ``torch.load(weights_only=True)``), config.yaml and history.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state, directory / CHECKPOINT_FILE)
+    cfg.save(directory / "config.yaml")
+    (directory / HISTORY_FILE).write_text(json.dumps(history))
+    return directory
+
+
+def load_checkpoint_state(directory: str | Path) -> dict:
+    """A checkpoint's state; one that does not load is a ``CorruptCheckpointError`` naming the file."""
+    path = Path(directory) / CHECKPOINT_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: not found") from None
+    except Exception as e:  # truncated, zero bytes, not a zip, pickled code: all unusable alike
+        raise CorruptCheckpointError(f"{path}: not a valid checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CorruptCheckpointError(f"{path}: not a training checkpoint (no model weights in it)")
+    history = Path(directory) / HISTORY_FILE
+    state["history"] = json.loads(history.read_text()) if history.is_file() else []
+    return state
+
+
+
+
+def read_history(checkpoint_dir: str) -> list[dict]:
+    return json.loads(storage.read_text(storage.join(checkpoint_dir, HISTORY_FILE)))
+
+
+def checkpoint_folders(run_dir: str) -> dict[int, str]:
+    """{epoch: folder} of the complete checkpoints in a local run directory (model.pt and history)."""
+    found = {}
+    for path in Path(run_dir).glob("checkpoint_epoch_*"):
+        match = CHECKPOINT_DIR.fullmatch(path.name)
+        if match and (path / CHECKPOINT_FILE).is_file() and (path / HISTORY_FILE).is_file():
+            found[int(match.group(1))] = str(path)
+    return found
+
+
+# --- the record and the driver's files ------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """What a run has to show: the history of its epochs and its kept checkpoints by epoch."""
+
+    run_dir: str
+    history: list[dict]
+    checkpoints: dict[int, str]
+
+    @property
+    def best(self) -> dict:
+        return best_of(self.history)
+
+    def best_checkpoint(self) -> str:
+        """The best epoch's checkpoint; it is always kept, since pruning ranks by the same rule."""
+        epoch = self.best["epoch"]
+        if epoch not in self.checkpoints:
+            raise MissingFileError(f"{self.run_dir}: the best epoch {epoch} has no kept checkpoint")
+        return self.checkpoints[epoch]
+
+
+def record_from_result(result, run_dir: str) -> RunRecord:
+    """The record of a Ray Train run, from its ``Result``: kept checkpoints and the latest one's history."""
+    if result.checkpoint is None:
+        return RunRecord(run_dir, [], {})
+    kept = {int(metrics["epoch"]): storage.join(run_dir, Path(checkpoint.path).name)
+            for checkpoint, metrics in result.best_checkpoints}
+    latest = storage.join(run_dir, Path(result.checkpoint.path).name)
+    kept[int(result.metrics["epoch"])] = latest
+    return RunRecord(run_dir, read_history(latest), kept)
+
+
+def record_from_folders(run_dir: str) -> RunRecord:
+    """The record of a local run: its complete checkpoint folders and the latest one's history."""
+    kept = checkpoint_folders(run_dir)
+    history = read_history(kept[max(kept)]) if kept else []
+    return RunRecord(run_dir, history, kept)
+
+
+def write_run_files(record: RunRecord, seconds: float) -> dict:
+    """metrics.jsonl, plots/ and summary.json of a run, from its record; returns the summary."""
+    if not record.history:
+        raise RuntimeError(f"{record.run_dir}: no epoch finished")
+    run_dir, history, best, last = record.run_dir, record.history, record.best, record.history[-1]
+    storage.write_text(storage.join(run_dir, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
+    storage.write_bytes(storage.join(run_dir, "plots", "learning_curves.png"), plots.learning_curves(history))
+    if "val_confusion" in best:
+        storage.write_bytes(storage.join(run_dir, "plots", "confusion_best.png"),
+                            plots.confusion_matrix(best["val_confusion"], f"Validation, best epoch {best['epoch']}"))
+    summary = {
+        "run_dir": run_dir,
+        "epochs": len(history),
+        "best_epoch": best["epoch"],
+        "best_val_qwk": best["val_qwk"],
+        "best_val_acc": best["val_acc"],
+        "best_val_kappa": best["val_kappa"],
+        "best_checkpoint": record.best_checkpoint(),
+        "last_checkpoint": record.checkpoints.get(last["epoch"], ""),
+        "last_val_qwk": last["val_qwk"],
+        "wall_seconds": round(seconds, 1),
+    }
+    storage.write_text(storage.join(run_dir, "summary.json"), json.dumps(summary, indent=2))
+    return summary
+
+
+def summary_text(s: dict) -> str:
+    return (
+        f"\nDone: {s['epochs']} epochs in {s['wall_seconds']:.0f}s\n"
+        f"  best validation QWK {s['best_val_qwk']:.4f} (acc {s['best_val_acc']:.3f}, "
+        f"kappa {s['best_val_kappa']:.3f}) at epoch {s['best_epoch']}\n"
+        f"  best checkpoint: {s['best_checkpoint']}\n"
+        f"  plots: {storage.join(s['run_dir'], 'plots')}\n"
+    )
