@@ -149,3 +149,36 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, weight: float = 0.55) -> np.
     frame = image.max(axis=2) < 10
     blended[frame] = image[frame]
     return blended
+
+
+# --------------------------------------------------------------------------- files
+
+
+def write_explanations(output: str, selection: pd.DataFrame, images: np.ndarray, heatmaps: np.ndarray) -> pd.DataFrame:
+    """``<output>/explain/<group>_<id>.png`` overlays and ``explain/index.csv``; returns the index.
+
+    ``images[i]`` and ``heatmaps[i]`` belong to ``selection.iloc[i]`` (the preprocessed image the
+    model saw, and its heatmap at the same size).
+    """
+    import io
+
+    from PIL import Image
+
+    from aptos_ray import storage
+
+    rows = []
+    for i, row in enumerate(selection.itertuples(index=False)):
+        name = f"explain/{row.group}_{safe_name(str(row.id))}.png"
+        buf = io.BytesIO()
+        Image.fromarray(overlay(images[i], heatmaps[i])).save(buf, format="PNG", optimize=True)
+        storage.write_bytes(storage.join(output, name), buf.getvalue())
+        rows.append({"id": str(row.id), "group": row.group, "grade": int(row.grade), "predicted": int(row.predicted),
+                     "score": float(row.score), "gradable": bool(getattr(row, "gradable", True)), "file": name})
+    index = pd.DataFrame(rows, columns=EXPLAIN_COLUMNS)
+    storage.write_text(storage.join(output, "explain", "index.csv"), index.to_csv(index=False))
+    return index
+
+
+def safe_name(text: str) -> str:
+    """An id as a file name: letters, digits, '-', '_' and '.' kept, anything else '_'."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:120] or "image"
