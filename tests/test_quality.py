@@ -11,7 +11,7 @@ from PIL import Image
 
 from aptos_ray.infer.quality import (DEGRADATIONS, QUALITY_COLUMNS, REASONS, Thresholds, assess, assess_many,
                                      degrade, verdict)
-from aptos_ray.synthetic import render_fundus
+from aptos_ray.data.synthetic import render_fundus
 
 EXPECTED = {kind: reason for kind, reason in DEGRADATIONS.items() if reason is not None}
 

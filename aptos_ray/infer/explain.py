@@ -113,9 +113,9 @@ class Explainer:
     def targets(self, images: np.ndarray) -> list:
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-        if self.grader.head == "regression":
-            return [ClassifierOutputTarget(0)] * len(images)  # the grade score itself
-        predicted = self.grader(images)["predicted"]
+        if not self.grader.head.has_probabilities:
+            return [ClassifierOutputTarget(0)] * len(images)  # one output: the grade score itself
+        predicted = self.grader(images)["predicted"]  # one logit per grade: the predicted grade's
         return [ClassifierOutputTarget(int(g)) for g in predicted]
 
     def heatmaps(self, images: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 ANALYSIS_SIZE = 224  # px: the fundus is measured at this size (the shared APTOS folder's scale)
+MAX_SIDE = 1024  # px: larger photographs are shrunk first (a 3000 px photograph costs 20x more to segment)
 SATURATED_LUMINANCE = 240
 GRADABLE = ""  # the reason of a gradable image
 
@@ -165,10 +166,18 @@ def sharpness(grey: np.ndarray, mask: np.ndarray) -> float:
     return float(laplacian[inner].var())
 
 
-def assess(rgb: np.ndarray, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Quality:
-    """The quality verdict on one uint8 RGB photograph (H, W, 3), as it came from the camera."""
+def assess(rgb: np.ndarray, thresholds: Thresholds = DEFAULT_THRESHOLDS, scale: float = 1.0) -> Quality:
+    """The quality verdict on one uint8 RGB photograph (H, W, 3), as it came from the camera.
+
+    ``scale``: original pixels per pixel of ``rgb``, for an image that was resized before (a
+    prepared dataset's): the diameter is reported in the original photograph's pixels.
+    """
     grey = luminance(rgb)
     h, w = grey.shape
+    if max(h, w) > MAX_SIDE:
+        shrink = MAX_SIDE / max(h, w)
+        grey = cv2.resize(grey, (max(1, round(w * shrink)), max(1, round(h * shrink))), interpolation=cv2.INTER_AREA)
+        scale, (h, w) = scale / shrink, grey.shape
     mask = fundus_mask(grey)
     fraction = float(mask.mean())
     nan = float("nan")
@@ -181,10 +190,10 @@ def assess(rgb: np.ndarray, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Qual
     saturated = float((pixels >= SATURATED_LUMINANCE).mean())
     disc = fit_disc(mask)
     if disc is None:
-        diameter, coverage = float(max(h, w)), 0.0  # no free outline: the edge of the disc is not in view
+        diameter, coverage = float(max(h, w)) * scale, 0.0  # no free outline: the edge of the disc is not in view
     else:
         radius = disc[2]
-        diameter = 2 * radius
+        diameter = 2 * radius * scale
         coverage = float(min(1.0, mask.sum() / (np.pi * radius**2)))
     sharp = sharpness(grey, mask) if fraction >= thresholds.min_fundus_fraction else nan
     reason = verdict(fraction, diameter, coverage, brightness, saturated, sharp, thresholds)
@@ -211,13 +220,21 @@ def verdict(fraction: float, diameter: float, coverage: float, brightness: float
     return GRADABLE
 
 
-def assess_many(images, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict[str, np.ndarray]:
-    """QUALITY_COLUMNS for a list of RGB photographs (``None`` for one that could not be read)."""
-    rows = [assess(img, thresholds).columns() if img is not None else None for img in images]
-    empty = Quality(False, "", *[float("nan")] * 6).columns()
-    rows = [r if r is not None else empty for r in rows]
+def not_assessed(gradable: bool = False) -> Quality:
+    """The quality of a row without a verdict: an unreadable file, or a filtered prepared image."""
+    return Quality(gradable, "", *[float("nan")] * 6)
+
+
+def as_columns(qualities: list[Quality]) -> dict[str, np.ndarray]:
+    """QUALITY_COLUMNS as numpy arrays (a Ray Data batch's columns)."""
+    rows = [q.columns() for q in qualities]
     return {c: np.array([r[c] for r in rows], dtype=bool if c == "gradable" else object if c == "quality_reason"
                         else np.float64) for c in QUALITY_COLUMNS}
+
+
+def assess_many(images, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict[str, np.ndarray]:
+    """QUALITY_COLUMNS for a list of RGB photographs (``None`` for one that could not be read)."""
+    return as_columns([assess(img, thresholds) if img is not None else not_assessed() for img in images])
 
 
 # --------------------------------------------------------------------------- known degradations
