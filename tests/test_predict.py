@@ -366,6 +366,7 @@ def test_quality_verdicts_and_explanations_end_to_end(run, aptos_dir, ray_sessio
     index = pd.read_csv(out / "explain" / "index.csv", dtype={"id": str})
     assert set(index["group"]) <= {"confident_referable", "uncertain", "miss"} and len(index) == summary["explain"]["images"]
     assert (index.groupby("group").size() <= 2).all() and (index["group"] == "uncertain").sum() == 2
+    assert summary["explain"]["same_grade_as_prediction"] == 1.0  # the explained model is the one that predicted
     for f in index["file"]:
         assert Image.open(out / f).size == (256, 256)  # the image as preprocessed for prediction
     metrics = json.loads((out / "metrics.json").read_text())

@@ -123,7 +123,11 @@ def write_explain(output: str, predictions: pd.DataFrame, n: int, grader, load_p
     explainer = Explainer(grader)
     heatmaps = np.concatenate([explainer.heatmaps(batch[i : i + 16]) for i in range(0, len(batch), 16)])
     index = write_explanations(output, chosen, batch, heatmaps)
-    return {"n": n, "images": int(len(index)), "index": "explain/index.csv",
+    # The same model on the same pixels must give the same grade as the prediction pass (with TTA
+    # the pass averaged more views, so it may differ there).
+    regraded = grader(batch)["predicted"]
+    same = float(np.mean(regraded == chosen["predicted"].to_numpy()))
+    return {"n": n, "images": int(len(index)), "index": "explain/index.csv", "same_grade_as_prediction": same,
             "groups": {g: int((index["group"] == g).sum()) for g in GROUPS},
             "method": "Grad-CAM (grad-cam package) on the last convolutional feature map; regression: the "
                       "grade score, classification: the predicted grade's logit; one view, no TTA"}
