@@ -104,3 +104,16 @@ def test_assess_many_columns(real_photos):
     assert cols["gradable"].tolist() == [True, False, False]
     assert cols["quality_reason"].tolist() == ["", "", "out of focus"]
     assert np.isnan(cols["quality_sharpness"][1]) and cols["quality_sharpness"][0] > 50
+
+
+def test_large_and_resized_photographs_are_judged_in_original_pixels(real_photos):
+    import cv2
+
+    photo = real_photos[2]
+    small = assess(photo)
+    big = assess(cv2.resize(photo, (1120, 1120), interpolation=cv2.INTER_CUBIC))  # shrunk to 1024 inside
+    assert big.gradable and small.gradable
+    assert big.diameter == pytest.approx(5 * small.diameter, rel=0.05)
+    assert big.coverage == pytest.approx(small.coverage, abs=0.05)
+    # A prepared (resized) image reports the diameter of the photograph it came from.
+    assert assess(photo, scale=3.0).diameter == pytest.approx(3 * small.diameter)
