@@ -17,10 +17,11 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aptos_ray.data.preprocess import preprocess  # noqa: E402
+from aptos_ray.data.synthetic import render_fundus  # noqa: E402
+from aptos_ray.infer.checkpoint import prepare_config, read_checkpoint  # noqa: E402
 from aptos_ray.infer.explain import Explainer, overlay  # noqa: E402
-from aptos_ray.predict import Grader, prepare_config, read_checkpoint  # noqa: E402
-from aptos_ray.preprocess import preprocess  # noqa: E402
-from aptos_ray.synthetic import render_fundus  # noqa: E402
+from aptos_ray.infer.grader import Grader  # noqa: E402
 
 
 def main() -> None:
