@@ -117,3 +117,12 @@ def test_large_and_resized_photographs_are_judged_in_original_pixels(real_photos
     assert big.coverage == pytest.approx(small.coverage, abs=0.05)
     # A prepared (resized) image reports the diameter of the photograph it came from.
     assert assess(photo, scale=3.0).diameter == pytest.approx(3 * small.diameter)
+
+
+def test_small_prepared_images_are_not_called_blurred(real_photos):
+    """A 128 px prepared copy of a sharp photograph: judged at its own size, never enlarged."""
+    import cv2
+
+    small = [cv2.resize(p, (128, 128), interpolation=cv2.INTER_AREA) for p in real_photos]
+    counts = collections.Counter(assess(img, scale=224 / 128).reason for img in small)
+    assert counts[""] >= len(small) - 1, counts

@@ -147,18 +147,19 @@ def fit_disc(mask: np.ndarray) -> tuple[float, float, float] | None:
 def sharpness(grey: np.ndarray, mask: np.ndarray) -> float:
     """Variance of the Laplacian inside the fundus, at ANALYSIS_SIZE px across the fundus.
 
-    The fundus box is resized to a fixed size first: the Laplacian of one photograph at two
+    A larger fundus box is shrunk to that size first: the Laplacian of one photograph at two
     resolutions differs by orders of magnitude. The mask is eroded so the rim (the strongest edge
     in any fundus photograph, sharp even when the retina is blurred) does not count.
     """
     ys, xs = np.nonzero(mask)
     box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
     crop, crop_mask = grey[box], mask[box].astype(np.uint8)
-    scale = ANALYSIS_SIZE / max(crop.shape)
-    size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
-    interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-    crop = cv2.resize(crop, size, interpolation=interpolation)
-    crop_mask = cv2.resize(crop_mask, size, interpolation=cv2.INTER_NEAREST)
+    # Shrink only: enlarging a small image (a 128 px prepared one) would blur it and read as out of focus.
+    scale = min(1.0, ANALYSIS_SIZE / max(crop.shape))
+    if scale < 1:
+        size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
+        crop = cv2.resize(crop, size, interpolation=cv2.INTER_AREA)
+        crop_mask = cv2.resize(crop_mask, size, interpolation=cv2.INTER_NEAREST)
     inner = cv2.erode(crop_mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (15, 15))).astype(bool)
     if inner.sum() < 100:
         return float("nan")
