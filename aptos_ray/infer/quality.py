@@ -14,8 +14,9 @@ and masks it) and turns them into a verdict with fixed, documented thresholds:
     brightness    median luminance (0-255) inside the fundus
     saturated     share of fundus pixels at luminance >= 240 (blown out)
     sharpness     variance of the Laplacian of the luminance inside the fundus (its rim excluded),
-                  measured at one analysis scale (fundus resized to ANALYSIS_SIZE px) so that the
-                  photograph's own resolution does not change it
+                  measured at one analysis scale (a larger fundus shrunk to ANALYSIS_SIZE px) so that
+                  the photograph's own resolution does not change it; a smaller one (a 128 px
+                  prepared split) is measured as it is, where blur that shrinking hid cannot be seen
 
 Reasons, checked in this order (the first that applies is reported): fundus not found, too dark,
 overexposed, too small, fundus cut off, out of focus. Thresholds were chosen on the shared APTOS
