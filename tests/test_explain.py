@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from aptos_ray.config import Config, ModelConfig
-from aptos_ray.infer.explain import GROUPS, Explainer, last_conv_layer, overlay, select, write_explanations
-from aptos_ray.model.factory import create_model
 from aptos_ray.infer.checkpoint import Checkpoint
+from aptos_ray.infer.explain import GROUPS, Explainer, last_conv_layer, overlay, select, write_explanations
 from aptos_ray.infer.grader import Grader
+from aptos_ray.model.factory import create_model
 
 SIZE = 64
 
