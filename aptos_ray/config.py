@@ -164,6 +164,7 @@ class PredictConfig:
     tta: int = 0  # extra flipped views averaged per image
     batch_size: int = 64
     num_actors: int = 2
+    explain: int = 0  # Grad-CAM overlays of the N most confident referable, N most uncertain, N worst misses
 
 
 @dataclass

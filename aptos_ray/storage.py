@@ -47,6 +47,11 @@ def open_input(path: str):
     return fs.open_input_stream(inner)
 
 
+def read_bytes(path: str) -> bytes:
+    with open_input(path) as f:
+        return f.read()
+
+
 def read_text(path: str) -> str:
     with open_input(path) as f:
         return f.read().decode()

@@ -2,8 +2,10 @@
 
     python jobs/predict.py --predict.checkpoint=runs/<run> --predict.images=<kaggle folder | image folder | prepared dataset>
     python jobs/predict.py ... --predict.split=val --predict.tta=3 --predict.output=outputs/predict
+    python jobs/predict.py ... --predict.explain=8     # + Grad-CAM overlays in <output>/explain/
 
-Writes submission.csv (Kaggle format), predictions.parquet, unreadable.csv and predict.json; when the
+Writes submission.csv (Kaggle format), predictions.parquet (with a gradable / quality_reason verdict per
+image), unreadable.csv and predict.json (+ quality_flagged.png when some images are ungradable); when the
 inputs have known grades, also the evaluation report (report.html, report.md, metrics.json).
 """
 

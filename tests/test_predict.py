@@ -244,7 +244,8 @@ def test_report_holds_the_numbers_it_should(val_output):
     assert ref["sensitivity"] == pytest.approx(ref["tp"] / ref["positives"])
     assert 0 <= ref["auc"] <= 1 and ref["score"] == "P(grade >= 2)"
     html = (val_output / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3  # figures embedded: the file stands alone
+    sheet = (val_output / "quality_flagged.png").is_file()  # 32 px test images: all "too small"
+    assert html.count("data:image/png;base64,") == 3 + sheet  # figures embedded: the file stands alone
     assert 'src="data:' in html and ".png\"" not in html
     assert f"{metrics['qwk']:.3f}" in html and "0.719" in html and "0.547" in html  # seed baseline for context
     md = (val_output / "report.md").read_text()
@@ -329,3 +330,49 @@ def test_compute_metrics_needs_labels():
     frame = pd.DataFrame({"id": ["a"], "grade": [-1], "predicted": [0], "score": [0.1]})
     with pytest.raises(ConfigError, match="labelled"):
         compute_metrics(frame)
+
+
+@pytest.mark.ray
+def test_quality_verdicts_and_explanations_end_to_end(run, aptos_dir, ray_session, tmp_path):
+    """Real photographs and known degradations of them: verdicts in predictions.parquet (same pass),
+    the Kaggle submission unchanged, Grad-CAM overlays written and the report showing both."""
+    from PIL import Image
+
+    from aptos_ray.infer.quality import degrade
+
+    root = tmp_path / "raw"
+    (root / "test_images").mkdir(parents=True)
+    labels = pd.read_csv(aptos_dir / "labels.csv").groupby("diagnosis").head(1)
+    rows = []
+    for r in labels.itertuples():
+        shutil.copy(aptos_dir / "images" / f"{r.id_code}.png", root / "test_images" / f"{r.id_code}.png")
+        rows.append((r.id_code, r.diagnosis))
+    photo = np.asarray(Image.open(aptos_dir / "images" / f"{rows[0][0]}.png").convert("RGB"))
+    expected = {"blurred": ("blur", "out of focus"), "dim": ("dark", "too dark"), "half": ("crop_half", "fundus cut off")}
+    for name, (kind, _) in expected.items():
+        Image.fromarray(degrade(photo, kind)).save(root / "test_images" / f"{name}.png")
+        rows.append((name, rows[0][1]))
+    pd.DataFrame(rows, columns=["id_code", "diagnosis"]).to_csv(root / "test.csv", index=False)
+    out = tmp_path / "out"
+    summary = predict(parse_args([f"--predict.checkpoint={run['run_dir']}", f"--predict.images={root}",
+                                  f"--predict.output={out}", "--predict.num_actors=1", "--predict.explain=2"]))
+    predictions = pd.read_parquet(out / "predictions.parquet").set_index("id")
+    reasons = predictions["quality_reason"].to_dict()
+    assert all(predictions.loc[r[0], "gradable"] for r in rows[:5]), reasons  # the shared photographs pass
+    assert {name: reasons[name] for name in expected} == {name: reason for name, (_, reason) in expected.items()}
+    assert not predictions.loc[list(expected), "gradable"].any()
+    assert summary["num_gradable"] == 5 and summary["ungradable_reasons"] == {r: 1 for _, r in expected.values()}
+    assert list(pd.read_csv(out / "submission.csv").columns) == ["id_code", "diagnosis"]
+    index = pd.read_csv(out / "explain" / "index.csv", dtype={"id": str})
+    assert set(index["group"]) <= {"confident_referable", "uncertain", "miss"} and len(index) == summary["explain"]["images"]
+    assert (index.groupby("group").size() <= 2).all() and (index["group"] == "uncertain").sum() == 2
+    assert summary["explain"]["same_grade_as_prediction"] == 1.0  # the explained model is the one that predicted
+    for f in index["file"]:
+        assert Image.open(out / f).size == (256, 256)  # the image as preprocessed for prediction
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["quality"]["num_ungradable"] == 3 and metrics["quality"]["gradable_metrics"]["n"] == 5
+    html = (out / "report.html").read_text()
+    assert "Image quality" in html and "gradable only" in html and "Where the model looked" in html
+    assert html.count("data:image/png;base64,") == 3 + 1 + len(index)  # figures, contact sheet, overlays
+    md = (out / "report.md").read_text()
+    assert "| blurred | out of focus |" in md and "](explain/" in md and "quality_flagged.png" in md

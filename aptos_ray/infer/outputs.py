@@ -16,12 +16,15 @@ from aptos_ray import storage
 from aptos_ray.errors import MissingFileError
 from aptos_ray.infer.grader import PROB_COLUMNS
 from aptos_ray.infer.inputs import Inputs
+from aptos_ray.infer.quality import QUALITY_COLUMNS
 from aptos_ray.metrics import NUM_GRADES
 
 UNREADABLE_COLUMNS = ["id", "source", "reason"]
 SHOW_UNREADABLE = 50  # printed lines; the CSV always has all of them
 REPORT_FILES = ("metrics.json", "report.md", "report.html")
 FIGURES = {"confusion": "confusion_matrix.png", "roc": "roc_referable.png", "grades": "grade_distribution.png"}
+QUALITY_SHEET = "quality_flagged.png"  # contact sheet of the ungradable photographs
+EXPLAIN_INDEX = "explain/index.csv"  # the Grad-CAM overlays (--predict.explain) and what they show
 
 
 def split_results(rows: pd.DataFrame, inputs: Inputs) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -34,12 +37,15 @@ def split_results(rows: pd.DataFrame, inputs: Inputs) -> tuple[pd.DataFrame, pd.
     good = rows[rows["reason"].astype(str) == ""]
     order = ["order"] if "order" in good else ["id"]  # prepared splits have no input order: by id
     good = good.sort_values(order, kind="stable").reset_index(drop=True)
-    keep = ["id", "grade", "predicted", "score", *[c for c in ("p_referable", *PROB_COLUMNS) if c in good], *(
-        ["source"] if "source" in good else [])]
+    keep = ["id", "grade", "predicted", "score", *[c for c in ("p_referable", *PROB_COLUMNS) if c in good],
+            *[c for c in QUALITY_COLUMNS if c in good], *(["source"] if "source" in good else [])]
     predictions = good[keep].copy()
     predictions["id"] = predictions["id"].astype(str)
     predictions["grade"] = predictions["grade"].astype(np.int64)
     predictions["predicted"] = predictions["predicted"].astype(np.int64)
+    if "gradable" in predictions:
+        predictions["gradable"] = predictions["gradable"].astype(bool)
+        predictions["quality_reason"] = predictions["quality_reason"].astype(str)
     return predictions, unreadable.astype(str)
 
 
@@ -62,13 +68,17 @@ def write_outputs(output: str, predictions: pd.DataFrame, unreadable: pd.DataFra
         "num_labelled": int((predictions["grade"] >= 0).sum()),
         "predicted_grade_counts": {str(g): int((predictions["predicted"] == g).sum()) for g in range(NUM_GRADES)},
     }
+    if "gradable" in predictions:
+        ungradable = predictions.loc[~predictions["gradable"], "quality_reason"]
+        summary["num_gradable"] = int(predictions["gradable"].sum())
+        summary["ungradable_reasons"] = {str(k): int(v) for k, v in ungradable.value_counts().items()}
     storage.write_text(storage.join(output, "predict.json"), json.dumps(summary, indent=2))
     return summary
 
 
 def remove_stale_report(output: str) -> None:
     """A report left by an earlier run in the same folder must not pass for this run's."""
-    for name in (*REPORT_FILES, *FIGURES.values()):
+    for name in (*REPORT_FILES, *FIGURES.values(), QUALITY_SHEET, EXPLAIN_INDEX):
         fs, inner = storage.filesystem(storage.join(output, name))
         if fs.get_file_info(inner).type.name == "File":
             fs.delete_file(inner)
@@ -77,6 +87,10 @@ def remove_stale_report(output: str) -> None:
 def print_summary(summary: dict, unreadable: pd.DataFrame, output: str) -> None:
     print(f"predicted {summary['num_predicted']} of {summary['num_inputs']} images in {summary['seconds']:.1f}s "
           f"({summary['images_per_s']:.1f} img/s); grades {summary['predicted_grade_counts']}")
+    if "num_gradable" in summary:
+        reasons = ", ".join(f"{r}: {n}" for r, n in summary["ungradable_reasons"].items())
+        print(f"image quality: {summary['num_gradable']} gradable, {summary['num_predicted'] - summary['num_gradable']} "
+              f"ungradable{f' ({reasons})' if reasons else ''}; the column 'gradable' in predictions.parquet")
     if len(unreadable):
         print(f"{len(unreadable)} unreadable inputs (not predicted, listed in {storage.join(output, 'unreadable.csv')}):")
         for row in unreadable.head(SHOW_UNREADABLE).itertuples():

@@ -38,31 +38,39 @@ from aptos_ray.infer.checkpoint import Checkpoint, prepare_config, read_checkpoi
 from aptos_ray.infer.grader import Grader, check_tta
 from aptos_ray.infer.inputs import Inputs, find_inputs, preprocessing_differences
 from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
+from aptos_ray.infer.quality import as_columns, assess, not_assessed
 from aptos_ray.infer.report import write_report
+from aptos_ray.infer.screening import quality_of_rows, screening_outputs
 from aptos_ray.ray_setup import init_ray
 
 
 def load_rows(batch: dict, prepare: dict) -> dict:
-    """Ray task: read and preprocess raw image files exactly as ``prepare`` did for training.
+    """Ray task: read and preprocess raw image files exactly as ``prepare`` did for training, and
+    judge each photograph's quality (``infer.quality``) as it came, before preprocessing.
 
     A file that cannot be used keeps its row, with ``reason`` set and no image.
     """
     cfg = PrepareConfig(**prepare)
-    images, heights, widths, reasons = [], [], [], []
+    images, heights, widths, reasons, qualities = [], [], [], [], []
     for source in batch["source"]:
+        quality = not_assessed()
         try:
-            arr = preprocess(read_image({"source": str(source)}, cfg.min_image_side), cfg)
+            photo = read_image({"source": str(source)}, cfg.min_image_side)
+            quality = assess(photo)
+            arr = preprocess(photo, cfg)
             data, reason = encode_image(arr, "raw"), ""
         except ImageError as e:
             arr, data, reason = None, b"", e.reason
         except Exception as e:  # one odd file must not stop the job: report it with the error
             arr, data, reason = None, b"", f"unreadable image: {type(e).__name__}: {e}"
+        qualities.append(quality)
         images.append(data)
         heights.append(0 if arr is None else arr.shape[0])
         widths.append(0 if arr is None else arr.shape[1])
         reasons.append(reason)
     return {**batch, "image": np.array(images, dtype=object), "height": np.array(heights, dtype=np.int32),
-            "width": np.array(widths, dtype=np.int32), "reason": np.array(reasons, dtype=object)}
+            "width": np.array(widths, dtype=np.int32), "reason": np.array(reasons, dtype=object),
+            **as_columns(qualities)}
 
 
 class GradePredictor:
@@ -116,8 +124,13 @@ def build_dataset(inputs: Inputs, checkpoint: Checkpoint, prepare: PrepareConfig
                   num_actors: int):
     """The Ray Data pipeline that yields one prediction row per readable or unreadable input row."""
     if inputs.kind == "prepared":
-        ds = ray.data.read_parquet(storage.join(inputs.dataset, inputs.split), columns=TRAIN_COLUMNS)
+        ds = ray.data.read_parquet(storage.join(inputs.dataset, inputs.split),
+                                   columns=[*TRAIN_COLUMNS, "orig_height", "orig_width"])
         encoding = inputs.encoding
+        # Quality in the same pass, fused with the read: Ben Graham-filtered images are not judged.
+        assessable = not (inputs.prepared_with or {}).get("ben_graham", False)
+        ds = ds.map_batches(quality_of_rows, batch_size=batch_size, batch_format="numpy",
+                            fn_kwargs={"encoding": encoding, "assessable": assessable})
     else:
         ds = ray.data.from_items(inputs.items, override_num_blocks=max(1, math.ceil(len(inputs.items) / batch_size)))
         ds = ds.map_batches(load_rows, batch_size=batch_size, batch_format="numpy",
@@ -170,6 +183,8 @@ def predict(cfg: Config) -> dict:
     if p.batch_size < 1 or p.num_actors < 1:
         raise ConfigError(f"predict.batch_size and predict.num_actors must be >= 1, got {p.batch_size}, {p.num_actors}")
     check_tta(p.tta)
+    if p.explain < 0:
+        raise ConfigError(f"predict.explain must be >= 0 (images per group to explain), got {p.explain}")
     checkpoint = read_checkpoint(p.checkpoint)
     inputs = find_inputs(p.images, p.split)
     if inputs.kind != "prepared" and not inputs.items:
@@ -203,6 +218,7 @@ def predict(cfg: Config) -> dict:
         "images_per_s": round(len(predictions) / max(seconds, 1e-9), 2),
         "checkpoint_val_metrics": {k: v for k, v in checkpoint.metrics.items() if k.startswith("val_") and k != "val_confusion"},
     })
+    screening_outputs(p, summary, predictions, inputs, checkpoint, prepare)
     print_summary(summary, unreadable, p.output)
     if summary["num_labelled"]:
         metrics = write_report(p.output, predictions, summary)

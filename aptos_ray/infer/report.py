@@ -10,6 +10,7 @@ The HTML embeds its figures as base64 PNG, so it opens anywhere, without Python 
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import datetime, timezone
 
@@ -20,7 +21,7 @@ from sklearn.metrics import precision_recall_fscore_support, roc_auc_score, roc_
 from aptos_ray import storage
 from aptos_ray.config import Config, ConfigError
 from aptos_ray.data.format import GRADE_NAMES
-from aptos_ray.infer.outputs import FIGURES, read_predictions
+from aptos_ray.infer.outputs import EXPLAIN_INDEX, FIGURES, QUALITY_SHEET, read_predictions
 from aptos_ray.infer.report_render import (
     _f,
     _pct,
@@ -160,6 +161,50 @@ def compute_metrics(predictions: pd.DataFrame, resamples: int = RESAMPLES, seed:
     }
 
 
+# --------------------------------------------------------------------------- screening: quality and heatmaps
+
+
+def quality_metrics(predictions: pd.DataFrame, resamples: int = RESAMPLES, seed: int = SEED) -> dict | None:
+    """Counts by verdict, the ungradable rows, and the headline metrics on gradable labelled rows."""
+    if "gradable" not in predictions:
+        return None
+    gradable = predictions["gradable"].astype(bool)
+    bad = predictions[~gradable]
+    cols = [c for c in ("id", "quality_reason", "grade", "predicted") if c in bad]
+    out = {
+        "num_gradable": int(gradable.sum()), "num_ungradable": int((~gradable).sum()),
+        "reasons": {str(k): int(v) for k, v in bad["quality_reason"].value_counts().items()},
+        "ungradable": bad[cols].astype({"grade": int, "predicted": int}).to_dict("records"),
+        "gradable_metrics": None,
+    }
+    labelled = predictions[gradable & (predictions["grade"] >= 0)]
+    if len(labelled):
+        m = compute_metrics(labelled, resamples, seed)
+        out["gradable_metrics"] = {k: m[k] for k in ("n", "qwk", "qwk_ci95", "accuracy", "cohen_kappa", "referable")}
+    return out
+
+
+
+
+def screening_files(output: str) -> dict:
+    """The contact sheet and the Grad-CAM overlays predict wrote into ``output``, when there."""
+    found: dict = {}
+    try:
+        found["sheet"] = storage.read_bytes(storage.join(output, QUALITY_SHEET))
+    except (FileNotFoundError, OSError):
+        pass
+    try:
+        index = pd.read_csv(io.StringIO(storage.read_text(storage.join(output, EXPLAIN_INDEX))),
+                            dtype={"id": str})
+        index["png"] = [storage.read_bytes(storage.join(output, f)) for f in index["file"]]
+        found["explain"] = index
+    except (FileNotFoundError, OSError, pd.errors.EmptyDataError):
+        pass
+    return found
+
+
+
+
 # --------------------------------------------------------------------------- files and the job
 
 
@@ -168,12 +213,14 @@ def write_report(output: str, predictions: pd.DataFrame, context: dict | None = 
     """metrics.json, report.md, report.html and the PNG figures in ``output``; returns the metrics."""
     context = context or {}
     metrics = compute_metrics(predictions, resamples, seed)
+    metrics["quality"] = quality_metrics(predictions, resamples, seed)
     figs = figures(metrics)
+    screening = screening_files(output)
     for key, name in FIGURES.items():
         storage.write_bytes(storage.join(output, name), figs[key])
     storage.write_text(storage.join(output, "metrics.json"), json.dumps(metrics, indent=2))
-    storage.write_text(storage.join(output, "report.md"), render_markdown(metrics, context))
-    storage.write_text(storage.join(output, "report.html"), render_html(metrics, context, figs))
+    storage.write_text(storage.join(output, "report.md"), render_markdown(metrics, context, screening))
+    storage.write_text(storage.join(output, "report.html"), render_html(metrics, context, figs, screening))
     return metrics
 
 

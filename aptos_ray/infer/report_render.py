@@ -13,10 +13,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from aptos_ray import plots  # noqa: E402
 from aptos_ray.data.format import GRADE_NAMES  # noqa: E402
-from aptos_ray.infer.outputs import FIGURES  # noqa: E402
+from aptos_ray.infer.outputs import FIGURES, QUALITY_SHEET  # noqa: E402
 from aptos_ray.metrics import NUM_GRADES  # noqa: E402
 
 # --------------------------------------------------------------------------- figures
@@ -134,6 +135,10 @@ def caveats(m: dict, context: dict) -> list[str]:
         notes.append(f"No images of grade(s) {', '.join(absent)} among the labelled inputs: their recall is undefined.")
     if m["num_unlabelled"]:
         notes.append(f"{m['num_unlabelled']} predicted image(s) have no known grade and are not part of these numbers.")
+    q = m.get("quality")
+    if q and q["num_ungradable"]:
+        notes.append(f"{q['num_ungradable']} photograph(s) judged ungradable ({_reasons_text(q)}) are in the "
+                     f"headline numbers; the Image quality section gives the numbers without them.")
     if context.get("num_unreadable"):
         notes.append(f"{context['num_unreadable']} input(s) could not be read and were not predicted (see unreadable.csv).")
     notes.append("The seed baseline was measured on its own 733 hold-out images; unless these are the same images, "
@@ -188,7 +193,116 @@ def referable_rows(m: dict) -> list[tuple[str, str]]:
             ("ROC AUC", f"{_f(r['auc'])} ({r['score']})")]
 
 
-def render_markdown(m: dict, context: dict) -> str:
+# --------------------------------------------------------------------------- screening: quality and heatmaps
+
+MAX_LISTED = 200  # ungradable rows listed in the report; metrics.json has all of them
+EXPLAIN_TEXT = ("Grad-CAM heatmaps: red where the model's last feature maps pushed its output up (the grade "
+                "score of a regression head, the predicted grade of a classification head), blue where they did "
+                "not. Same model and preprocessing as the prediction, one view (no test-time augmentation). "
+                "Groups: most confident referable, most uncertain (nearest a grade boundary), and the largest "
+                "misses against the graders. A heatmap is coarse (one cell per 32 input pixels) and shows "
+                "where the evidence was, not what it was.")
+QUALITY_TEXT = ("Every photograph gets a quality verdict from measured statistics (exposure, sharpness as the "
+                "variance of the Laplacian, the visible share and size of the fundus disc; thresholds in "
+                "aptos_ray/infer/quality.py, measured in benchmarks/RESULTS.md). An ungradable photograph "
+                "still gets a grade, but a screening programme would ask for a new photograph rather than act "
+                "on it: the metrics on gradable photographs are the ones that describe the grader in use.")
+
+
+def comparison_by_quality(m: dict) -> list[tuple[str, str, str]]:
+    """(metric, all images, gradable only) rows."""
+    g = m["quality"]["gradable_metrics"]
+
+    def cells(x: dict | None) -> list[str]:
+        if x is None:
+            return ["n/a"] * 7
+        r = x["referable"]
+        return [str(x["n"]), _qwk_text(x), _f(x["accuracy"]), _f(x["cohen_kappa"]), _pct(r["sensitivity"]),
+                _pct(r["specificity"]), _f(r["auc"])]
+
+    names = ["Labelled images", "Quadratic weighted kappa", "Accuracy", "Cohen kappa", "Referable sensitivity",
+             "Referable specificity", "Referable ROC AUC"]
+    return list(zip(names, cells(m), cells(g)))
+
+
+def _reasons_text(q: dict) -> str:
+    return ", ".join(f"{r}: {n}" for r, n in q["reasons"].items()) or "none"
+
+
+def quality_markdown(m: dict, screening: dict) -> list[str]:
+    q = m.get("quality")
+    if q is None:
+        return []
+    out = ["## Image quality", "", QUALITY_TEXT, "",
+           f"Gradable: {q['num_gradable']}; ungradable: {q['num_ungradable']} ({_reasons_text(q)}).", ""]
+    if q["gradable_metrics"] is not None and q["num_ungradable"]:
+        out += ["| | all images | gradable only |", "|---|---|---|"]
+        out += [f"| {a} | {b} | {c} |" for a, b, c in comparison_by_quality(m)] + [""]
+    if q["num_ungradable"]:
+        out += ["| id | reason | true grade | predicted |", "|---|---|---|---|"]
+        out += [f"| {r['id']} | {r['quality_reason']} | {r['grade'] if r['grade'] >= 0 else '-'} | {r['predicted']} |"
+                for r in q["ungradable"][:MAX_LISTED]]
+        out += [""] + ([f"![Ungradable photographs]({QUALITY_SHEET})", ""] if "sheet" in screening else [])
+    return out
+
+
+def explain_markdown(index: pd.DataFrame | None) -> list[str]:
+    if index is None or index.empty:
+        return []
+    out = ["## Where the model looked", "", EXPLAIN_TEXT, ""]
+    for grade, rows in _by_grade(index):
+        out += [f"### {grade}", ""]
+        out += [f"![{r.group} {r.id}: grade {_grade(r.grade)}, predicted {r.predicted}]({r.file})" for r in rows.itertuples()]
+        out += [""]
+    return out
+
+
+def _grade(g: int) -> str:
+    return str(g) if g >= 0 else "unknown"
+
+
+def _by_grade(index: pd.DataFrame):
+    """Groups of overlays per grade: the graders' grade when known, else the predicted one."""
+    key = np.where(index["grade"] >= 0, index["grade"], index["predicted"])
+    for g in sorted(set(key.tolist())):
+        label = "true grade" if (index["grade"][key == g] >= 0).all() else "grade"
+        yield f"{label} {g} ({GRADE_NAMES[g]})", index[key == g]
+
+
+def quality_html(m: dict, screening: dict) -> str:
+    q = m.get("quality")
+    if q is None:
+        return ""
+    e = html.escape
+    parts = ["<h2>Image quality</h2>", f"<p>{e(QUALITY_TEXT)}</p>",
+             f"<p><b>Gradable: {q['num_gradable']}</b>; ungradable: {q['num_ungradable']} ({e(_reasons_text(q))}).</p>"]
+    if q["gradable_metrics"] is not None and q["num_ungradable"]:
+        parts.append(_table(["", "all images", "gradable only"], comparison_by_quality(m)))
+    if q["num_ungradable"]:
+        rows = [(r["id"], r["quality_reason"], _grade(r["grade"]), r["predicted"]) for r in q["ungradable"][:MAX_LISTED]]
+        parts.append(_table(["id", "reason", "true grade", "predicted"], rows))
+        if q["num_ungradable"] > MAX_LISTED:
+            parts.append(f"<p class='muted'>First {MAX_LISTED} of {q['num_ungradable']}; all in metrics.json and "
+                         f"predictions.parquet.</p>")
+        if "sheet" in screening:
+            parts.append(f"<div class='figs'>{_img(screening['sheet'], 'ungradable photographs')}</div>")
+    return "\n".join(parts)
+
+
+def explain_html(index: pd.DataFrame | None) -> str:
+    if index is None or index.empty:
+        return ""
+    e = html.escape
+    parts = ["<h2>Where the model looked</h2>", f"<p>{e(EXPLAIN_TEXT)}</p>"]
+    for grade, rows in _by_grade(index):
+        tiles = "".join(f"<figure>{_img(r.png, f'Grad-CAM {r.id}')}<figcaption>{e(str(r.id))}<br>"
+                        f"{e(r.group.replace('_', ' '))}: true {e(_grade(r.grade))}, predicted {r.predicted}"
+                        f"{'' if r.gradable else ' (ungradable)'}</figcaption></figure>" for r in rows.itertuples())
+        parts += [f"<h3>{e(grade)}</h3>", f"<div class='tiles'>{tiles}</div>"]
+    return "\n".join(parts)
+
+
+def render_markdown(m: dict, context: dict, screening: dict | None = None) -> str:
     explain = {k: v.format(resamples=m["bootstrap"]["resamples"], seed=m["bootstrap"]["seed"]) for k, v in EXPLAIN.items()}
     out = ["# Diabetic-retinopathy grading: evaluation report", ""]
     out += [f"> - **{label}: {value}**: {meaning}" for label, value, meaning in headline(m)]
@@ -203,8 +317,9 @@ def render_markdown(m: dict, context: dict) -> str:
     out += ["", f"![ROC curve]({FIGURES['roc']})", "", "## Per grade", "", explain["per_grade"], "",
             "| grade | images | predicted | precision | recall |", "|---|---|---|---|---|"]
     out += ["| " + " | ".join(row) + " |" for row in grade_rows(m)]
-    out += ["", f"![Confusion matrix]({FIGURES['confusion']})", "", f"![Images per grade]({FIGURES['grades']})", "",
-            "## Caveats", ""]
+    out += ["", f"![Confusion matrix]({FIGURES['confusion']})", "", f"![Images per grade]({FIGURES['grades']})", ""]
+    out += quality_markdown(m, screening or {}) + explain_markdown((screening or {}).get("explain"))
+    out += ["## Caveats", ""]
     out += [f"- {c}" for c in caveats(m, context)]
     out += ["", f"_Generated {m['created']} by aptos_ray.infer.report; numbers in metrics.json._", ""]
     return "\n".join(out)
@@ -228,6 +343,9 @@ th { background: #f2f6fa }
 .figs img { max-width: 100%; height: auto; border: 1px solid #e1e8ef }
 .note { color: #4a5a6a; font-size: .9rem }
 .muted { color: #7a8896; font-size: .8rem }
+.tiles { display: flex; flex-wrap: wrap; gap: .5rem }
+.tiles figure { margin: 0; width: 10rem; font-size: .7rem; color: #4a5a6a }
+.tiles img { width: 10rem; height: auto; border: 1px solid #e1e8ef }
 """
 
 
@@ -242,7 +360,7 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-def render_html(m: dict, context: dict, figs: dict[str, bytes]) -> str:
+def render_html(m: dict, context: dict, figs: dict[str, bytes], screening: dict | None = None) -> str:
     e = html.escape
     explain = {k: v.format(resamples=m["bootstrap"]["resamples"], seed=m["bootstrap"]["seed"]) for k, v in EXPLAIN.items()}
     box = "".join(f'<div><div class="label">{e(label)}</div><div class="value">{e(value)}</div>'
@@ -264,6 +382,8 @@ def render_html(m: dict, context: dict, figs: dict[str, bytes]) -> str:
         "<h2>Per grade</h2>", f"<p>{e(explain['per_grade'])}</p>",
         _table(["grade", "images", "predicted", "precision", "recall"], grade_rows(m)),
         f"<div class='figs'>{_img(figs['confusion'], 'confusion matrix')}{_img(figs['grades'], 'images per grade')}</div>",
+        quality_html(m, screening or {}),
+        explain_html((screening or {}).get("explain")),
         "<h2>Caveats</h2><ul>" + "".join(f"<li>{e(c)}</li>" for c in caveats(m, context)) + "</ul>",
         f"<p class='muted'>Generated {e(m['created'])} by aptos_ray.infer.report. All numbers: metrics.json.</p>",
         "</body></html>",
