@@ -1,5 +1,5 @@
 """Batched augmentation: the old per-image torchvision loop vs torchvision v2 on a batch vs kornia vs the
-project's hand-written batched affine (aptos_ray.augment), one CPU core, 224 px.
+project's hand-written batched affine (aptos_ray.train.augment), one CPU core, 224 px.
 
     python benchmarks/bench_augment.py [--batch 32] [--stored 224 256] [--repeats 7]
 
@@ -140,7 +140,7 @@ def main() -> None:
         "torchvision v2 on the batch": V2Batched(),
         # not a project dependency: `pip install kornia` to compare
         **({"kornia on the batch": Kornia()} if importlib.util.find_spec("kornia") else {}),
-        "aptos_ray.augment (one affine grid_sample per batch)": GradeTransforms(SIZE, MEAN, STD),
+        "train.augment (one affine grid_sample per batch)": GradeTransforms(SIZE, MEAN, STD),
     }
     rows = []
     for stored in args.stored:

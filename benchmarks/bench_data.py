@@ -11,7 +11,7 @@ epoch by epoch (best of 3 each: the machine may be shared):
   v2 on the CPU (the project's path before issue 14).
 - new, GPU worker: the same rows cut into one uint8 batch tensor per step (``prefetch_to_device``):
   all the CPU does when augmentation runs on the GPU.
-- new, CPU worker: the same plus the batched augmentation (``aptos_ray.augment``) on the CPU.
+- new, CPU worker: the same plus the batched augmentation (``aptos_ray.train.augment``) on the CPU.
 On the shared APTOS files (224 px) and on full-size synthetic fundus photos (the originals APTOS
 ships are ~2-3k px; none are at hand, so the generator makes them). Prepare's one-off cost is
 reported beside it.

@@ -43,7 +43,7 @@ BENCHMARKS = {
     "gradability": ("Gradability: verdicts on the shared APTOS folder and on known degradations",
                     ["bench_gradability.py", "--degrade", "300", "--synthetic", "100"]),
     "tune": ("Tune: ASHA vs a full grid", ["bench_tune.py"]),
-    "augment": ("Batched augmentation: per-image torchvision vs v2 on a batch vs kornia vs aptos_ray.augment",
+    "augment": ("Batched augmentation: per-image torchvision vs v2 on a batch vs kornia vs train.augment",
                 ["bench_augment.py"]),
     "gpu": ("GPU check (benchmarks/gpu_check.sh): pytest -m gpu, and training throughput of Lite0, B0 and B2 "
             "at 224 and 384 px: plain PyTorch vs --local vs TorchTrainer",
@@ -90,7 +90,7 @@ NOTES = {
     "augment": "The same augmentation (crop 0.85-1, both flips, rotation to 180 degrees, brightness and contrast "
                "0.2, resize, normalise) from a uint8 batch, one core. v2 on a batch tensor draws one set of "
                "parameters for the whole batch, so it cannot replace the per-image loop; kornia and "
-               "aptos_ray.augment draw per image. aptos_ray.augment composes crop, flips, rotation and resize into "
+               "train.augment draw per image. train.augment composes crop, flips, rotation and resize into "
                "one matrix per image and resamples once; it is what training uses, on the worker's device.",
     "gpu": "`plain` is a bare timm + PyTorch loop on in-memory batches (the GPU's ceiling); `--local` and "
            "TorchTrainer run the whole data path (Parquet, uint8 batches readied by a background thread, "
