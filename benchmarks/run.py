@@ -72,7 +72,8 @@ NOTES = {
                "shows; Ray pays off on full-size photographs and more cores.",
     "data": "Images/s per CPU core delivered to the training loop (tensors ready for the model), same images. "
             "`new, GPU worker` is all a GPU worker's CPU does now (rows -> one uint8 batch; augmentation runs on "
-            "the GPU); `new, CPU worker` adds the batched augmentation on the CPU, as a CPU-only run does. "
+            "the GPU; pinning, one more copy per batch there, is not in this figure); `new, CPU worker` adds the batched "
+            "augmentation on the CPU, as a CPU-only run does. "
             "On full-size photographs the seed decodes and resizes every image every epoch, which preparing "
             "once removes. The end-to-end table is `--local` CPU training with each path (the old one swapped in).",
     "train": "Images/s of the second epoch; the project's rows run the whole pipeline (Parquet, Ray Data shard, "
