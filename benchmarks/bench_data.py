@@ -1,6 +1,6 @@
 """Data throughput: images/s delivered to the training loop, the project's data paths against the seed's.
 
-    python benchmarks/bench_data.py [--images 300] [--full-size 1536] [--train-steps 8]
+    python benchmarks/bench_data.py [--images 300] [--full-size 1536] [--train-steps 6] [--end-to-end-only]
 
 Per CPU core (torch threads 1, one DataLoader worker), on the same images, the paths taking turns
 epoch by epoch (best of 3 each: the machine may be shared):
@@ -16,8 +16,8 @@ On the shared APTOS files (224 px) and on full-size synthetic fundus photos (the
 ships are ~2-3k px; none are at hand, so the generator makes them). Prepare's one-off cost is
 reported beside it.
 
-Then end to end: ``--local`` CPU training images/s with the old and the new data path (same model,
-data, steps and cores; the old path swapped in for the comparison), second epoch.
+Then end to end: epochs of the ``--local`` training loop on the CPU with the old and the new data path
+(same model, data, steps and cores), taking turns; images per wall second and per CPU second.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from torchvision import datasets, transforms
@@ -36,7 +37,7 @@ from torchvision import datasets, transforms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aptos_ray.config import SyntheticConfig, parse_args  # noqa: E402
+from aptos_ray.config import ModelConfig, SyntheticConfig, parse_args  # noqa: E402
 from aptos_ray.train.augment import GradeTransforms, prefetch_to_device  # noqa: E402
 from aptos_ray.train.step import fixed_step_minibatches  # noqa: E402
 from aptos_ray.data.format import read_manifest  # noqa: E402
@@ -130,25 +131,33 @@ def case(name: str, labels: pd.DataFrame, images: Path) -> dict:
     return {"input": name, "images": len(labels), "prepare_seconds_once": prep_seconds, **rates}
 
 
-def training_rate(dataset: Path, model: str, old_path: bool, steps: int) -> dict:
-    """--local training, second epoch: images/s and the share of it spent waiting for batches."""
-    from aptos_ray.train import loop
-    from aptos_ray.train.driver import train
+def training_rates(dataset: Path, model_name: str, steps: int, rounds: int) -> dict[str, dict]:
+    """Training epochs of the ``--local`` loop (``train_one_epoch``) with the old and the new data path,
+    taking turns: images per wall second and per CPU second of the process (every thread; robust on a
+    shared machine), and the share of the epoch spent waiting for batches. Medians after a warm-up round."""
+    from aptos_ray.data.format import read_split, table_batches
+    from aptos_ray.model.factory import create_model, model_data_config
+    from aptos_ray.model.heads import get_head
+    from aptos_ray.train.step import train_one_epoch
 
-    name = f"train-{model}-{'old' if old_path else 'new'}"
-    args = [f"--data.dataset={dataset}", f"--model.name={model}", "--model.pretrained=none", "--local",
-            f"--data.image_size={SIZE}", "--train.batch_size=16", "--train.epochs=2", "--train.progress=false",
-            f"--train.max_steps_per_epoch={steps}", f"--train.output={OUT}", f"--train.name={name}",
-            f"--data.prefetch_batches={0 if old_path else 2}"]
-    shutil.rmtree(OUT / name, ignore_errors=True)
-    saved = loop.GradeTransforms
-    loop.GradeTransforms = PerImageTransforms if old_path else saved  # the old path, swapped in
-    try:
-        train(parse_args(args))
-    finally:
-        loop.GradeTransforms = saved
-    epoch = [json.loads(line) for line in (OUT / name / "metrics.jsonl").read_text().splitlines()][-1]
-    return {"images_per_s": epoch["images_per_s"], "data_wait_share": epoch["data_wait_share"]}
+    table = read_split(str(dataset), "train")
+    model = create_model(ModelConfig(name=model_name, pretrained="none", head="regression"))
+    cfg = model_data_config(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_fn = get_head("regression", 5).loss(None, 0.0)
+    paths = {"old": (PerImageTransforms(SIZE, cfg["mean"], cfg["std"]), 0),  # as before: no prefetch thread
+             "new": (GradeTransforms(SIZE, cfg["mean"], cfg["std"]), 2)}
+    runs: dict[str, list] = {path: [] for path in paths}
+    for epoch in range(rounds + 1):
+        for path, (tf, prefetch) in paths.items():
+            batches = fixed_step_minibatches(table_batches(table, 256), 16, steps, seed=epoch)
+            cpu, wall = time.process_time(), time.perf_counter()
+            stats = train_one_epoch(model, batches, tf, loss_fn, optimizer, None, torch.device("cpu"), prefetch=prefetch)
+            if epoch:  # the first round warms up
+                runs[path].append((stats["train_images"] / (time.perf_counter() - wall),
+                                   stats["train_images"] / (time.process_time() - cpu), stats["data_wait_share"]))
+    return {path: dict(zip(("images_per_s", "images_per_cpu_s", "data_wait_share"), np.median(v, axis=0)))
+            for path, v in runs.items()}
 
 
 def full_size_images(n: int, size: int) -> tuple[pd.DataFrame, Path]:
@@ -162,44 +171,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--full-size", type=int, default=1536)
-    parser.add_argument("--train-steps", type=int, default=8, help="steps per epoch of the end-to-end runs")
+    parser.add_argument("--train-steps", type=int, default=6, help="steps per epoch of the end-to-end runs")
     parser.add_argument("--train-models", nargs="+", default=["tf_efficientnet_lite0", "test_efficientnet"])
-    parser.add_argument("--train-rounds", type=int, default=2)
+    parser.add_argument("--train-rounds", type=int, default=3)
+    parser.add_argument("--end-to-end-only", action="store_true", help="skip the delivery table")
     parser.add_argument("--json", default=str(OUT.parent / "bench_data.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)  # per core
     labels = pd.read_csv(APTOS / "labels.csv").sample(args.images, random_state=0)
-    rows = [case("APTOS files, 224 px", labels, APTOS / "images")]
-    full_labels, full_images = full_size_images(args.images // 2, args.full_size)
-    rows.append(case(f"synthetic full-size, {args.full_size} px", full_labels, full_images))
+    rows = []
+    if not args.end_to_end_only:
+        rows.append(case("APTOS files, 224 px", labels, APTOS / "images"))
+        full_labels, full_images = full_size_images(args.images // 2, args.full_size)
+        rows.append(case(f"synthetic full-size, {args.full_size} px", full_labels, full_images))
     torch.set_num_threads(2)  # end to end: the machine's cores, as training runs
     prepared = OUT / "APTOS files, 224 px" / "prepared"
-    trained = {}
-    for m in args.train_models:
-        for _ in range(args.train_rounds):  # old and new take turns; the best of each is kept
-            for old in (True, False):
-                r = training_rate(prepared, m, old, args.train_steps)
-                if (m, old) not in trained or r["images_per_s"] > trained[m, old]["images_per_s"]:
-                    trained[m, old] = r
+    if not (prepared / "manifest.json").is_file():
+        prepare_once_labels = OUT / "APTOS files, 224 px"
+        prepare_once_labels.mkdir(parents=True, exist_ok=True)
+        labels.to_csv(prepare_once_labels / "labels.csv", index=False)
+        prepare_once(prepare_once_labels / "labels.csv", APTOS / "images", prepared)
+    trained = {m: training_rates(prepared, m, args.train_steps, args.train_rounds) for m in args.train_models}
     print("\n## Results\n")  # benchmarks/run.py keeps what follows
-    print(f"Images/s per CPU core delivered to the training loop, {SIZE} px, batch {BATCH}, best of 3 epochs "
-          "taken in turns\n")
-    print("| input | images | seed ImageFolder | " + " | ".join(PATHS.values()) + " | new GPU worker / old | "
-          "new CPU worker / old | new CPU worker / seed | prepare once (s) |")
-    print("|---|---|---|" + "---|" * len(PATHS) + "---|---|---|---|")
-    for r in rows:
-        print(f"| {r['input']} | {r['images']} | {r['seed']:.0f} | " + " | ".join(f"{r[p]:.0f}" for p in PATHS)
-              + f" | {r['gpu_worker'] / r['old']:.1f}x | {r['cpu_worker'] / r['old']:.1f}x | "
-              f"{r['cpu_worker'] / r['seed']:.1f}x | {r['prepare_seconds_once']:.1f} |")
-    print(f"\nEnd to end, `--local` CPU training, 2 threads, {SIZE} px, batch 16, {args.train_steps} steps, epoch 2, best of {args.train_rounds} runs taken in turns\n")
-    print("| model | old path img/s | new path img/s | new / old | waiting for data, old / new |\n|---|---|---|---|---|")
-    for m in args.train_models:
-        old, new = trained[m, True], trained[m, False]
+    if rows:
+        print(f"Images/s per CPU core delivered to the training loop, {SIZE} px, batch {BATCH}, best of 3 epochs "
+              "taken in turns\n")
+        print("| input | images | seed ImageFolder | " + " | ".join(PATHS.values()) + " | new GPU worker / old | "
+              "new CPU worker / old | new CPU worker / seed | prepare once (s) |")
+        print("|---|---|---|" + "---|" * len(PATHS) + "---|---|---|---|")
+        for r in rows:
+            print(f"| {r['input']} | {r['images']} | {r['seed']:.0f} | " + " | ".join(f"{r[p]:.0f}" for p in PATHS)
+                  + f" | {r['gpu_worker'] / r['old']:.1f}x | {r['cpu_worker'] / r['old']:.1f}x | "
+                  f"{r['cpu_worker'] / r['seed']:.1f}x | {r['prepare_seconds_once']:.1f} |")
+        print()
+    print(f"End to end: training epochs of the --local loop on the CPU, 2 threads, {SIZE} px, batch 16, "
+          f"{args.train_steps} steps, old and new data path taking turns, median of {args.train_rounds}\n")
+    print("| model | old img/s | new img/s | new / old | old img per CPU-s | new img per CPU-s | new / old (CPU) | "
+          "waiting for data, old / new |\n|---|---|---|---|---|---|---|---|")
+    for m, t in trained.items():
+        old, new = t["old"], t["new"]
         print(f"| {m} | {old['images_per_s']:.1f} | {new['images_per_s']:.1f} | "
-              f"{new['images_per_s'] / old['images_per_s']:.2f} | "
+              f"{new['images_per_s'] / old['images_per_s']:.2f} | {old['images_per_cpu_s']:.2f} | "
+              f"{new['images_per_cpu_s']:.2f} | {new['images_per_cpu_s'] / old['images_per_cpu_s']:.2f} | "
               f"{old['data_wait_share']:.0%} / {new['data_wait_share']:.0%} |")
-    Path(args.json).write_text(json.dumps({"delivery": rows, "training": [
-        {"model": m, "old_path": old, **v} for (m, old), v in trained.items()]}, indent=2))
+    Path(args.json).write_text(json.dumps({"delivery": rows, "training": trained}, indent=2, default=float))
 
 
 if __name__ == "__main__":
