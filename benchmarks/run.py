@@ -75,7 +75,8 @@ NOTES = {
             "the GPU; pinning, one more copy per batch there, is not in this figure); `new, CPU worker` adds the batched "
             "augmentation on the CPU, as a CPU-only run does. "
             "On full-size photographs the seed decodes and resizes every image every epoch, which preparing "
-            "once removes. The end-to-end table is `--local` CPU training with each path (the old one swapped in).",
+            "once removes. The end-to-end table times epochs of the `--local` training loop with each path, in "
+            "turns; per CPU second is the figure that holds on a shared machine.",
     "train": "Images/s of the second epoch; the project's rows run the whole pipeline (Parquet, Ray Data shard, "
              "resampling, augmentation).",
     "predict": "efficientnet_b0 at 224 px on raw APTOS files (preprocessing included). On one 2-core machine the "
