@@ -71,6 +71,7 @@ class DataConfig:
     augment: bool = True
     materialize: bool = True  # materialise before fit: streaming on 2 cores can stall (see README)
     read_batch_size: int = 256  # rows per block pulled from Ray Data before resampling
+    prefetch_batches: int = 2  # minibatches readied by a background thread while a step computes (0: none)
 
 
 @dataclass
@@ -115,7 +116,10 @@ class TrainConfig:
     name: str = ""  # run name; empty -> timestamped
     keep_checkpoints: int = 2  # besides the best one
     max_steps_per_epoch: int = 0  # 0 = one pass worth of samples
-    amp: bool = True  # mixed precision (GPU only)
+    amp: bool = True  # false: fp32 everywhere, whatever precision says (the older switch)
+    # GPU arithmetic: auto (bf16 where the GPU supports it, else fp16 + loss scaling) | bf16 | fp16 | fp32.
+    # The CPU always trains in fp32.
+    precision: str = "auto"
     channels_last: bool = True  # GPU only
     local: bool = False  # run without Ray, in this process
     resume: bool = False  # continue the run named train.name from its last checkpoint
@@ -128,6 +132,8 @@ class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with use_gpu; 0.5 puts two workers on one GPU (then DDP runs over gloo)
+    ddp_backend: str = "auto"  # auto (nccl when every worker owns a GPU, else gloo) | nccl | gloo
     max_failures: int = 2
 
 

@@ -1,21 +1,28 @@
-"""GPU training throughput, for when a GPU machine is at hand (nothing here runs without CUDA).
+"""GPU training throughput, for when a GPU machine is at hand (benchmarks/gpu_check.sh runs it).
 
-    python benchmarks/bench_gpu.py [--models efficientnet_b0 efficientnet_b1 efficientnet_b2 efficientnet_b3]
-                                   [--sizes 224 384] [--batch 64] [--steps 30]
+    python benchmarks/bench_gpu.py [--models tf_efficientnet_lite0 efficientnet_b0 efficientnet_b2]
+                                   [--sizes 224 384] [--batch 64] [--steps 12] [--modes plain local ray]
+                                   [--budget-s 200] [--tests-log benchmarks/out/gpu_tests.log]
 
-For each model and size: training images/s with mixed precision and channels_last (the settings
-the trainer uses on GPU) on synthetic in-memory batches, GPU utilisation sampled with nvidia-smi,
-peak GPU memory, and whether the data pipeline keeps up: the project's per-batch augmentation on
-the CPU (images/s per core) against the GPU's appetite.
+For each model and size, training images/s three ways on the same GPU, AMP as ``train.precision=auto``
+picks it (bf16 where supported, else fp16 + GradScaler) and channels_last:
+- plain: a bare timm + PyTorch loop on in-memory batches (the GPU's ceiling; no data path at all);
+- local: ``jobs/train.py --local`` over a prepared dataset (Parquet -> uint8 batches -> device-side
+  augmentation), one process;
+- ray: the same through a 1-worker Ray Train TorchTrainer (Ray Data shard).
+with peak GPU memory and the share of the epoch the training thread waited for its next batch
+(``data_wait_share``, 0 = the data path keeps up). The second epoch is timed. Data: synthetic fundus
+photos at each size (a bare GPU machine has no shared folder). Without CUDA it prints "not run".
+Rows past ``--budget-s`` are skipped, so the whole check fits its time box.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import os
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,37 +31,31 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
-from aptos_ray.config import ModelConfig  # noqa: E402
-from aptos_ray.train.step import GradeTransforms  # noqa: E402
+from aptos_ray.config import ModelConfig, parse_args  # noqa: E402
+from aptos_ray.train.step import autocast, grad_scaler, resolve_precision  # noqa: E402
 from aptos_ray.model.factory import create_model  # noqa: E402
 
-
-def gpu_utilisation(samples: list[int], stop: threading.Event) -> None:
-    while not stop.is_set():
-        out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True)
-        if out.returncode == 0 and out.stdout.strip():
-            samples.append(int(out.stdout.split()[0]))
-        time.sleep(0.2)
+CPUS_PER_WORKER = max(1, min(4, (os.cpu_count() or 2) - 1))  # a typical GPU node's share, leaving one for Ray
+MODES = {"plain": "plain timm + PyTorch", "local": "--local", "ray": "TorchTrainer 1 worker"}
 
 
-def train_rate(name: str, size: int, batch: int, steps: int) -> dict:
+def plain_rate(name: str, size: int, batch: int, steps: int) -> dict:
     device = torch.device("cuda")
-    model = create_model(ModelConfig(name=name, pretrained="none", head="classification")).to(device).to(memory_format=torch.channels_last)
+    precision = resolve_precision("auto", device)
+    model = create_model(ModelConfig(name=name, pretrained="none", head="classification"))
+    model = model.to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = torch.amp.GradScaler("cuda")
+    scaler = grad_scaler(precision)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 5, (batch,), device=device)
     torch.cuda.reset_peak_memory_stats()
-    samples, stop = [], threading.Event()
     for step in range(steps + 5):
-        if step == 5:
+        if step == 5:  # warm-up (cudnn autotuning, allocator) not timed
             torch.cuda.synchronize()
             start = time.perf_counter()
-            watcher = threading.Thread(target=gpu_utilisation, args=(samples, stop), daemon=True)
-            watcher.start()
-        with torch.autocast("cuda", dtype=torch.float16):
+        with autocast(device, precision):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -62,47 +63,107 @@ def train_rate(name: str, size: int, batch: int, steps: int) -> dict:
         scaler.update()
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    stop.set()
-    return {"model": name, "size": size, "batch": batch, "images_per_s": steps * batch / seconds,
-            "gpu_util_mean": float(np.mean(samples)) if samples else None,
-            "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+    return {"images_per_s": steps * batch / seconds, "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "data_wait_share": 0.0, "precision": precision}
 
 
-def augmentation_rate(size: int, batch: int) -> float:
-    """Images/s one CPU core turns from stored uint8 images into augmented tensors."""
-    torch.set_num_threads(1)
-    tf = GradeTransforms(size, (0.5,) * 3, (0.5,) * 3, augment=True)
-    images = np.random.randint(0, 255, (batch, size + size // 8, size + size // 8, 3), dtype=np.uint8)
-    tf.train(images)
-    start = time.perf_counter()
-    for _ in range(3):
-        tf.train(images)
-    return 3 * batch / (time.perf_counter() - start)
+def project_rate(name: str, size: int, batch: int, steps: int, data: Path, out: Path, local: bool) -> dict:
+    from aptos_ray.train.driver import train
+
+    run = f"{name}-{size}-{'local' if local else 'ray'}"
+    cfg = parse_args([f"--data.dataset={data}", f"--model.name={name}", "--model.pretrained=none", "--model.head=classification",
+                      f"--data.image_size={size}", f"--train.batch_size={batch}", "--train.eval_batch_size=128",
+                      "--train.epochs=2", f"--train.max_steps_per_epoch={steps}", "--train.progress=false",
+                      f"--train.output={out}", f"--train.name={run}", "--scaling.use_gpu=true",
+                      "--scaling.num_workers=1", f"--scaling.cpus_per_worker={CPUS_PER_WORKER}",
+                      f"--train.local={local}"])
+    train(cfg)
+    epoch = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()][-1]
+    return {"images_per_s": epoch["images_per_s"], "peak_gpu_gb": max(epoch.get("peak_gpu_memory_mb", [0])) / 1024,
+            "data_wait_share": epoch["data_wait_share"]}
+
+
+def dataset(size: int, batch: int, steps: int, work: Path) -> Path:
+    """Enough rows for ``steps`` batches: 40 drawn photos repeated (drawing is the slow part)."""
+    from helpers import synthetic_subset
+
+    copies = -(-batch * steps // 40)
+    return synthetic_subset(work / f"data-{size}", size=size, per_grade=8, val_per_grade=4, copies=copies)
+
+
+def tests_summary(log: str | None) -> str:
+    if not log or not Path(log).is_file():
+        return "`pytest -m gpu`: not run here"
+    lines = [line.strip("= ") for line in Path(log).read_text().splitlines() if line.strip()]
+    return f"`pytest -m gpu`: {lines[-1] if lines else 'no output'} (log: {log})"
+
+
+def cell(r: dict | None, key: str, fmt: str) -> str:
+    if r is None:
+        return "-"
+    if "skipped" in r or "error" in r:
+        return r.get("skipped") or f"failed: {r['error']}"
+    return format(r[key], fmt)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+",
-                        default=["efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3"])
+    parser.add_argument("--models", nargs="+", default=["tf_efficientnet_lite0", "efficientnet_b0", "efficientnet_b2"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 384])
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per run (per epoch for local/ray)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--budget-s", type=float, default=200, help="skip the rows that would start after this")
+    parser.add_argument("--tests-log", default=None, help="pytest -m gpu output to summarise above the table")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "out" / "bench_gpu.json"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        sys.exit("bench_gpu.py needs CUDA: run it on a GPU machine")
-    cpu = {size: augmentation_rate(size, 32) for size in args.sizes}
-    rows = [train_rate(m, s, args.batch, args.steps) for m in args.models for s in args.sizes]
+        print("\n## Results\n\nnot run (no GPU lent): torch sees no CUDA device")
+        return
+    started, rows = time.perf_counter(), {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = {s: dataset(s, args.batch, args.steps, work) for s in args.sizes if set(args.modes) - {"plain"}}
+        for mode in args.modes:  # all plain rows first: the cheapest, and the reference
+            for name in args.models:
+                for size in args.sizes:
+                    if time.perf_counter() - started > args.budget_s:
+                        rows[name, size, mode] = {"skipped": "skipped (time budget)"}
+                        continue
+                    try:
+                        if mode == "plain":
+                            rows[name, size, mode] = plain_rate(name, size, args.batch, args.steps)
+                        else:
+                            rows[name, size, mode] = project_rate(name, size, args.batch, args.steps, data[size],
+                                                                  work / "runs", local=mode == "local")
+                    except Exception as error:  # noqa: BLE001 - one failed row must not lose the table
+                        rows[name, size, mode] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
+                    print(mode, name, size, rows[name, size, mode], flush=True)
+    precision = resolve_precision("auto", torch.device("cuda"))
     print("\n## Results\n")  # benchmarks/run.py keeps what follows
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, AMP fp16 + channels_last, batch {args.batch}\n")
-    print("| model | px | train img/s | GPU util % | peak GPU GB | CPU cores to feed it |\n|---|---|---|---|---|---|")
-    for r in rows:
-        r["cpu_cores_needed"] = r["images_per_s"] / cpu[r["size"]]
-        util = f"{r['gpu_util_mean']:.0f}" if r["gpu_util_mean"] is not None else "-"
-        print(f"| {r['model']} | {r['size']} | {r['images_per_s']:.0f} | {util} | {r['peak_gpu_memory_gb']:.1f} | "
-              f"{r['cpu_cores_needed']:.1f} |")
+    print(tests_summary(args.tests_log) + "\n")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, precision auto -> {precision}, "
+          f"channels_last, batch {args.batch}, {args.steps} timed steps\n")
+    modes = [m for m in MODES if m in args.modes]
+    fed = [m for m in modes if m != "plain"]
+    headers = ["model", "px", *(f"{MODES[m]} img/s" for m in modes), *(f"{MODES[m]} / plain" for m in fed),
+               f"peak GPU GB ({' / '.join(modes)})", f"waiting for data ({' / '.join(fed)})"]
+    print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
+    for name in args.models:
+        for size in args.sizes:
+            r = {m: rows.get((name, size, m)) for m in modes}
+            base = r.get("plain")
+            ratios = [f"{r[m]['images_per_s'] / base['images_per_s']:.2f}"
+                      if base and "images_per_s" in base and r[m] and "images_per_s" in r[m] else "-"
+                      for m in fed]
+            memory = " / ".join(f"{r[m]['peak_gpu_gb']:.1f}" if r[m] and "peak_gpu_gb" in r[m] else "-" for m in modes)
+            waits = " / ".join(f"{r[m]['data_wait_share']:.0%}" if r[m] and "data_wait_share" in r[m] else "-"
+                               for m in fed)
+            print(f"| {name} | {size} | " + " | ".join(cell(r[m], "images_per_s", ".0f") for m in modes) + " | "
+                  + " | ".join(ratios) + f" | {memory} | {waits} |")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"augmentation_images_per_s_per_core": cpu, "rows": rows}, indent=2))
+    Path(args.json).write_text(json.dumps([{"model": k[0], "size": k[1], "mode": k[2], **v} for k, v in rows.items()],
+                                          indent=2))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aptos_ray.config import config_from_dict, parse_args  # noqa: E402
-from aptos_ray.train.step import GradeTransforms, predict_outputs  # noqa: E402
+from aptos_ray.train.augment import GradeTransforms  # noqa: E402
+from aptos_ray.train.step import predict_outputs  # noqa: E402
 from aptos_ray.data.format import read_split, table_batches  # noqa: E402
 from aptos_ray.metrics import grading_metrics  # noqa: E402
 from aptos_ray.model.factory import create_model, model_data_config  # noqa: E402

@@ -43,8 +43,11 @@ BENCHMARKS = {
     "gradability": ("Gradability: verdicts on the shared APTOS folder and on known degradations",
                     ["bench_gradability.py", "--degrade", "300", "--synthetic", "100"]),
     "tune": ("Tune: ASHA vs a full grid", ["bench_tune.py"]),
-    "gpu": ("GPU training throughput: EfficientNet-B0..B3 at 224 and 384 px, AMP + channels_last",
-            ["bench_gpu.py"]),
+    "augment": ("Batched augmentation: per-image torchvision vs v2 on a batch vs kornia vs train.augment",
+                ["bench_augment.py"]),
+    "gpu": ("GPU check (benchmarks/gpu_check.sh): pytest -m gpu, and training throughput of Lite0, B0 and B2 "
+            "at 224 and 384 px: plain PyTorch vs --local vs TorchTrainer",
+            ["bench_gpu.py", "--tests-log", "benchmarks/out/gpu_tests.log"]),
 }
 GPU_ONLY = {"gpu"}  # skipped, and said so in RESULTS.md, where torch sees no CUDA device
 # How to read each table (printed under it in RESULTS.md).
@@ -67,9 +70,13 @@ NOTES = {
           "One seed: differences under ~0.02 QWK are noise.",
     "prepare": "500 APTOS images, 256 px output. On 224 px inputs an image costs ~3 ms, so Ray's per-task overhead "
                "shows; Ray pays off on full-size photographs and more cores.",
-    "data": "Images/s delivered to the training loop (decoded, augmented tensors), same images and cores. On "
-            "small files the seed's ImageFolder wins (lighter augmentation); on full-size photographs decoding and "
-            "resizing every epoch dominates, which preparing once removes.",
+    "data": "Images/s per CPU core delivered to the training loop (tensors ready for the model), same images. "
+            "`new, GPU worker` is all a GPU worker's CPU does now (rows -> one uint8 batch; augmentation runs on "
+            "the GPU; pinning, one more copy per batch there, is not in this figure); `new, CPU worker` adds the batched "
+            "augmentation on the CPU, as a CPU-only run does. "
+            "On full-size photographs the seed decodes and resizes every image every epoch, which preparing "
+            "once removes. The end-to-end table times epochs of the `--local` training loop with each path, in "
+            "turns; per CPU second is the figure that holds on a shared machine.",
     "train": "Images/s of the second epoch; the project's rows run the whole pipeline (Parquet, Ray Data shard, "
              "resampling, augmentation).",
     "predict": "efficientnet_b0 at 224 px on raw APTOS files (preprocessing included). On one 2-core machine the "
@@ -82,8 +89,15 @@ NOTES = {
                    "photographs (median fundus luminance 28-29). Sharpness is measured with the fundus resized to "
                    "224 px, so a full-size photograph is judged at the scale the model sees. The assessment runs in "
                    "predict's row-loading task, on the photograph before preprocessing; its cost is the last table.",
-    "gpu": "Synthetic in-memory batches of 64; `CPU cores to feed it` is the training rate over one core's "
-           "augmentation rate: whether the data loading keeps up.",
+    "augment": "The same augmentation (crop 0.85-1, both flips, rotation to 180 degrees, brightness and contrast "
+               "0.2, resize, normalise) from a uint8 batch, one core. v2 on a batch tensor draws one set of "
+               "parameters for the whole batch, so it cannot replace the per-image loop; kornia and "
+               "train.augment draw per image. train.augment composes crop, flips, rotation and resize into "
+               "one matrix per image and resamples once; it is what training uses, on the worker's device.",
+    "gpu": "`plain` is a bare timm + PyTorch loop on in-memory batches (the GPU's ceiling); `--local` and "
+           "TorchTrainer run the whole data path (Parquet, uint8 batches readied by a background thread, "
+           "augmentation on the GPU). `waiting for data` is the share of the epoch the training thread waited "
+           "for its next batch. Second epoch timed; synthetic photos at each size.",
     "tune": "Same grid, seed and data for both searches. Trial start-up (~15-20 s) dwarfs an epoch here, so "
             "wall time barely moves; trial-epochs are what ASHA saves.",
 }
@@ -149,13 +163,9 @@ def write_results(info: dict, results: list[dict]) -> str:
              "", "Written by `python benchmarks/run.py` (`--only NAME` reruns one section and keeps the others). "
              "Ratios are measured side by side within one benchmark; absolute times are context only.", ""]
     for r in results:
-        when = f"{r['minutes']} min" + (f", {r['date']}" if "date" in r else "")
-        lines += [f"## {BENCHMARKS[r['name']][0]}", "", f"`{r['command']}` ({when})", ""]
-        lines += [spaced(r["table"]) or "(no table: see out/results.json)", "", NOTES[r["name"]], ""] if r["ok"] else \
-                 ["Failed:", "", "```", r["stderr_tail"], "```", ""]
+        lines += [section(r)]
     for name in GPU_ONLY - {r["name"] for r in results}:
-        lines += [f"## {BENCHMARKS[name][0]}", "", f"Not run: no GPU on the machine that wrote this file "
-                  f"(`python benchmarks/run.py --only {name}` on a GPU machine adds it).", ""]
+        lines += [f"## {BENCHMARKS[name][0]}", "", not_run(name), ""]
     text = "\n".join(lines)
     (HERE / "RESULTS.md").write_text(text)
     (HERE / "out").mkdir(exist_ok=True)
@@ -163,11 +173,42 @@ def write_results(info: dict, results: list[dict]) -> str:
     return text
 
 
+def not_run(name: str) -> str:
+    return ("not run (no GPU lent): no GPU on the machine that wrote this file (`bash benchmarks/gpu_check.sh` "
+            "on a GPU machine adds it).")
+
+
+def section(r: dict) -> str:
+    """One benchmark's part of RESULTS.md, from its title to the line before the next section."""
+    when = f"{r['minutes']} min" + (f", {r['date']}" if "date" in r else "")
+    lines = [f"## {BENCHMARKS[r['name']][0]}", "", f"`{r['command']}` ({when})", ""]
+    lines += [spaced(r["table"]) or "(no table: see out/results.json)", "", NOTES[r["name"]], ""] if r["ok"] else \
+             ["Failed:", "", "```", r["stderr_tail"], "```", ""]
+    return "\n".join(lines)
+
+
+def splice(results: list[dict]) -> None:
+    """Replace only these sections of RESULTS.md (appended if absent), keeping every other line as it is:
+    for a machine without out/results.json, e.g. a GPU machine running gpu_check.sh on a fresh checkout."""
+    text = (HERE / "RESULTS.md").read_text()
+    for r in results:
+        title = f"## {BENCHMARKS[r['name']][0]}"
+        start = text.find(title + "\n")
+        if start < 0:
+            text = text.rstrip("\n") + "\n\n" + section(r)
+            continue
+        end = text.find("\n## ", start + len(title))
+        text = text[:start] + section(r) + ("\n" + text[end + 1:] if end >= 0 else "")
+    (HERE / "RESULTS.md").write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS))
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--render", action="store_true", help="rewrite RESULTS.md from out/results.json, run nothing")
+    parser.add_argument("--splice", action="store_true",
+                        help="replace only the sections run in RESULTS.md, keep the rest (no out/results.json needed)")
     args = parser.parse_args()
     if args.render:
         saved = json.loads((HERE / "out" / "results.json").read_text())
@@ -183,7 +224,10 @@ def main() -> None:
         print(f"== {name}: {' '.join(BENCHMARKS[name][1])}", flush=True)
         results.append(run(name, BENCHMARKS[name][1]))
         print(results[-1]["table"] or results[-1]["stderr_tail"], flush=True)
-        write_results(info, merged(results))  # after each one, so a long run shows progress
+        if args.splice:
+            splice(results[-1:])
+        else:
+            write_results(info, merged(results))  # after each one, so a long run shows progress
     print(f"\nwrote {HERE / 'RESULTS.md'}")
 
 

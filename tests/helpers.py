@@ -90,3 +90,21 @@ def failing_worker(loop_config: dict) -> None:
 
     backend.train_rows = dying_rows
     fit(cfg, backend, DatasetInfo(**loop_config["info"]))
+
+
+def synthetic_subset(out: Path, size: int, per_grade: int = 8, val_per_grade: int = 4, copies: int = 1) -> Path:
+    """A prepared dataset of synthetic fundus photos (aptos_ray.synthetic) at ``size`` px, no shared data
+    needed (GPU machines, benchmarks). ``copies`` repeats every training row: more steps, same drawing cost."""
+    from aptos_ray.data.synthetic import render_fundus
+
+    counts = {"train": {str(g): per_grade * copies for g in range(5)}, "val": {str(g): val_per_grade for g in range(5)}}
+    for split, n in (("train", per_grade), ("val", val_per_grade)):
+        rows = [(g, i) for g in range(5) for i in range(n)]
+        images = [render_fundus(g, np.random.default_rng([split == "val", g, i]), size) for g, i in rows]
+        repeat = copies if split == "train" else 1
+        ids = [f"{split}-{g}-{i}-{c}" for c in range(repeat) for g, i in rows]
+        write_split(out, split, ids, [g for _ in range(repeat) for g, _ in rows], images * repeat)
+    manifest = {"format_version": 1, "encoding": "raw", "image_size": size, "counts": counts,
+                "num_inputs": sum(sum(c.values()) for c in counts.values())}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out

@@ -14,7 +14,8 @@ from aptos_ray.infer.checkpoint import Checkpoint
 from aptos_ray.metrics import NUM_GRADES
 from aptos_ray.model.factory import create_model, model_data_config
 from aptos_ray.model.heads import get_head
-from aptos_ray.train.step import GradeTransforms, autocast
+from aptos_ray.train.augment import GradeTransforms, to_device
+from aptos_ray.train.step import autocast, resolve_precision
 
 PROB_COLUMNS = [f"prob_{g}" for g in range(NUM_GRADES)]
 
@@ -47,7 +48,9 @@ class Grader:
         self.head = get_head(cfg.model.head, cfg.model.num_classes)
         self.cut_points = checkpoint.cut_points
         self.tta = tta
-        self.amp = cfg.train.amp and self.device.type == "cuda"  # as validation ran in training
+        # As validation ran in training; a bf16 run predicted on a GPU without bf16 falls back to fp16.
+        precision = "auto" if cfg.train.precision == "bf16" else cfg.train.precision
+        self.precision = resolve_precision(precision, self.device, cfg.train.amp)
         model = create_model(cfg.model, load_pretrained=False)
         model.load_state_dict(checkpoint.state_dict)
         self.model = model.to(self.device).eval()
@@ -63,11 +66,11 @@ class Grader:
         Without TTA these are the raw outputs, exactly what validation decoded in training; with
         TTA the head merges the views (``Head.merge_views``).
         """
-        x = self.transforms.eval(images).to(self.device)
+        x = self.transforms.eval(to_device(images, self.device))
         views = [x] + [view(x) for view in TTA_VIEWS[: self.tta]]
         outs = []
         for v in views:
-            with autocast(self.device, self.amp):
+            with autocast(self.device, self.precision):
                 outs.append(self.model(v).float().cpu())
         return self.head.merge_views(outs)
 

@@ -24,6 +24,7 @@ from aptos_ray.train.checkpoint import (
 )
 from aptos_ray.train.local import LocalBackend
 from aptos_ray.train.loop import DatasetInfo, fit
+from aptos_ray.train.step import check_precision
 
 RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's kept checkpoints
 
@@ -67,6 +68,7 @@ def train(cfg: Config) -> dict:
     run_dir = storage.join(cfg.train.output, cfg.train.name)
     check_run_dir(cfg, run_dir)
     check_batch_norm(cfg.model)  # here, not first inside the Ray workers
+    check_precision(cfg.train.precision)
     if not cfg.train.local:
         check_sync_bn_device(cfg.model.batch_norm, cfg.scaling.num_workers, cfg.scaling.use_gpu)
     manifest = ensure_dataset(cfg)

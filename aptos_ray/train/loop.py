@@ -33,10 +33,12 @@ from aptos_ray.model.heads import Head, get_head
 from aptos_ray.model.weights import unwrap
 from aptos_ray.train.checkpoint import save_checkpoint
 from aptos_ray.train.sampling import repeat_rates, resample_batches
+from aptos_ray.train.augment import GradeTransforms
 from aptos_ray.train.step import (
-    GradeTransforms,
     fixed_step_minibatches,
+    grad_scaler,
     predict_outputs,
+    resolve_precision,
     train_one_epoch,
 )
 
@@ -155,17 +157,22 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def peak_gpu_memory_mb(device: torch.device) -> float:
+    """Peak memory torch allocated on this worker's GPU so far (0 on the CPU)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+
+
 # --- the loop ------------------------------------------------------------------------------------
 
 
 def validate(model, backend: Backend, transforms, head: Head, loss_fn, cfg: Config,
-             info: DatasetInfo) -> tuple[dict, list | None]:
+             info: DatasetInfo, precision: str = "fp32") -> tuple[dict, list | None]:
     """Validation metrics over every rank's part of the val split (never resampled or augmented)."""
     # The unwrapped model: a DDP forward broadcasts buffers, which would hang ranks whose
     # validation parts differ in length.
     outputs, grades, _ = predict_outputs(
         unwrap(model), backend.val_rows(), transforms, backend.device, cfg.train.eval_batch_size,
-        info.encoding, amp=cfg.train.amp,
+        info.encoding, precision=precision,
     )
     parts = gather((outputs, grades))
     outputs = torch.cat([p[0] for p in parts])
@@ -183,6 +190,8 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     rank, device = backend.rank, backend.device
     is_main = rank == 0
     torch.manual_seed(cfg.train.seed + rank)
+    if device.type == "cuda":  # peak_gpu_memory_mb is this run's, also when a process runs several
+        torch.cuda.reset_peak_memory_stats(device)
     restored = backend.restored_state()
     # A restored run takes its weights from the checkpoint: no hub or package read.
     model = create_model(cfg.model, load_pretrained=restored is None)
@@ -195,20 +204,22 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=cfg.data.augment)
     head = get_head(cfg.model.head, cfg.model.num_classes)
     steps = steps_per_epoch(cfg, info.num_train, backend.world_size)
-    use_amp = cfg.train.amp and device.type == "cuda"
+    precision = resolve_precision(cfg.train.precision, device, cfg.train.amp)
+    channels_last = cfg.train.channels_last and device.type == "cuda"
     # The model goes to its device before the optimizer exists and its state is restored: torch
     # moves optimizer state to each parameter's device when the state is loaded, and never again.
-    model = backend.prepare_model(model)
-    if use_amp and cfg.train.channels_last:
+    if channels_last:  # before DDP wraps it; moving to the GPU keeps the memory format
         model = model.to(memory_format=torch.channels_last)
+    model = backend.prepare_model(model)
     optimizer = build_optimizer(cfg.optim, unwrap(model))
     scheduler = build_scheduler(cfg.optim, optimizer, steps, cfg.train.epochs)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    scaler = grad_scaler(precision)
     start_epoch, history = 0, []
     if restored is not None:
         optimizer.load_state_dict(restored["optimizer"])
         scheduler.load_state_dict(restored["scheduler"])
-        scaler.load_state_dict(restored["scaler"])
+        if scaler.is_enabled() and restored["scaler"]:  # empty when saved by a bf16, fp32 or CPU run
+            scaler.load_state_dict(restored["scaler"])
         start_epoch = restored["epoch"] + 1
         history = [h for h in restored.get("history", []) if h["epoch"] < start_epoch]
     if is_main:
@@ -229,15 +240,19 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
             encoding=info.encoding,
         )
         train_stats = train_one_epoch(
-            model, batches, transforms, loss_fn, optimizer, scheduler, device, scaler, use_amp,
-            cfg.train.channels_last, steps, progress=cfg.train.progress and is_main,
-            description=f"epoch {epoch}", progress_bar=backend.progress_bar,
+            model, batches, transforms, loss_fn, optimizer, scheduler, device, scaler, precision,
+            channels_last, steps, progress=cfg.train.progress and is_main,
+            description=f"epoch {epoch}", progress_bar=backend.progress_bar, prefetch=cfg.data.prefetch_batches,
         )
-        totals = gather((train_stats["images_per_s"], train_stats["train_grade_counts"], peak_memory_mb()))
+        totals = gather((train_stats["images_per_s"], train_stats["train_grade_counts"], peak_memory_mb(),
+                         train_stats["data_wait_share"], peak_gpu_memory_mb(device)))
         train_stats["images_per_s"] = sum(t[0] for t in totals)
         train_stats["train_grade_counts"] = np.sum([t[1] for t in totals], axis=0).tolist()
         train_stats["peak_memory_mb"] = [round(t[2]) for t in totals]  # per worker
-        val_metrics, cut_points = validate(model, backend, transforms, head, loss_fn, cfg, info)
+        train_stats["data_wait_share"] = max(t[3] for t in totals)  # the slowest-fed worker's
+        if device.type == "cuda":
+            train_stats["peak_gpu_memory_mb"] = [round(t[4]) for t in totals]  # per worker
+        val_metrics, cut_points = validate(model, backend, transforms, head, loss_fn, cfg, info, precision)
         metrics = {
             "epoch": epoch,
             **train_stats,

@@ -27,7 +27,7 @@ from ray.train import (
     RunConfig,
     ScalingConfig,
 )
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
@@ -99,12 +99,29 @@ def train_worker(loop_config: dict) -> None:
     fit(cfg, RayBackend(cfg), DatasetInfo(**loop_config["info"]))
 
 
+def ddp_backend(scaling) -> str:
+    """torch.distributed's backend: NCCL for GPU workers that each own a GPU; gloo on CPUs and where
+    workers share a GPU (NCCL refuses two ranks on one device; gloo all-reduces CUDA tensors too)."""
+    if scaling.ddp_backend not in ("auto", "nccl", "gloo"):
+        raise ValueError(f"scaling.ddp_backend must be auto, nccl or gloo, got '{scaling.ddp_backend}'")
+    if scaling.ddp_backend != "auto":
+        return scaling.ddp_backend
+    return "nccl" if scaling.use_gpu and scaling.gpus_per_worker >= 1 else "gloo"
+
+
+def worker_resources(scaling) -> dict:
+    if scaling.use_gpu and not scaling.gpus_per_worker > 0:
+        raise ValueError(f"scaling.gpus_per_worker must be > 0 with use_gpu, got {scaling.gpus_per_worker}")
+    return {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+
+
 def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict, callbacks: list | None = None) -> TorchTrainer:
     """The run lands in ``train.output/train.name``; ``callbacks`` go to ``RunConfig`` (e.g. Tune's)."""
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    resources = worker_resources(cfg.scaling)
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_dict(), "info": info.__dict__},
+        torch_config=TorchConfig(backend=ddp_backend(cfg.scaling)),
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

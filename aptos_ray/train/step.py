@@ -2,7 +2,8 @@
 
 Both take iterables of numpy row batches (``id, grade, image, height, width``) as they come
 from Ray Data shards or from the local Parquet reader, so the Ray and the local runs share
-every line here.
+every line here. The CPU only cuts rows into uint8 batches; augmentation runs batched on the
+model's device (``train.augment``).
 """
 
 from __future__ import annotations
@@ -13,50 +14,10 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
 from tqdm import tqdm
 
 from aptos_ray.data.format import decode_batch
-
-
-class GradeTransforms:
-    """uint8 NHWC images -> normalised float NCHW tensors at the model's input size.
-
-    Size, mean and std come from the model (``models.model_data_config``). Augmentation is
-    drawn per image: fundus photos have no canonical orientation, so any rotation and both
-    flips are fair; a mild zoom and brightness/contrast cover camera and exposure variation.
-    """
-
-    def __init__(self, size: int, mean, std, augment: bool = True):
-        self.size = size
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
-        self.augment = augment
-        self.random = v2.Compose(
-            [
-                v2.RandomResizedCrop(size, scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.RandomVerticalFlip(),
-                v2.RandomRotation(180),
-                v2.ColorJitter(brightness=0.2, contrast=0.2),
-            ]
-        )
-        self.resize = v2.Resize((size, size), antialias=True)
-
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() / 255.0 - self.mean) / self.std
-
-    def train(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        if not self.augment:
-            return self.eval(images)
-        return self._normalise(torch.stack([self.random(img) for img in x]))
-
-    def eval(self, images: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        if x.shape[-1] != self.size or x.shape[-2] != self.size:
-            x = self.resize(x)
-        return self._normalise(x)
+from aptos_ray.train.augment import GradeTransforms, prefetch_to_device, to_device
 
 
 def fixed_step_minibatches(
@@ -109,9 +70,44 @@ def fixed_step_minibatches(
             emitted += 1
 
 
-def autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+
+
+def resolve_precision(precision: str, device: torch.device, amp: bool = True) -> str:
+    """The arithmetic a run uses on ``device``: ``bf16``, ``fp16`` or ``fp32`` (``train.precision``).
+
+    Mixed precision is for GPUs: on the CPU it is always fp32 (CPU autocast is slower than fp32 on
+    most CPUs, and fp16 has no CPU scaler). ``auto`` takes bf16 where the GPU supports it: it has
+    fp32's exponent range, so no loss scaling and no skipped steps; older GPUs (before Ampere) get
+    fp16 with a GradScaler. ``train.amp=false`` (the older switch) means fp32 whatever precision says.
+    """
+    check_precision(precision)
+    if not amp or precision == "fp32" or device.type != "cuda":
+        return "fp32"
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return "bf16" if bf16_ok else "fp16"
+    if precision == "bf16" and not bf16_ok:
+        raise ValueError("train.precision=bf16 but this GPU does not support bfloat16: "
+                         "use train.precision=auto or fp16")
+    return precision
+
+
+def grad_scaler(precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 only (its narrow range underflows small gradients); a no-op otherwise."""
+    return torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast to the resolved precision's dtype on a GPU; nothing for fp32 or on the CPU."""
+    if precision in AUTOCAST_DTYPES and device.type == "cuda":
+        return torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision])
     return contextlib.nullcontext()
 
 
@@ -124,27 +120,37 @@ def train_one_epoch(
     scheduler,
     device: torch.device,
     scaler: torch.amp.GradScaler | None = None,
-    amp: bool = False,
+    precision: str = "fp32",
     channels_last: bool = False,
     steps: int | None = None,
     progress: bool = False,
     description: str = "train",
     progress_bar=tqdm,
+    prefetch: int = 2,
 ) -> dict:
-    """One pass over ``minibatches``; returns mean loss, images and images/s.
+    """One pass over ``minibatches`` (uint8 NHWC images, grades); returns mean loss, images, images/s
+    and ``data_wait_share``, the part of the epoch spent waiting for the next batch.
 
+    ``prefetch`` batches are readied by a background thread while the current one computes.
     ``progress_bar`` is a tqdm-like class (Ray workers pass Ray's, which draws in the driver).
     """
     model.train()
-    total_loss, images_seen, start = 0.0, 0, time.perf_counter()
+    total_loss, images_seen, waited, start = 0.0, 0, 0.0, time.perf_counter()
     grade_counts = np.zeros(5, dtype=np.int64)
-    bar = progress_bar(minibatches, total=steps, desc=description) if progress else minibatches
-    for images, grades in bar:
-        x = transforms.train(images).to(device, non_blocking=True)
+    batches = prefetch_to_device(minibatches, device, prefetch)
+    bar = progress_bar(batches, total=steps, desc=description) if progress else batches
+    iterator = iter(bar)
+    while True:
+        asked = time.perf_counter()
+        try:
+            images, y, grades = next(iterator)
+        except StopIteration:
+            break
+        waited += time.perf_counter() - asked
+        x = transforms.train(images)
         if channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.from_numpy(grades).to(device)
-        with autocast(device, amp):
+        with autocast(device, precision):
             loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
@@ -168,6 +174,7 @@ def train_one_epoch(
         "train_loss": total_loss / max(images_seen, 1),
         "train_images": images_seen,
         "images_per_s": images_seen / max(seconds, 1e-9),
+        "data_wait_share": waited / max(seconds, 1e-9),
         "train_grade_counts": grade_counts.tolist(),  # what the weighted sampling delivered
     }
 
@@ -180,7 +187,7 @@ def predict_outputs(
     device: torch.device,
     batch_size: int = 64,
     encoding: str = "raw",
-    amp: bool = False,
+    precision: str = "fp32",
     progress: bool = False,
 ) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     """Model outputs (float32, on CPU), grades and ids for every row, in stream order."""
@@ -189,8 +196,8 @@ def predict_outputs(
     for batch in tqdm(row_batches, desc="eval", disable=not progress, leave=False):
         images = decode_batch(batch, encoding)
         for start in range(0, len(images), batch_size):
-            x = transforms.eval(images[start : start + batch_size]).to(device)
-            with autocast(device, amp):
+            x = transforms.eval(to_device(images[start : start + batch_size], device))
+            with autocast(device, precision):
                 outputs.append(model(x).float().cpu())
         grades.append(np.asarray(batch["grade"], dtype=np.int64))
         ids.extend(str(i) for i in batch["id"])

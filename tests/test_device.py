@@ -1,0 +1,136 @@
+"""Device placement and precision, checked on the CPU: what a GPU run depends on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tqdm import tqdm
+
+from aptos_ray.config import parse_args
+from aptos_ray.model.factory import create_model
+from aptos_ray.train import loop
+from aptos_ray.train.loop import DatasetInfo, build_optimizer, build_scheduler, fit
+from aptos_ray.train.step import autocast, grad_scaler, resolve_precision
+
+TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
+        "--data.image_size=32", "--train.batch_size=4", "--train.progress=false", "--train.epochs=2"]
+
+
+class RestoreProbe(Exception):
+    """Raised where the first epoch would start: restoring is over, the optimizer can be inspected."""
+
+
+class MovingBackend:
+    """A backend whose ``prepare_model`` moves the model as a GPU backend would (to ``meta`` here, or to
+    float64: the CPU stand-ins for ``cuda``) and that stops ``fit`` before its first epoch."""
+
+    rank, world_size, progress_bar = 0, 1, tqdm
+
+    def __init__(self, restored: dict, device: str, dtype: torch.dtype | None):
+        self.restored = restored
+        self.device, self.dtype = torch.device(device), dtype
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.to(self.device, self.dtype) if self.dtype else model.to(self.device)
+
+    def restored_state(self) -> dict:
+        return self.restored
+
+    def train_rows(self, epoch: int):
+        raise RestoreProbe
+
+    def val_rows(self):
+        return iter(())
+
+    def report(self, metrics, checkpoint_dir, epoch) -> None:
+        pass
+
+
+def checkpoint_after_one_step(cfg) -> dict:
+    """What save_checkpoint stores after epoch 0: weights and an Adam state with moments in it."""
+    model = create_model(cfg.model)
+    optimizer = build_optimizer(cfg.optim, model)
+    scheduler = build_scheduler(cfg.optim, optimizer, steps=4, epochs=cfg.train.epochs)
+    loss = model(torch.randn(2, 3, 32, 32)).square().mean()
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": grad_scaler("fp32").state_dict(), "epoch": 0, "config": cfg.to_dict()}
+
+
+@pytest.mark.parametrize("device, dtype", [("meta", None), ("cpu", torch.float64)])
+def test_restored_optimizer_state_follows_the_prepared_model(tmp_path, monkeypatch, device, dtype):
+    """The resume bug: optimizer state loaded before prepare_model moved the model stays where the
+    model was (the CPU), so a resumed GPU run fails at its first step."""
+    cfg = parse_args([*TINY, f"--train.output={tmp_path}", "--train.name=resume"])
+    built = []
+    monkeypatch.setattr(loop, "build_optimizer", lambda optim, model: built.append(build_optimizer(optim, model))
+                        or built[-1])
+    backend = MovingBackend(checkpoint_after_one_step(cfg), device, dtype)
+    with pytest.raises(RestoreProbe):
+        fit(cfg, backend, DatasetInfo(train_counts={g: 8 for g in range(5)}, num_val=0))
+    (optimizer,) = built
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    assert params and all(p.device.type == device and p.dtype == (dtype or torch.float32) for p in params)
+    for p in params:
+        state = optimizer.state[p]
+        assert {"exp_avg", "exp_avg_sq"} <= set(state), "the restored state should hold Adam's moments"
+        for name, value in state.items():
+            if name != "step":  # Adam keeps its step counter on the CPU by design
+                assert (value.device, value.dtype) == (p.device, p.dtype), name
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16", "fp16", "fp32"])
+def test_cpu_always_trains_in_fp32(precision):
+    assert resolve_precision(precision, torch.device("cpu")) == "fp32"
+    assert isinstance(autocast(torch.device("cpu"), "bf16"), type(autocast(torch.device("cpu"), "fp32")))
+
+
+@pytest.mark.parametrize("bf16_supported, precision, expected", [
+    (True, "auto", "bf16"), (False, "auto", "fp16"), (True, "fp16", "fp16"), (True, "bf16", "bf16"),
+    (True, "fp32", "fp32"), (False, "fp32", "fp32"),
+])
+def test_gpu_precision_prefers_bf16_where_supported(monkeypatch, bf16_supported, precision, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
+    assert resolve_precision(precision, torch.device("cuda")) == expected
+    assert resolve_precision(precision, torch.device("cuda"), amp=False) == "fp32"  # train.amp=false still wins
+
+
+def test_bf16_on_a_gpu_without_it_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(ValueError, match="train.precision=bf16 but this GPU does not support bfloat16"):
+        resolve_precision("bf16", torch.device("cuda"))
+
+
+def test_only_fp16_gets_a_loss_scaler():
+    # GradScaler("cuda") disables itself without CUDA, so only the disabled cases are checkable here.
+    assert not grad_scaler("bf16").is_enabled() and not grad_scaler("fp32").is_enabled()
+
+
+def test_unknown_precision_fails_before_training(tmp_path):
+    from aptos_ray.train.driver import train
+
+    cfg = parse_args([*TINY, "--local", f"--train.output={tmp_path}", "--train.precision=fp8"])
+    with pytest.raises(ValueError, match="train.precision must be one of auto, bf16, fp16, fp32, got 'fp8'"):
+        train(cfg)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("use_gpu, gpus, backend, expected", [
+    (False, 1.0, "auto", "gloo"), (True, 1.0, "auto", "nccl"), (True, 0.5, "auto", "gloo"), (True, 1.0, "gloo", "gloo"),
+])
+def test_ddp_backend_is_gloo_where_workers_share_a_gpu(use_gpu, gpus, backend, expected):
+    from aptos_ray.train.ray_backend import ddp_backend, worker_resources
+
+    cfg = parse_args([f"--scaling.use_gpu={use_gpu}", f"--scaling.gpus_per_worker={gpus}",
+                      f"--scaling.ddp_backend={backend}", "--scaling.cpus_per_worker=2"])
+    assert ddp_backend(cfg.scaling) == expected
+    assert worker_resources(cfg.scaling) == ({"CPU": 2.0, "GPU": gpus} if use_gpu else {"CPU": 2.0})
+
+
+def test_unknown_ddp_backend_is_a_clear_error():
+    from aptos_ray.train.ray_backend import ddp_backend
+
+    with pytest.raises(ValueError, match="scaling.ddp_backend must be auto, nccl or gloo, got 'mpi'"):
+        ddp_backend(parse_args(["--scaling.ddp_backend=mpi"]).scaling)
