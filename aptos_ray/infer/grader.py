@@ -14,6 +14,7 @@ from aptos_ray.infer.checkpoint import Checkpoint
 from aptos_ray.metrics import NUM_GRADES
 from aptos_ray.model.factory import create_model, model_data_config
 from aptos_ray.model.heads import get_head
+from aptos_ray.train.checkpoint import load_weights
 from aptos_ray.train.step import GradeTransforms, autocast
 
 PROB_COLUMNS = [f"prob_{g}" for g in range(NUM_GRADES)]
@@ -49,7 +50,7 @@ class Grader:
         self.tta = tta
         self.amp = cfg.train.amp and self.device.type == "cuda"  # as validation ran in training
         model = create_model(cfg.model, load_pretrained=False)
-        model.load_state_dict(checkpoint.state_dict)
+        load_weights(model, {"model": checkpoint.state_dict}, cfg, checkpoint.path)
         self.model = model.to(self.device).eval()
         data = model_data_config(model)
         self.size = cfg.data.image_size or data["input_size"][-1]

@@ -51,7 +51,7 @@ def load_rows(batch: dict, prepare: dict) -> dict:
     images, heights, widths, reasons = [], [], [], []
     for source in batch["source"]:
         try:
-            arr = preprocess(read_image({"source": str(source)}, cfg.min_image_side), cfg)
+            arr = preprocess(read_image({"source": str(source)}, cfg.min_image_side, cfg.max_pixels), cfg)
             data, reason = encode_image(arr, "raw"), ""
         except ImageError as e:
             arr, data, reason = None, b"", e.reason

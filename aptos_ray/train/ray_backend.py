@@ -28,10 +28,13 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
+from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.data.format import TRAIN_COLUMNS
+from aptos_ray.errors import ConfigError, UserError
 from aptos_ray.ray_setup import init_ray
 from aptos_ray.train.checkpoint import checkpoint_name, load_checkpoint_state
 from aptos_ray.train.loop import DatasetInfo, fit
@@ -99,6 +102,34 @@ def train_worker(loop_config: dict) -> None:
     fit(cfg, RayBackend(cfg), DatasetInfo(**loop_config["info"]))
 
 
+def _user_error(error: BaseException | None) -> UserError | None:
+    """The ``UserError`` a worker raised, inside Ray Train's wrappers (``UserExceptionWithTraceback``
+    keeps it as ``_base_exc``; a ``ControllerError`` as ``controller_failure``); else None."""
+    for _ in range(4):  # the wrappers nest at most a few levels deep
+        if error is None or isinstance(error, UserError):
+            return error
+        if isinstance(error, WorkerGroupError):
+            found = [e for e in map(_user_error, error.worker_failures.values()) if e is not None]
+            return found[0] if found else None
+        error = getattr(error, "controller_failure", None) or getattr(error, "_base_exc", None)
+    return None
+
+
+class StopOnUserError(UserCallback):
+    """A ``UserError`` in a worker (bad value, weights or checkpoint) fails the same way every try:
+    end the run at once instead of letting ``FailureConfig`` retry it ``max_failures`` times.
+
+    Ray Train's failure policy retries every worker error and takes no hook; an exception raised by
+    a callback becomes a ``ControllerError``, which it does not retry. ``run_ray`` unwraps it again.
+    """
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        for error in worker_exceptions.values():
+            user_error = _user_error(error)
+            if user_error is not None:
+                raise user_error
+
+
 def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict, callbacks: list | None = None) -> TorchTrainer:
     """The run lands in ``train.output/train.name``; ``callbacks`` go to ``RunConfig`` (e.g. Tune's)."""
     resources = {"CPU": cfg.scaling.cpus_per_worker}
@@ -119,15 +150,36 @@ def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict, callbacks: lis
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            callbacks=callbacks,
+            callbacks=[StopOnUserError(), *(callbacks or [])],
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
 
 
+def check_cluster_fits(cfg: Config, resources: dict | None = None) -> None:
+    """Refuse, before fit, a worker group the cluster can never place: Ray Train would wait for
+    it ("startup timed out after 60 s") and retry for ever. ``resources``: ``ray.cluster_resources()``."""
+    s = cfg.scaling
+    have = ray.cluster_resources() if resources is None else resources
+    asked = {"CPU": s.num_workers * s.cpus_per_worker, "GPU": s.num_workers if s.use_gpu else 0}
+    short = [f"{asked[k]:g} {k}s (scaling.num_workers={s.num_workers} x "
+             f"{s.cpus_per_worker if k == 'CPU' else 1:g} per worker) but the cluster has {have.get(k, 0):g}"
+             for k in ("CPU", "GPU") if asked[k] > have.get(k, 0)]
+    if short:
+        raise ConfigError(f"the Ray cluster cannot fit this run: it asks for {'; '.join(short)}. Lower "
+                          f"--scaling.num_workers / --scaling.cpus_per_worker or add nodes")
+
+
 def run_ray(cfg: Config, info: DatasetInfo):
     """Fit with a TorchTrainer on the connected Ray cluster; returns Ray's ``Result``, the run's record."""
     init_ray(cfg.scaling)
+    check_cluster_fits(cfg)
     trainer = build_trainer(cfg, info, load_datasets(cfg))
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except (ControllerError, WorkerGroupError) as e:
+        user_error = _user_error(e)
+        if user_error is not None:
+            raise user_error from None
+        raise
