@@ -261,3 +261,76 @@ def test_case10_cluster_too_small_is_refused_before_fit():
     with pytest.raises(ConfigError, match="asks for 2 GPUs .* but the cluster has 0"):
         check_cluster_fits(gpu, {"CPU": 8.0})
     check_cluster_fits(parse_args(["--scaling.num_workers=2"]), {"CPU": 2.0})  # fits exactly
+
+
+# ---------------------------------------------------------------- 8: code from a planted file
+
+
+class Planted:
+    """Unpickling this runs code: it leaves a marker file (what an attacker's payload would do)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).write_text, ("pwned",))
+
+
+def test_case08_resume_refuses_a_planted_search_folder(tmp_path, monkeypatch):
+    import pickle
+
+    from aptos_ray.tune import trust
+    from aptos_ray.tune.search import run_search
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    exp = tmp_path / "tune" / "s"
+    exp.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    (exp / "tuner.pkl").write_bytes(pickle.dumps(Planted(str(marker))))
+    args = [f"--tune.output={tmp_path / 'tune'}", "--tune.name=s", "--tune.resume=true"]
+    with pytest.raises(trust.UntrustedSearchError, match="not signed by this project"):
+        run_search(parse_args(args))  # refused before Ray or anything unpickles the folder
+    assert not marker.exists()
+
+    (exp / "tuner.pkl").write_bytes(pickle.dumps({"state": 1}))  # what our own search wrote
+    (exp / "experiment_state-1.json").write_text("{}")
+    trust.sign(str(exp))
+    key = trust.key_path()
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    trust.verify(str(exp))  # our own folder passes
+    (exp / "trial_1").mkdir()
+    (exp / "trial_1" / "params.pkl").write_bytes(pickle.dumps(Planted(str(marker))))  # planted later
+    with pytest.raises(trust.UntrustedSearchError, match=r"changed since this project signed it \(trial_1/params.pkl\)"):
+        trust.verify(str(exp))
+    (exp / "trial_1" / "params.pkl").unlink()
+    (exp / "tuner.pkl").write_bytes(pickle.dumps(Planted(str(marker))))  # replaced
+    with pytest.raises(trust.UntrustedSearchError, match="tuner.pkl"):
+        trust.verify(str(exp))
+    trust.sign(str(exp))
+    exp.chmod(0o777)  # world-writable: anyone could have planted it before we signed
+    with pytest.raises(trust.UntrustedSearchError, match="writable by every user"):
+        trust.verify(str(exp))
+    exp.chmod(0o755)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "other_user"))
+    trust.signing_key(create=True)
+    with pytest.raises(trust.UntrustedSearchError, match="does not match this user's key"):
+        trust.verify(str(exp))
+    assert not marker.exists()
+
+
+def test_case08_generated_auth_token_is_owner_only_from_the_start(tmp_path, monkeypatch):
+    """scripts/two_node_run.py's token file is created 0600, not written 0644 and chmod-ed after."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "two_node_run.py"
+    spec = importlib.util.spec_from_file_location("two_node_run", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(Path, "chmod", lambda self, mode: None)  # only the mode it was created with counts
+    old = os.umask(0o022)  # the usual umask, under which a plain write makes 0644
+    try:
+        cluster = module.TwoNodeCluster(tmp_path)
+    finally:
+        os.umask(old)
+    token = Path(cluster.env["RAY_AUTH_TOKEN_PATH"])
+    assert oct(token.stat().st_mode & 0o777) == "0o600"

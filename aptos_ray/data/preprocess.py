@@ -71,8 +71,8 @@ def load_image(path: str | Path, max_pixels: int = 0) -> np.ndarray:
         if "truncated" in text or "broken data stream" in text or "end of file" in text.lower():
             raise ImageError("truncated image") from None
         raise ImageError(f"unreadable image: {text}") from None
-    except Image.DecompressionBombError as e:  # pragma: no cover - needs a huge file
-        raise ImageError(f"unreadable image: {e}") from None
+    except Image.DecompressionBombError as e:  # pragma: no cover - PIL's own limit, > 179 MP
+        raise ImageError(f"image too large: {e}") from None
     return to_rgb_uint8(arr)
 
 
