@@ -334,3 +334,50 @@ def test_case08_generated_auth_token_is_owner_only_from_the_start(tmp_path, monk
         os.umask(old)
     token = Path(cluster.env["RAY_AUTH_TOKEN_PATH"])
     assert oct(token.stat().st_mode & 0o777) == "0o600"
+
+
+# ---------------------------------------------------------------- 3, 11: Ray Train runs
+
+
+@pytest.mark.slow
+def test_case03_worker_killed_right_after_a_report_resumes_from_that_epoch(p60, tmp_path, ray_session, monkeypatch):
+    """Rank 0 is SIGKILLed the moment epoch 1's report returns, before Ray Train's controller has
+    collected it: the restart must continue from epoch 1's checkpoint, training epoch 2 only."""
+    import helpers
+    import ray
+
+    from aptos_ray.train import ray_backend
+
+    monkeypatch.setattr(ray_backend, "train_worker", helpers.killed_after_report_worker)
+    ray.cloudpickle.register_pickle_by_value(helpers)  # the workers cannot import tests/helpers.py
+    args = [a for a in run_args(p60, tmp_path, "kill", 3, "--scaling.num_workers=2", "--scaling.max_failures=1")
+            if a != "--local"]
+    summary = train(parse_args(args))
+    run = tmp_path / "kill"
+    assert (run / ".killed_after_report").is_file()  # the worker really died
+    assert (run / ".epochs_started").read_text().split() == ["0", "1", "2"]  # nothing trained twice
+    assert history(run) == [0, 1, 2] and summary["epochs"] == 3
+    assert Path(summary["best_checkpoint"]).is_dir()
+
+
+@pytest.mark.slow
+def test_case11_user_error_in_a_worker_is_not_retried(p60, tmp_path, ray_session, monkeypatch):
+    import helpers
+    import ray
+
+    from aptos_ray.train import ray_backend
+
+    monkeypatch.setattr(ray_backend, "train_worker", helpers.user_error_worker)
+    ray.cloudpickle.register_pickle_by_value(helpers)
+    args = [a for a in run_args(p60, tmp_path, "bad", 1, "--scaling.num_workers=1", "--scaling.max_failures=3")
+            if a != "--local"]
+    with pytest.raises(ConfigError, match="unknown timm model 'no_such_net'"):
+        train(parse_args(args))
+    assert len(list(tmp_path.glob(".attempts-*"))) == 1  # one attempt, not 1 + max_failures
+
+
+def test_case11_bad_model_name_fails_in_the_driver_before_ray(p60, tmp_path):
+    args = [a for a in run_args(p60, tmp_path, "bad", 1, "--model.name=no_such_net") if a != "--local"]
+    with pytest.raises(ConfigError, match="model.name: unknown timm model 'no_such_net'"):
+        train(parse_args(args))
+    assert not (tmp_path / "bad").exists()

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 
 from aptos_ray import plots, storage
@@ -77,7 +78,10 @@ def load_checkpoint_state(directory: str | Path) -> dict:
     if not isinstance(state, dict) or "model" not in state:
         raise CorruptCheckpointError(f"{path}: {NOT_A_CHECKPOINT}")
     history = Path(directory) / HISTORY_FILE
-    state["history"] = json.loads(history.read_text()) if history.is_file() else []
+    try:
+        state["history"] = json.loads(history.read_text()) if history.is_file() else []
+    except (OSError, ValueError):  # cut short by a kill during the upload
+        raise CorruptCheckpointError(f"{history}: {NOT_A_CHECKPOINT}") from None
     state["path"] = str(path)
     return state
 
@@ -120,6 +124,20 @@ def checkpoint_folders(run_dir: str) -> dict[int, str]:
     return found
 
 
+def stored_checkpoints(run_dir: str) -> dict[int, str]:
+    """{epoch: folder} of the checkpoint folders with a model.pt and a history in a run directory,
+    a local path or URI: what the workers uploaded, registered by Ray Train or not."""
+    fs, root = storage.filesystem(run_dir)
+    found = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        match = CHECKPOINT_DIR.fullmatch(info.base_name)
+        if match and info.type == pafs.FileType.Directory:
+            files = fs.get_file_info([f"{info.path}/{CHECKPOINT_FILE}", f"{info.path}/{HISTORY_FILE}"])
+            if all(f.type == pafs.FileType.File for f in files):
+                found[int(match.group(1))] = storage.join(run_dir, info.base_name)
+    return found
+
+
 # --- the record and the driver's files ------------------------------------------------------------
 
 
@@ -151,6 +169,10 @@ def record_from_result(result, run_dir: str) -> RunRecord:
             for checkpoint, metrics in result.best_checkpoints}
     latest = storage.join(run_dir, Path(result.checkpoint.path).name)
     kept[int(result.metrics["epoch"])] = latest
+    # A checkpoint uploaded whose report Ray Train never registered (a worker killed right after
+    # reporting; a restart resumed from it, see RayBackend.restored_state) is in the history too.
+    for epoch, folder in stored_checkpoints(run_dir).items():
+        kept.setdefault(epoch, folder)
     return RunRecord(run_dir, read_history(latest), kept)
 
 

@@ -12,6 +12,7 @@ Choices for small machines (2 CPU cores), measured, see README "Ray on small mac
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,9 +35,14 @@ from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.data.format import TRAIN_COLUMNS
-from aptos_ray.errors import ConfigError, UserError
+from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError
 from aptos_ray.ray_setup import init_ray
-from aptos_ray.train.checkpoint import checkpoint_name, load_checkpoint_state
+from aptos_ray.train.checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_name,
+    load_checkpoint_state,
+    stored_checkpoints,
+)
 from aptos_ray.train.loop import DatasetInfo, fit
 
 
@@ -65,6 +71,7 @@ class RayBackend:
         self.device = ray.train.torch.get_device()
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_data = ray.train.get_dataset_shard("val")
+        self.run_dir = storage.join(cfg.train.output, cfg.train.name)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model)
@@ -83,12 +90,29 @@ class RayBackend:
             yield {k: v[self.rank :: self.world_size] for k, v in batch.items()}
 
     def restored_state(self) -> dict | None:
+        """The newest checkpoint that loads: Ray Train's latest registered one, or a newer one in
+        the run directory that was uploaded but never registered.
+
+        ``ray.train.report`` returns once the checkpoint is uploaded and the report is queued in
+        this worker; the controller registers it only when it next polls the workers. A worker
+        killed in between (about a second) loses that report, and Ray restarts from the checkpoint
+        before: the epoch reported last, or the whole run, would be trained again. The uploaded
+        folder is complete by then, so it is taken instead; every rank lists the same folders.
+        """
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        # as_directory() removes a downloaded copy when the block ends: the state is in memory by then.
-        with checkpoint.as_directory() as directory:
-            return load_checkpoint_state(directory)
+        candidates = {epoch: ray.train.Checkpoint(path) for epoch, path in stored_checkpoints(self.run_dir).items()}
+        if checkpoint is not None:
+            match = CHECKPOINT_DIR.fullmatch(Path(checkpoint.path).name)
+            candidates[int(match.group(1)) if match else -1] = checkpoint
+        for epoch, candidate in sorted(candidates.items(), key=lambda kv: kv[0], reverse=True):
+            # as_directory() removes a downloaded copy when the block ends: the state is in memory by then.
+            try:
+                with candidate.as_directory() as directory:
+                    return load_checkpoint_state(directory)
+            except CorruptCheckpointError as e:
+                if self.rank == 0:
+                    print(f"warning: skipping the checkpoint of epoch {epoch}: {e}", file=sys.stderr)
+        return None
 
     def report(self, metrics: dict, checkpoint_dir: Path | None, epoch: int) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
