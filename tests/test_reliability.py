@@ -381,3 +381,21 @@ def test_case11_bad_model_name_fails_in_the_driver_before_ray(p60, tmp_path):
     with pytest.raises(ConfigError, match="model.name: unknown timm model 'no_such_net'"):
         train(parse_args(args))
     assert not (tmp_path / "bad").exists()
+
+
+def test_case08_default_ray_token_is_made_owner_only(tmp_path, monkeypatch):
+    from aptos_ray.ray_setup import private_default_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    old = os.umask(0o022)
+    try:
+        private_default_token()  # none yet: made 0600
+        token = tmp_path / ".ray" / "auth_token"
+        assert oct(token.stat().st_mode & 0o777) == "0o600" and len(token.read_text()) == 64
+        token.chmod(0o644)  # one Ray wrote earlier
+        private_default_token()
+        assert oct(token.stat().st_mode & 0o777) == "0o600"
+    finally:
+        os.umask(old)
