@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from aptos_ray.config import PrepareConfig
+from aptos_ray.data.files import escape_reason, input_files
 from aptos_ray.data.format import GRADES, SPLITS
 from aptos_ray.data.preprocess import ImageError, load_image, to_rgb_uint8
 from aptos_ray.errors import DataError
@@ -43,8 +44,6 @@ CLASS_FOLDERS = {
 }
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 NPZ_SPLITS = ("train", "val", "test")
-
-
 
 
 @dataclass
@@ -178,36 +177,6 @@ def resolve_image(images: Path, id_: str, listing: dict[str, str]) -> tuple[Path
         if os.path.isfile(candidate):
             return Path(candidate), ""
     return None, "missing file"
-
-
-def escape_reason(path: Path, root: Path) -> str:
-    """A quarantine reason when ``path``, links followed, is not inside ``root`` (else ""): a symlink
-    to a file elsewhere is not part of the input, whatever its name says."""
-    real, root_real = os.path.realpath(path), os.path.realpath(root)
-    if os.path.commonpath([root_real, real]) != root_real:
-        return f"path escapes the input folder: {path} -> {real}"
-    return ""
-
-
-def is_own_output(folder: Path) -> bool:
-    """A prepared dataset (manifest.json) or a data card (card/README.md): what prepare writes."""
-    return (folder / "manifest.json").is_file() or (folder.name == "card" and (folder / "README.md").is_file())
-
-
-def input_files(folder: Path, skipped: list[str]) -> list[Path]:
-    """Every non-hidden file below ``folder``, sorted, except inside our own outputs (noted in
-    ``skipped``): a dataset prepared into a class folder must not come back as grade-N images.
-    Hidden folders (a writer's ``.NAME.tmp-*`` staging) are skipped too; links to folders are not followed."""
-    files = []
-    for root, dirs, names in os.walk(folder):
-        here = Path(root)
-        if is_own_output(here):
-            skipped.append(str(here))
-            dirs[:] = []
-            continue
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        files += [here / n for n in names if not n.startswith(".")]
-    return sorted(files)
 
 
 def _listing(images: Path) -> dict[str, str]:
