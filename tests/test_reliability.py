@@ -42,20 +42,34 @@ from aptos_ray.train import local as local_backend
 from aptos_ray.train.checkpoint import checkpoint_folders
 from aptos_ray.train.driver import train
 
-TINY = ["--local", "--model.name=test_efficientnet", "--model.pretrained=none", "--data.image_size=64",
+TINY = ["--local", "--model.name=test_efficientnet", "--model.pretrained=none", "--data.image_size=32",
         "--train.batch_size=8", "--train.eval_batch_size=32", "--train.progress=false",
         "--optim.warmup_epochs=0"]
 
 
 @pytest.fixture(scope="module")
 def p60(aptos_dir, tmp_path_factory) -> Path:
-    """60 shared APTOS images (12 per grade) at 64 px, as a prepared dataset."""
+    """60 shared APTOS images (12 per grade) at 64 px, as a prepared dataset (trained at 32 px)."""
     return aptos_subset(aptos_dir, tmp_path_factory.mktemp("p60") / "p60", per_grade=12, size=64)
 
 
 def run_args(p60: Path, out: Path, name: str, epochs: int, *extra: str) -> list[str]:
     return [*TINY, f"--data.dataset={p60}", f"--train.output={out}", f"--train.name={name}",
             f"--train.epochs={epochs}", *extra]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(p60, tmp_path_factory) -> Path:
+    """One finished 2-epoch local run (regression head, both checkpoints kept), copied by the tests
+    that resume it: training once is what keeps this corpus within CI's time."""
+    out = tmp_path_factory.mktemp("runs")
+    train(parse_args(run_args(p60, out, "r", 2, "--model.head=regression", "--train.keep_checkpoints=2")))
+    return out / "r"
+
+
+def copy_run(run: Path, out: Path) -> Path:
+    shutil.copytree(run, out / run.name)
+    return out / run.name
 
 
 def history(run_dir: Path) -> list[int]:
@@ -75,29 +89,32 @@ def class_folders(aptos_dir: Path, root: Path, per_grade: int = 2) -> Path:
 # ---------------------------------------------------------------- 1, 2: local checkpoints
 
 
-def test_case01_corrupt_latest_checkpoint_is_skipped_on_resume(p60, tmp_path, capsys):
-    train(parse_args(run_args(p60, tmp_path, "r", 2, "--train.keep_checkpoints=2")))
-    run = tmp_path / "r"
+def test_case01_corrupt_latest_checkpoint_is_skipped_on_resume(p60, two_epochs, tmp_path, capsys):
+    run = copy_run(two_epochs, tmp_path)
     latest = run / "checkpoint_epoch_0001" / "model.pt"
     with open(latest, "r+b") as f:
         f.truncate(latest.stat().st_size // 2)
-    summary = train(parse_args(run_args(p60, tmp_path, "r", 3, "--train.keep_checkpoints=2", "--resume")))
+    summary = train(parse_args(run_args(p60, tmp_path, "r", 2, "--model.head=regression",
+                                        "--train.keep_checkpoints=2", "--resume")))
     err = capsys.readouterr()
     assert "skipping the checkpoint of epoch 1" in err.err and "not a valid checkpoint" in err.err
     assert "Resumed from the checkpoint of epoch 0" in err.out
-    assert history(run) == [0, 1, 2] and summary["epochs"] == 3
+    assert history(run) == [0, 1] and summary["epochs"] == 2
+    assert read_checkpoint(str(run / "checkpoint_epoch_0001")).epoch == 1  # rewritten whole
 
 
-def test_case01_kill_while_writing_leaves_no_half_checkpoint(p60, tmp_path, monkeypatch):
-    """The copy into the run directory dies halfway in epoch 1 (as a kill would): the folder that
-    exists is the hidden one written aside, never a checkpoint_epoch_0001 that --resume would take."""
+def test_case01_kill_while_writing_leaves_no_half_checkpoint(p60, two_epochs, tmp_path, monkeypatch):
+    """The copy into the run directory dies halfway in epoch 2 (as a kill would): the folder that
+    exists is the hidden one written aside, never a checkpoint_epoch_0002 that --resume would take."""
+    run = copy_run(two_epochs, tmp_path)
+    args = run_args(p60, tmp_path, "r", 3, "--model.head=regression", "--train.keep_checkpoints=2", "--resume")
     real_copytree = shutil.copytree
 
     class Killed(BaseException):
         pass
 
     def dying_copytree(src, dst, *a, **kw):
-        if Path(dst).name.startswith(".checkpoint_epoch_0001"):
+        if Path(dst).name.startswith(".checkpoint_epoch_0002"):
             Path(dst).mkdir()
             (Path(dst) / "model.pt").write_bytes((Path(src) / "model.pt").read_bytes()[:1000])
             raise Killed
@@ -105,23 +122,22 @@ def test_case01_kill_while_writing_leaves_no_half_checkpoint(p60, tmp_path, monk
 
     monkeypatch.setattr(local_backend.shutil, "copytree", dying_copytree)
     with pytest.raises(Killed):
-        train(parse_args(run_args(p60, tmp_path, "k", 2)))
+        train(parse_args(args))
     monkeypatch.undo()
-    run = tmp_path / "k"
-    assert not (run / "checkpoint_epoch_0001").exists() and sorted(checkpoint_folders(str(run))) == [0]
-    train(parse_args(run_args(p60, tmp_path, "k", 2, "--resume")))
-    assert history(run) == [0, 1]
+    assert not (run / "checkpoint_epoch_0002").exists() and sorted(checkpoint_folders(str(run))) == [0, 1]
+    train(parse_args(args))
+    assert history(run) == [0, 1, 2]
 
 
 def test_case02_tied_qwk_best_checkpoint_exists_and_predicts(p60, tmp_path):
-    summary = train(parse_args(run_args(p60, tmp_path, "tie", 3, "--optim.lr=0", "--train.keep_checkpoints=1")))
+    summary = train(parse_args(run_args(p60, tmp_path, "tie", 2, "--optim.lr=0", "--train.keep_checkpoints=1")))
     run = tmp_path / "tie"
     qwks = {json.loads(line)["val_qwk"] for line in (run / "metrics.jsonl").read_text().splitlines()}
     assert len(qwks) == 1  # lr 0: every epoch scores the same
-    assert summary["best_epoch"] == 2  # of equal scores the later epoch, the one pruning keeps
+    assert summary["best_epoch"] == 1  # of equal scores the later epoch, the one pruning keeps
     assert (Path(summary["best_checkpoint"]) / "model.pt").is_file()
     checkpoint = read_checkpoint(str(run))  # what predict does with a run directory
-    assert checkpoint.epoch == 2
+    assert checkpoint.epoch == 1
     out = Grader(checkpoint)(np.zeros((2, 64, 64, 3), np.uint8))
     assert out["predicted"].shape == (2,)
 
@@ -219,18 +235,17 @@ def test_case07_uniform_images_are_quarantined_as_blank(aptos_dir, tmp_path):
 # ---------------------------------------------------------------- 9, 12: checkpoints that do not fit
 
 
-def test_case09_resume_with_another_head_is_one_line(p60, tmp_path):
-    train(parse_args(run_args(p60, tmp_path, "h", 1, "--model.head=regression")))
+def test_case09_resume_with_another_head_is_one_line(p60, two_epochs, tmp_path):
+    copy_run(two_epochs, tmp_path)
     with pytest.raises(CorruptCheckpointError) as e:
-        train(parse_args(run_args(p60, tmp_path, "h", 2, "--model.head=classification", "--resume")))
+        train(parse_args(run_args(p60, tmp_path, "r", 3, "--model.head=classification", "--resume")))
     text = str(e.value)
-    assert "\n" not in text and "checkpoint_epoch_0000/model.pt" in text
+    assert "\n" not in text and "checkpoint_epoch_0001/model.pt" in text
     assert "model.head: checkpoint 'regression', config 'classification'" in text
 
 
-def test_case09_weights_that_do_not_fit_the_model_are_one_line(p60, tmp_path):
-    train(parse_args(run_args(p60, tmp_path, "w", 1, "--model.head=regression")))
-    checkpoint = read_checkpoint(str(tmp_path / "w"))
+def test_case09_weights_that_do_not_fit_the_model_are_one_line(two_epochs):
+    checkpoint = read_checkpoint(str(two_epochs / "checkpoint_epoch_0001"))
     checkpoint.config.model.head = "classification"  # a config edited by hand: 5 outputs, 1 saved
     with pytest.raises(CorruptCheckpointError) as e:
         Grader(checkpoint)
