@@ -7,7 +7,7 @@ whole table of the issue (52 cases) with the numbers.
 | case | what | expected | verdict (test) |
 |---|---|---|---|
 | 1 | checkpoint killed while written, then --resume | no half checkpoint; a corrupt one is skipped with a warning, the one before is used | correct (test_case01_*) |
-| 2 | validation QWK ties (lr 0) | summary's best checkpoint is kept; predict from the run dir works | correct (test_case02_*) |
+| 2 | validation QWK ties (lr 0, frozen BatchNorm) | summary's best checkpoint is kept; predict from the run dir works | correct (test_case02_*) |
 | 3 | Ray worker SIGKILLed right after an epoch's report | the run continues from that epoch | correct (test_case03_*, slow) |
 | 4 | prepare SIGKILLed mid-run, then rerun | no `.NAME.tmp-*` left behind | correct (test_case04_*, slow + fast) |
 | 5 | symlink to a PNG outside the input folder | quarantined "path escapes the input folder" | quarantined (test_case05_*) |
@@ -129,11 +129,17 @@ def test_case01_kill_while_writing_leaves_no_half_checkpoint(p60, two_epochs, tm
     assert history(run) == [0, 1, 2]
 
 
-def test_case02_tied_qwk_best_checkpoint_exists_and_predicts(p60, tmp_path):
-    summary = train(parse_args(run_args(p60, tmp_path, "tie", 2, "--optim.lr=0", "--train.keep_checkpoints=1")))
+def test_case02_tied_qwk_best_checkpoint_exists_and_predicts(p60, two_epochs, tmp_path):
+    # lr 0 and frozen BatchNorm statistics (those of the shared run's weights): the model never
+    # changes, so every epoch scores the same (with lr 0 alone the running statistics still move)
+    weights = two_epochs / "checkpoint_epoch_0001" / "model.pt"
+    args = [a for a in run_args(p60, tmp_path, "tie", 2, "--optim.lr=0", "--model.batch_norm=frozen",
+                                "--model.head=regression", "--train.keep_checkpoints=1", f"--model.pretrained={weights}")
+            if a != "--model.pretrained=none"]
+    summary = train(parse_args(args))
     run = tmp_path / "tie"
     qwks = {json.loads(line)["val_qwk"] for line in (run / "metrics.jsonl").read_text().splitlines()}
-    assert len(qwks) == 1  # lr 0: every epoch scores the same
+    assert len(qwks) == 1
     assert summary["best_epoch"] == 1  # of equal scores the later epoch, the one pruning keeps
     assert (Path(summary["best_checkpoint"]) / "model.pt").is_file()
     checkpoint = read_checkpoint(str(run))  # what predict does with a run directory
