@@ -315,6 +315,7 @@ def test_case08_resume_refuses_a_planted_search_folder(tmp_path, monkeypatch):
 
     (exp / "tuner.pkl").write_bytes(pickle.dumps({"state": 1}))  # what our own search wrote
     (exp / "experiment_state-1.json").write_text("{}")
+    (exp / "search_config.yaml").write_text("train: {epochs: 2}\n")
     trust.sign(str(exp))
     key = trust.key_path()
     assert oct(key.stat().st_mode & 0o777) == "0o600"
@@ -324,6 +325,10 @@ def test_case08_resume_refuses_a_planted_search_folder(tmp_path, monkeypatch):
     with pytest.raises(trust.UntrustedSearchError, match=r"changed since this project signed it \(trial_1/params.pkl\)"):
         trust.verify(str(exp))
     (exp / "trial_1" / "params.pkl").unlink()
+    (exp / "search_config.yaml").write_text("train: {epochs: 200}\n")  # the config a resume reloads
+    with pytest.raises(trust.UntrustedSearchError, match="search_config.yaml"):
+        trust.verify(str(exp))
+    (exp / "search_config.yaml").write_text("train: {epochs: 2}\n")
     (exp / "tuner.pkl").write_bytes(pickle.dumps(Planted(str(marker))))  # replaced
     with pytest.raises(trust.UntrustedSearchError, match="tuner.pkl"):
         trust.verify(str(exp))

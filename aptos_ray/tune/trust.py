@@ -30,6 +30,7 @@ from aptos_ray import storage
 from aptos_ray.errors import UserError
 
 SIGNATURE = "aptos_ray_signature.json"
+SEARCH_CONFIG = "search_config.yaml"  # tune/search.py's; not imported from there: search imports this module
 KEY_FILE = "tune.key"
 
 
@@ -62,7 +63,8 @@ def signing_key(create: bool) -> bytes:
 
 def restorable_files(exp_dir: str) -> dict[str, str]:
     """{relative path: sha256} of what ``Tuner.restore`` may unpickle: every ``*.pkl`` and every
-    ``.json`` at the top (experiment and searcher state). Trial results and run folders are data."""
+    ``.json`` at the top (experiment and searcher state), and the config a resume reloads
+    (``search_config.yaml``). Trial results and run folders are data."""
     fs, root = storage.filesystem(exp_dir)
     infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     digests = {}
@@ -71,7 +73,7 @@ def restorable_files(exp_dir: str) -> dict[str, str]:
             continue
         rel = info.path[len(root):].lstrip("/")
         top_json = "/" not in rel and rel.endswith(".json") and rel != SIGNATURE
-        if rel.endswith(".pkl") or top_json:
+        if rel.endswith(".pkl") or top_json or rel == SEARCH_CONFIG:
             with fs.open_input_stream(info.path) as f:
                 digests[rel] = hashlib.sha256(f.read()).hexdigest()
     return digests
