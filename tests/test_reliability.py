@@ -189,7 +189,7 @@ def test_case05_csv_layout_symlink_is_quarantined(aptos_dir, tmp_path):
         for png in (raw / grade).iterdir():
             shutil.copy(png, images / png.name)
             rows.append(f"{png.stem},{grade}")
-    (images / "link.png").symlink_to(tmp_path / "raw" / "0" / sorted(os.listdir(raw / "0"))[0])
+    (images / "link.png").symlink_to(tmp_path / "raw" / "0" / min(os.listdir(raw / "0")))
     (images.parent / "train.csv").write_text("id_code,diagnosis\n" + "\n".join([*rows, "link,2"]) + "\n")
     src = read_source(PrepareConfig(input=str(images.parent)))
     assert reason_kind({q["id"]: q["reason"] for q in src.quarantined}["link"]) == "path escapes the input folder"
