@@ -425,3 +425,30 @@ def test_case08_default_ray_token_is_made_owner_only(tmp_path, monkeypatch):
         assert oct(token.stat().st_mode & 0o777) == "0o600"
     finally:
         os.umask(old)
+
+
+@pytest.mark.slow
+def test_case04_sigkilled_prepare_leaves_nothing_after_a_rerun(aptos_dir, tmp_path):
+    """A real prepare job SIGKILLed once its staging folder exists; the rerun publishes the dataset
+    and removes the dead writer's ``.prepared.tmp-PID-*``."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "prepared"
+    cmd = [sys.executable, str(repo / "jobs" / "prepare.py"), f"--prepare.input={aptos_dir}",
+           f"--prepare.output={out}", "--prepare.limit=60", "--prepare.image_size=64", "--prepare.card=false"]
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(repo)}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(tmp_path.glob(".prepared.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert list(tmp_path.glob(".prepared.tmp-*")), "prepare never started writing"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()  # nothing half-published
+    subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+    assert (out / "manifest.json").is_file()
+    assert not list(tmp_path.glob(".prepared.*")), "a leftover of the killed writer"
