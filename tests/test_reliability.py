@@ -441,12 +441,14 @@ def test_case04_sigkilled_prepare_leaves_nothing_after_a_rerun(aptos_dir, tmp_pa
     cmd = [sys.executable, str(repo / "jobs" / "prepare.py"), f"--prepare.input={aptos_dir}",
            f"--prepare.output={out}", "--prepare.limit=60", "--prepare.image_size=64", "--prepare.card=false"]
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(repo)}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group: the kill takes the local Ray it started along, as a killed job's would go
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.monotonic() + 300
     while not list(tmp_path.glob(".prepared.tmp-*")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert list(tmp_path.glob(".prepared.tmp-*")), "prepare never started writing"
-    os.kill(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not out.exists()  # nothing half-published
     subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
