@@ -56,6 +56,7 @@ class PrepareConfig:
     seed: int = 0
     dedup_max_distance: int = 4  # perceptual-hash Hamming distance that counts as a near-duplicate
     min_image_side: int = 32  # smaller images are quarantined
+    max_pixels: int = 50_000_000  # larger images (read from the header, before decoding) are quarantined
     limit: int = 0  # use a stratified subset of this many images (0 = all)
     card: bool = True  # write the data card beside the dataset
     card_only: bool = False  # regenerate the card of an existing dataset and stop

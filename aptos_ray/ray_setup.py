@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+from pathlib import Path
 
 import ray
 
@@ -19,7 +21,29 @@ def init_ray(scaling: ScalingConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
+        private_default_token()
         ray.init(log_to_driver=True, **local_ray_options())
+
+
+def private_default_token() -> None:
+    """Make ``~/.ray/auth_token`` readable by its owner only, before a local ``ray.init()`` needs it.
+
+    A local ``ray.init()`` turns token authentication on and, when no token exists, writes one to
+    ``~/.ray/auth_token`` with the umask's mode (0644: every user of the machine could read it and
+    talk to the cluster). Creating it here, 0600 from the first byte, and tightening an existing
+    one, closes that. A token given by RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH is left alone.
+    """
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the format Ray's own generator writes (256 random bits, hex)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+    except FileExistsError:
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
 
 
 def local_ray_options() -> dict:

@@ -71,8 +71,11 @@ class TwoNodeCluster:
         self.gcs_address = f"127.0.0.1:{gcs}"
         self.dashboard = f"http://127.0.0.1:{dashboard}"
         token = root / "auth_token"
-        token.write_text(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
-        token.chmod(0o600)
+        # What `ray get-auth-token --generate` writes; created 0600, never readable by others even briefly.
+        fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        token.chmod(0o600)  # O_CREAT's mode applies only to a new file
         self.env = {
             # RAY_AUTH_TOKEN would take precedence over this run's token file
             **{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")},

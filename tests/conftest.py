@@ -32,9 +32,10 @@ def ray_session():
     """One local Ray instance for every test that needs it (starting Ray costs seconds)."""
     import ray
 
-    from aptos_ray.ray_setup import local_ray_options
+    from aptos_ray.ray_setup import local_ray_options, private_default_token
 
     if not ray.is_initialized():
+        private_default_token()  # Ray would write ~/.ray/auth_token 0644
         options = local_ray_options()
         options["runtime_env"]["env_vars"]["PYTHONWARNINGS"] = "ignore"
         ray.init(num_cpus=2, log_to_driver=False, **options)

@@ -108,3 +108,51 @@ def synthetic_subset(out: Path, size: int, per_grade: int = 8, val_per_grade: in
                 "num_inputs": sum(sum(c.values()) for c in counts.values())}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
+
+
+KILL_AFTER_REPORT_OF_EPOCH = 1
+
+
+def killed_after_report_worker(loop_config: dict) -> None:
+    """Ray Train's worker function, except that rank 0 is SIGKILLed right after ``ray.train.report``
+    of epoch ``KILL_AFTER_REPORT_OF_EPOCH`` returns (once per run), before the controller has
+    polled the report; every rank-0 epoch start is appended to ``.epochs_started``.
+    Test-only fault injection, swapped in for ``ray_backend.train_worker`` by a test."""
+    import signal
+
+    from aptos_ray.config import config_from_dict
+    from aptos_ray.train.loop import DatasetInfo, fit
+    from aptos_ray.train.ray_backend import RayBackend
+
+    cfg = config_from_dict(loop_config["config"])
+    backend = RayBackend(cfg)
+    run_dir = Path(cfg.train.output) / cfg.train.name
+    marker, started = run_dir / ".killed_after_report", run_dir / ".epochs_started"
+    rows, report = backend.train_rows, backend.report
+
+    def logged_rows(epoch: int):
+        if backend.rank == 0:
+            with open(started, "a") as f:
+                f.write(f"{epoch}\n")
+        return rows(epoch)
+
+    def report_then_die(metrics, checkpoint_dir, epoch):
+        report(metrics, checkpoint_dir, epoch)
+        if epoch == KILL_AFTER_REPORT_OF_EPOCH and backend.rank == 0 and not marker.exists():
+            marker.write_text(f"{os.getpid()}\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    backend.train_rows, backend.report = logged_rows, report_then_die
+    fit(cfg, backend, DatasetInfo(**loop_config["info"]))
+
+
+def user_error_worker(loop_config: dict) -> None:
+    """A worker whose config is wrong in a way only the worker finds: counts its attempts, then
+    raises a ``ConfigError`` (a ``UserError``) as create_model does for an unknown model."""
+    from aptos_ray.config import config_from_dict
+    from aptos_ray.errors import ConfigError
+
+    cfg = config_from_dict(loop_config["config"])
+    with open(Path(cfg.train.output) / f".attempts-{os.getpid()}", "w") as f:
+        f.write("1\n")
+    raise ConfigError("model.name: unknown timm model 'no_such_net' (found in the worker)")

@@ -109,6 +109,7 @@ def prepare(cfg: Config) -> Path | str:
         return _card_only(p.output)
     _check_fractions(p)
     _check_output(p.output)
+    _check_output_outside_input(p)
     src = read_source(p)
     records = stratified_subset(src.records, p.limit, p.seed)
     init_ray(cfg.scaling)
@@ -145,6 +146,19 @@ def _check_output(output: str) -> None:
         )
 
 
+def _check_output_outside_input(p: PrepareConfig) -> None:
+    """An output inside the raw input folder would be read back as input by the next prepare."""
+    if storage.is_uri(p.output) or "://" in p.input:
+        return
+    output = os.path.realpath(p.output)
+    for key, folder in (("prepare.input", p.input), ("prepare.images", p.images)):
+        if folder and os.path.isdir(folder):
+            inside = os.path.realpath(folder)
+            if os.path.commonpath([inside, output]) == inside:
+                raise DataError(f"{p.output}: prepare.output is inside {key} ({folder}); the next prepare would "
+                                f"read it back as input. Choose an output outside the raw data")
+
+
 # ---------------------------------------------------------------- Ray part
 
 
@@ -162,7 +176,7 @@ def process_record(rec: dict, cfg: PrepareConfig) -> dict:
         "orig_width": 0, "phash": "", "digest": "", "brightness": 0.0, "reason": "",
     }
     try:
-        arr = read_image(rec, cfg.min_image_side)
+        arr = read_image(rec, cfg.min_image_side, cfg.max_pixels)
         out = preprocess(arr, cfg)
     except ImageError as e:
         return {**row, "reason": e.reason}

@@ -10,6 +10,7 @@ and in tests. ``preprocess`` composes them in the order the config asks for:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import cv2
@@ -19,7 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from aptos_ray.config import PrepareConfig
 from aptos_ray.errors import ImageError
 
-# PIL's own protection against decompression bombs stays on; fundus photographs are < 50 MP.
+# PIL's own protection against decompression bombs stays on; fundus photographs are < 50 MP, and
+# prepare.max_pixels quarantines larger ones from the header, before a single pixel is decoded.
 BEN_GRAHAM_RADIUS = 0.9  # Ben Graham masked at 90% of the radius: hides the bright ring the filter leaves at the rim
 
 
@@ -35,8 +37,12 @@ def _to_rgb_mode(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, PA, La, RGBa, ...
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Read an image file -> uint8 (H, W, 3) RGB; ``ImageError`` says why a file is unusable."""
+def load_image(path: str | Path, max_pixels: int = 0) -> np.ndarray:
+    """Read an image file -> uint8 (H, W, 3) RGB; ``ImageError`` says why a file is unusable.
+
+    ``max_pixels`` (0: no limit) is checked on the header's size, before decoding: a 100 KB PNG can
+    hold a 10000 x 10000 image that takes 300 MB and seconds to decode.
+    """
     path = str(path)
     try:
         size = os.path.getsize(path)
@@ -47,10 +53,17 @@ def load_image(path: str | Path) -> np.ndarray:
     if size == 0:
         raise ImageError("zero-byte file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            if max_pixels:  # our limit, checked on opening, replaces PIL's warning about large images
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            check_pixels(img.width, img.height, max_pixels)
             img.load()  # decode now: a truncated file fails here, not later
             img = ImageOps.exif_transpose(img) or img
             arr = np.asarray(_to_rgb_mode(img))
+    except ImageError:  # a ValueError too: keep its reason as it is
+        raise
     except UnidentifiedImageError:
         raise ImageError("not an image") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -58,9 +71,15 @@ def load_image(path: str | Path) -> np.ndarray:
         if "truncated" in text or "broken data stream" in text or "end of file" in text.lower():
             raise ImageError("truncated image") from None
         raise ImageError(f"unreadable image: {text}") from None
-    except Image.DecompressionBombError as e:  # pragma: no cover - needs a huge file
-        raise ImageError(f"unreadable image: {e}") from None
+    except Image.DecompressionBombError as e:  # pragma: no cover - PIL's own limit, > 179 MP
+        raise ImageError(f"image too large: {e}") from None
     return to_rgb_uint8(arr)
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if max_pixels and width * height > max_pixels:
+        raise ImageError(f"image too large: {height}x{width} = {width * height / 1e6:.1f} MP "
+                         f"> prepare.max_pixels {max_pixels / 1e6:.1f} MP")
 
 
 def to_rgb_uint8(arr: np.ndarray) -> np.ndarray:

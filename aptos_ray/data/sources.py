@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from aptos_ray.config import PrepareConfig
+from aptos_ray.data.files import escape_reason, input_files
 from aptos_ray.data.format import GRADES, SPLITS
 from aptos_ray.data.preprocess import ImageError, load_image, to_rgb_uint8
 from aptos_ray.errors import DataError
@@ -43,8 +44,6 @@ CLASS_FOLDERS = {
 }
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 NPZ_SPLITS = ("train", "val", "test")
-
-
 
 
 @dataclass
@@ -243,6 +242,8 @@ def _add_csv_row(src, images, listing, id_, label, split_value, line, first_line
         split, reason = parse_split(split_value)
     if not reason:
         path, reason = resolve_image(images, id_, listing)
+    if not reason:
+        reason = escape_reason(path, images)
     if reason:
         src.quarantine(id_, source, reason)
         return
@@ -271,21 +272,28 @@ def read_class_folders(folder: Path) -> Source:
     src = Source([], info={"layout": "class_folders", "images": str(folder.resolve()),
                            "splits": sorted(k for k in roots if k)})
     seen: dict[str, str] = {}
+    skipped: list[str] = []
     for split, root in sorted(roots.items(), key=lambda kv: SPLITS.index(kv[0]) if kv[0] else 0):
         classes = _class_folder_root(root) or {}
         for sub in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
             if split is None and sub.name.lower() in SPLIT_ALIASES and _class_folder_root(sub):
                 continue  # a split folder; handled through _split_class_roots
-            for file in sorted(p for p in sub.rglob("*") if p.is_file() and not p.name.startswith(".")):
-                _add_class_file(src, file, classes.get(sub.name), sub.name, split, seen)
+            for file in input_files(sub, skipped):
+                _add_class_file(src, file, classes.get(sub.name), sub.name, split, seen, folder)
+    if skipped:
+        src.info["skipped_own_outputs"] = skipped
+        print(f"note: skipped {len(skipped)} folder(s) written by prepare itself: {', '.join(skipped)}")
     if not src.records and not src.quarantined:
         raise DataError(f"{folder}: no images found in its class folders")
     return src
 
 
-def _add_class_file(src: Source, file: Path, grade: int | None, folder_name: str, split, seen) -> None:
+def _add_class_file(src: Source, file: Path, grade: int | None, folder_name: str, split, seen, top: Path) -> None:
     id_ = file.stem
-    if grade is None:
+    escapes = escape_reason(file, top)
+    if escapes:
+        src.quarantine(id_, file, escapes)
+    elif grade is None:
         src.quarantine(id_, file, f"unknown class folder: {folder_name!r} (expected 0-4 or No_DR, Mild, ...)")
     elif not _is_image_name(file.name):
         src.quarantine(id_, file, f"unsupported file type: {file.suffix or 'none'}")
@@ -360,17 +368,30 @@ def _nothing_left(quarantined: list[dict]) -> str:
 # ---------------------------------------------------------------- decoding (runs in Ray tasks)
 
 
-def read_image(record: dict, min_side: int) -> np.ndarray:
-    """The record's image as uint8 RGB; ``ImageError`` for unusable files, tiny images included.
+BLANK_STD = 1.0  # pixel standard deviation (0..255) below which an image holds nothing to grade
+
+
+def read_image(record: dict, min_side: int, max_pixels: int = 0) -> np.ndarray:
+    """The record's image as uint8 RGB; ``ImageError`` for unusable files: tiny, huge (more than
+    ``max_pixels``, read from the header before decoding) and blank (one uniform colour) included.
 
     The npz arrays (RetinaMNIST: 28 px) are exempt from ``min_side``: that check catches
     thumbnails and broken photographs, while an array dataset has a fixed, known resolution.
     """
     array = record.get("array")
     if array is not None:
-        return to_rgb_uint8(np.asarray(array))
-    arr = load_image(record["source"])
+        return check_not_blank(to_rgb_uint8(np.asarray(array)))
+    arr = load_image(record["source"], max_pixels)
     h, w = arr.shape[:2]
     if min(h, w) < min_side:
         raise ImageError(f"tiny image: {h}x{w} < min_image_side {min_side}")
+    return check_not_blank(arr)
+
+
+def check_not_blank(arr: np.ndarray) -> np.ndarray:
+    """A uniform image (all black, all grey: a failed capture or a placeholder) is no fundus photograph."""
+    step = max(1, min(arr.shape[:2]) // 256)  # a subsample is enough to tell, and cheap on large images
+    std = float(arr[::step, ::step].std())
+    if std < BLANK_STD:
+        raise ImageError(f"blank image: uniform pixels (std {std:.2f} < {BLANK_STD}), mean {arr.mean():.0f}")
     return arr

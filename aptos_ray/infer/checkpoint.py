@@ -14,8 +14,8 @@ import torch
 from aptos_ray import storage
 from aptos_ray.config import Config, ConfigError, PrepareConfig, config_from_dict
 from aptos_ray.data.format import MANIFEST, read_manifest
-from aptos_ray.errors import MissingFileError
-from aptos_ray.train.checkpoint import CHECKPOINT_FILE
+from aptos_ray.errors import CorruptCheckpointError, MissingFileError
+from aptos_ray.train.checkpoint import CHECKPOINT_FILE, NOT_A_CHECKPOINT
 
 
 def _file_type(path: str) -> str:
@@ -70,11 +70,15 @@ def read_checkpoint(path: str) -> Checkpoint:
         data = f.read()
     try:  # weights_only: a checkpoint is data, never code to run
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"{model_pt}: cannot read the checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    except Exception:  # truncated, not a zip, pickled code: torch's text says nothing more useful
+        raise CorruptCheckpointError(f"{model_pt}: {NOT_A_CHECKPOINT}") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ConfigError(f"{model_pt}: not a training checkpoint (expected keys 'model' and 'config')")
-    return Checkpoint(model_pt, config_from_dict(state["config"]), state["model"], state.get("cut_points"),
+        raise CorruptCheckpointError(f"{model_pt}: {NOT_A_CHECKPOINT}")
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as e:
+        raise CorruptCheckpointError(f"{model_pt}: its config does not fit this version ({e})") from None
+    return Checkpoint(model_pt, cfg, state["model"], state.get("cut_points"),
                       int(state.get("epoch", -1)), state.get("metrics") or {})
 
 

@@ -15,6 +15,7 @@ from aptos_ray.metrics import NUM_GRADES
 from aptos_ray.model.factory import create_model, model_data_config
 from aptos_ray.model.heads import get_head
 from aptos_ray.train.augment import GradeTransforms, to_device
+from aptos_ray.train.checkpoint import load_weights
 from aptos_ray.train.step import autocast, resolve_precision
 
 PROB_COLUMNS = [f"prob_{g}" for g in range(NUM_GRADES)]
@@ -52,7 +53,7 @@ class Grader:
         precision = "auto" if cfg.train.precision == "bf16" else cfg.train.precision
         self.precision = resolve_precision(precision, self.device, cfg.train.amp)
         model = create_model(cfg.model, load_pretrained=False)
-        model.load_state_dict(checkpoint.state_dict)
+        load_weights(model, {"model": checkpoint.state_dict}, cfg, checkpoint.path)
         self.model = model.to(self.device).eval()
         data = model_data_config(model)
         self.size = cfg.data.image_size or data["input_size"][-1]

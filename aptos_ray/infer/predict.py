@@ -55,7 +55,7 @@ def load_rows(batch: dict, prepare: dict) -> dict:
     for source in batch["source"]:
         quality = not_assessed()
         try:
-            photo = read_image({"source": str(source)}, cfg.min_image_side)
+            photo = read_image({"source": str(source)}, cfg.min_image_side, cfg.max_pixels)
             quality = assess(photo)
             arr = preprocess(photo, cfg)
             data, reason = encode_image(arr, "raw"), ""

@@ -34,19 +34,26 @@ BATCH_NORM_MODES = ("local", "sync", "frozen")
 # --- the factory ----------------------------------------------------------------------------------
 
 
+def check_model_name(cfg: ModelConfig) -> str:
+    """The timm name ``cfg.name`` stands for; ``ConfigError`` when timm has no such model."""
+    name = resolve_model_name(cfg)
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"model.name: unknown timm model '{name}'; list candidates with "
+            f"timm.list_models('*{name.split('_')[0]}*')"
+        )
+    return name
+
+
 def create_model(cfg: ModelConfig, load_pretrained: bool = True) -> nn.Module:
     """A timm model with a grade head, with ``cfg.pretrained`` weights loaded.
 
     ``load_pretrained=False`` builds the same architecture (and normalisation) without touching
     any weights source: for restoring a checkpoint, where the weights come from the checkpoint.
     """
-    name = resolve_model_name(cfg)
+    name = check_model_name(cfg)
     kind = pretrained_kind(cfg.pretrained)
     check_batch_norm(cfg)
-    if not timm.is_model(name):
-        raise ValueError(
-            f"unknown timm model '{name}'; list candidates with timm.list_models('*{name.split('_')[0]}*')"
-        )
     if kind == "package":
         check_package_fits(cfg.pretrained, name)
 

@@ -23,6 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 
 from aptos_ray import plots, storage
@@ -32,6 +33,9 @@ from aptos_ray.errors import CorruptCheckpointError, MissingFileError
 CHECKPOINT_FILE = "model.pt"
 HISTORY_FILE = "history.json"
 CHECKPOINT_DIR = re.compile(r"checkpoint_epoch_(\d+)$")
+NOT_A_CHECKPOINT = "not a valid checkpoint (truncated or not a training checkpoint)"
+# What must match between a checkpoint and the config that loads its weights.
+MODEL_KEYS = ("name", "head", "num_classes")
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -69,13 +73,39 @@ def load_checkpoint_state(directory: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise MissingFileError(f"{path}: not found") from None
-    except Exception as e:  # truncated, zero bytes, not a zip, pickled code: all unusable alike
-        raise CorruptCheckpointError(f"{path}: not a valid checkpoint ({type(e).__name__})") from None
+    except Exception:  # truncated, zero bytes, not a zip, pickled code: all unusable alike
+        raise CorruptCheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
     if not isinstance(state, dict) or "model" not in state:
-        raise CorruptCheckpointError(f"{path}: not a training checkpoint (no model weights in it)")
+        raise CorruptCheckpointError(f"{path}: {NOT_A_CHECKPOINT}")
     history = Path(directory) / HISTORY_FILE
-    state["history"] = json.loads(history.read_text()) if history.is_file() else []
+    try:
+        state["history"] = json.loads(history.read_text()) if history.is_file() else []
+    except (OSError, ValueError):  # cut short by a kill during the upload
+        raise CorruptCheckpointError(f"{history}: {NOT_A_CHECKPOINT}") from None
+    state["path"] = str(path)
     return state
+
+
+def model_mismatch(saved_config: dict | None, cfg: Config) -> str:
+    """What differs between a checkpoint's model section and ``cfg.model`` ("" when they fit)."""
+    saved = (saved_config or {}).get("model") or {}
+    differs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {getattr(cfg.model, k)!r}"
+               for k in MODEL_KEYS if k in saved and saved[k] != getattr(cfg.model, k)]
+    return "; ".join(differs)
+
+
+def load_weights(model: torch.nn.Module, state: dict, cfg: Config, where: str) -> None:
+    """``model.load_state_dict`` with one line naming the checkpoint and what differs, instead of
+    torch's list of every missing and unexpected key (hundreds of lines)."""
+    differs = model_mismatch(state.get("config"), cfg)
+    if differs:
+        raise CorruptCheckpointError(f"{where}: the checkpoint's model differs from the config ({differs})")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).split("\n\t", 2)[:2]  # "Error(s) in loading state_dict for X:" + the first problem
+        raise CorruptCheckpointError(f"{where}: the checkpoint's weights do not fit model {cfg.model.name} "
+                                     f"({' '.join(t.strip() for t in first)[:300]})") from None
 
 
 
@@ -91,6 +121,20 @@ def checkpoint_folders(run_dir: str) -> dict[int, str]:
         match = CHECKPOINT_DIR.fullmatch(path.name)
         if match and (path / CHECKPOINT_FILE).is_file() and (path / HISTORY_FILE).is_file():
             found[int(match.group(1))] = str(path)
+    return found
+
+
+def stored_checkpoints(run_dir: str) -> dict[int, str]:
+    """{epoch: folder} of the checkpoint folders with a model.pt and a history in a run directory,
+    a local path or URI: what the workers uploaded, registered by Ray Train or not."""
+    fs, root = storage.filesystem(run_dir)
+    found = {}
+    for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        match = CHECKPOINT_DIR.fullmatch(info.base_name)
+        if match and info.type == pafs.FileType.Directory:
+            files = fs.get_file_info([f"{info.path}/{CHECKPOINT_FILE}", f"{info.path}/{HISTORY_FILE}"])
+            if all(f.type == pafs.FileType.File for f in files):
+                found[int(match.group(1))] = storage.join(run_dir, info.base_name)
     return found
 
 
@@ -125,6 +169,10 @@ def record_from_result(result, run_dir: str) -> RunRecord:
             for checkpoint, metrics in result.best_checkpoints}
     latest = storage.join(run_dir, Path(result.checkpoint.path).name)
     kept[int(result.metrics["epoch"])] = latest
+    # A checkpoint uploaded whose report Ray Train never registered (a worker killed right after
+    # reporting; a restart resumed from it, see RayBackend.restored_state) is in the history too.
+    for epoch, folder in stored_checkpoints(run_dir).items():
+        kept.setdefault(epoch, folder)
     return RunRecord(run_dir, read_history(latest), kept)
 
 

@@ -13,7 +13,7 @@ from aptos_ray import storage
 from aptos_ray.config import Config
 from aptos_ray.data.embedded import ensure_dataset
 from aptos_ray.errors import ExistingFileError, MissingFileError
-from aptos_ray.model.factory import check_batch_norm, check_sync_bn_device
+from aptos_ray.model.factory import check_batch_norm, check_model_name, check_sync_bn_device
 from aptos_ray.train.checkpoint import (
     RunRecord,
     checkpoint_folders,
@@ -69,6 +69,7 @@ def train(cfg: Config) -> dict:
     check_run_dir(cfg, run_dir)
     check_batch_norm(cfg.model)  # here, not first inside the Ray workers
     check_precision(cfg.train.precision)
+    check_model_name(cfg.model)
     if not cfg.train.local:
         check_sync_bn_device(cfg.model.batch_norm, cfg.scaling.num_workers, cfg.scaling.use_gpu)
     manifest = ensure_dataset(cfg)

@@ -31,7 +31,7 @@ from aptos_ray.model.factory import (
 )
 from aptos_ray.model.heads import Head, get_head
 from aptos_ray.model.weights import unwrap
-from aptos_ray.train.checkpoint import save_checkpoint
+from aptos_ray.train.checkpoint import load_weights, save_checkpoint
 from aptos_ray.train.sampling import repeat_rates, resample_batches
 from aptos_ray.train.augment import GradeTransforms
 from aptos_ray.train.step import (
@@ -198,7 +198,7 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     check_sync_bn_device(cfg.model.batch_norm, backend.world_size, device.type == "cuda")
     model = maybe_sync_bn(model, cfg.model.batch_norm == "sync" and backend.world_size > 1)
     if restored is not None:
-        model.load_state_dict(restored["model"])
+        load_weights(model, restored, cfg, restored.get("path", "the restored checkpoint"))
     data_cfg = model_data_config(model)
     size = cfg.data.image_size or data_cfg["input_size"][-1]
     transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=cfg.data.augment)

@@ -12,6 +12,7 @@ Choices for small machines (2 CPU cores), measured, see README "Ray on small mac
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,12 +29,20 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.callback import UserCallback
+from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.data.format import TRAIN_COLUMNS
+from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError
 from aptos_ray.ray_setup import init_ray
-from aptos_ray.train.checkpoint import checkpoint_name, load_checkpoint_state
+from aptos_ray.train.checkpoint import (
+    CHECKPOINT_DIR,
+    checkpoint_name,
+    load_checkpoint_state,
+    stored_checkpoints,
+)
 from aptos_ray.train.loop import DatasetInfo, fit
 
 
@@ -62,6 +71,7 @@ class RayBackend:
         self.device = ray.train.torch.get_device()
         self.train_shard = ray.train.get_dataset_shard("train")
         self.val_data = ray.train.get_dataset_shard("val")
+        self.run_dir = storage.join(cfg.train.output, cfg.train.name)
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return ray.train.torch.prepare_model(model)
@@ -80,12 +90,29 @@ class RayBackend:
             yield {k: v[self.rank :: self.world_size] for k, v in batch.items()}
 
     def restored_state(self) -> dict | None:
+        """The newest checkpoint that loads: Ray Train's latest registered one, or a newer one in
+        the run directory that was uploaded but never registered.
+
+        ``ray.train.report`` returns once the checkpoint is uploaded and the report is queued in
+        this worker; the controller registers it only when it next polls the workers. A worker
+        killed in between (about a second) loses that report, and Ray restarts from the checkpoint
+        before: the epoch reported last, or the whole run, would be trained again. The uploaded
+        folder is complete by then, so it is taken instead; every rank lists the same folders.
+        """
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        # as_directory() removes a downloaded copy when the block ends: the state is in memory by then.
-        with checkpoint.as_directory() as directory:
-            return load_checkpoint_state(directory)
+        candidates = {epoch: ray.train.Checkpoint(path) for epoch, path in stored_checkpoints(self.run_dir).items()}
+        if checkpoint is not None:
+            match = CHECKPOINT_DIR.fullmatch(Path(checkpoint.path).name)
+            candidates[int(match.group(1)) if match else -1] = checkpoint
+        for epoch, candidate in sorted(candidates.items(), key=lambda kv: kv[0], reverse=True):
+            # as_directory() removes a downloaded copy when the block ends: the state is in memory by then.
+            try:
+                with candidate.as_directory() as directory:
+                    return load_checkpoint_state(directory)
+            except CorruptCheckpointError as e:
+                if self.rank == 0:
+                    print(f"warning: skipping the checkpoint of epoch {epoch}: {e}", file=sys.stderr)
+        return None
 
     def report(self, metrics: dict, checkpoint_dir: Path | None, epoch: int) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -115,6 +142,34 @@ def worker_resources(scaling) -> dict:
     return {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
 
 
+def _user_error(error: BaseException | None) -> UserError | None:
+    """The ``UserError`` a worker raised, inside Ray Train's wrappers (``UserExceptionWithTraceback``
+    keeps it as ``_base_exc``; a ``ControllerError`` as ``controller_failure``); else None."""
+    for _ in range(4):  # the wrappers nest at most a few levels deep
+        if error is None or isinstance(error, UserError):
+            return error
+        if isinstance(error, WorkerGroupError):
+            found = [e for e in map(_user_error, error.worker_failures.values()) if e is not None]
+            return found[0] if found else None
+        error = getattr(error, "controller_failure", None) or getattr(error, "_base_exc", None)
+    return None
+
+
+class StopOnUserError(UserCallback):
+    """A ``UserError`` in a worker (bad value, weights or checkpoint) fails the same way every try:
+    end the run at once instead of letting ``FailureConfig`` retry it ``max_failures`` times.
+
+    Ray Train's failure policy retries every worker error and takes no hook; an exception raised by
+    a callback becomes a ``ControllerError``, which it does not retry. ``run_ray`` unwraps it again.
+    """
+
+    def after_exception(self, run_context, worker_exceptions: dict) -> None:
+        for error in worker_exceptions.values():
+            user_error = _user_error(error)
+            if user_error is not None:
+                raise user_error
+
+
 def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict, callbacks: list | None = None) -> TorchTrainer:
     """The run lands in ``train.output/train.name``; ``callbacks`` go to ``RunConfig`` (e.g. Tune's)."""
     resources = worker_resources(cfg.scaling)
@@ -136,15 +191,37 @@ def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict, callbacks: lis
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            callbacks=callbacks,
+            callbacks=[StopOnUserError(), *(callbacks or [])],
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
 
 
+def check_cluster_fits(cfg: Config, resources: dict | None = None) -> None:
+    """Refuse, before fit, a worker group the cluster can never place: Ray Train would wait for
+    it ("startup timed out after 60 s") and retry for ever. ``resources``: ``ray.cluster_resources()``."""
+    s = cfg.scaling
+    have = ray.cluster_resources() if resources is None else resources
+    per_worker = {"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker if s.use_gpu else 0}
+    asked = {k: s.num_workers * n for k, n in per_worker.items()}
+    short = [f"{asked[k]:g} {k}s (scaling.num_workers={s.num_workers} x "
+             f"{per_worker[k]:g} per worker) but the cluster has {have.get(k, 0):g}"
+             for k in ("CPU", "GPU") if asked[k] > have.get(k, 0)]
+    if short:
+        raise ConfigError(f"the Ray cluster cannot fit this run: it asks for {'; '.join(short)}. Lower "
+                          f"--scaling.num_workers / --scaling.cpus_per_worker or add nodes")
+
+
 def run_ray(cfg: Config, info: DatasetInfo):
     """Fit with a TorchTrainer on the connected Ray cluster; returns Ray's ``Result``, the run's record."""
     init_ray(cfg.scaling)
+    check_cluster_fits(cfg)
     trainer = build_trainer(cfg, info, load_datasets(cfg))
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except (ControllerError, WorkerGroupError) as e:
+        user_error = _user_error(e)
+        if user_error is not None:
+            raise user_error from None
+        raise

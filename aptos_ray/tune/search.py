@@ -54,6 +54,7 @@ from aptos_ray.tune.results import (
     write_outputs,
     write_trial_runs,
 )
+from aptos_ray.tune import trust
 from aptos_ray.tune.space import plain, search_space
 
 __all__ = ["SearchFailed", "SearchInterrupted", "run_search"]
@@ -246,6 +247,8 @@ def run_search(cfg: Config) -> dict:
     cfg.tune.name = experiment_name(cfg)
     exp_dir = storage.join(storage.absolute(cfg.tune.output), cfg.tune.name)
     check_experiment_dir(cfg, exp_dir)
+    if cfg.tune.resume:
+        trust.verify(exp_dir)  # before Ray unpickles anything of it
     if not cfg.tune.resume:  # a bad space, schedule, searcher or tracker fails before anything starts
         check_schedule(cfg)
         search_space(cfg.tune.space)
@@ -266,7 +269,10 @@ def run_search(cfg: Config) -> dict:
     datasets = load_datasets(cfg)  # once, shared by every trial
     print(f"Datasets loaded in {time.perf_counter() - started:.1f}s")
     tuner = build_tuner(cfg, make_trainable(cfg, info, datasets, runs_dir), exp_dir)
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:  # finished, interrupted or failed: what Tune saved is this search's, and may be resumed
+        trust.sign(exp_dir)
 
     table, records = trials_table(results, runs_dir, cfg.train.epochs, saved_trials(exp_dir))
     write_trial_runs(table, records)
