@@ -94,6 +94,7 @@ def run_trial(params: dict, *, base: dict, info: dict, datasets: dict, runs_dir:
     """The function trainable: one TorchTrainer run named after the trial."""
     trial_id = ray_tune.get_context().get_trial_id()
     cfg = trial_config(base, params, runs_dir, trial_id)
+    cfg.save(storage.join(runs_dir, trial_id, "config.yaml"))  # as the train driver does for its runs
     trainer = build_trainer(cfg, DatasetInfo(**info), datasets, callbacks=[EpochReport()])
     trainer.fit()  # Train V2 raises on failure, so Tune marks the trial as errored
 
