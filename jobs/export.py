@@ -1,29 +1,18 @@
-"""Export a checkpoint to ONNX (dynamic batch), checked against PyTorch with onnxruntime.
+"""Export a checkpoint to ONNX (dynamic batch), checked against PyTorch with onnxruntime; exit status
+1 when the outputs differ.
 
-    python jobs/export.py --predict.checkpoint=runs/<run> --predict.output=outputs/export
+    python jobs/export.py --help        # examples and every key, type, default
+    ray job submit --working-dir . -- python jobs/export.py [--config FILE.yaml] [--key=value ...]
 
-Writes model.onnx and model.json (input size, mean, std, cut-points, head, fundus preprocessing,
-parity result). Exits with status 1 when the ONNX outputs differ from PyTorch's.
+The job itself is `aptos_ray.cli.JOBS["export"]` (also `aptos-ray export` once installed).
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from _cli import main  # noqa: E402
 
-from aptos_ray.infer.export import ExportError, export  # noqa: E402
-
-
-def job(cfg) -> None:
-    try:
-        export(cfg)
-    except ExportError as e:
-        print(f"export: error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    main(job)
+    main("export")

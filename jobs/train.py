@@ -1,8 +1,10 @@
-"""Train a DR grader.
+"""Train a DR grader with Ray Train (DDP over scaling.num_workers workers) or --local in one process.
+With no --data.dataset it trains on the embedded synthetic default, generated on first use.
 
-    python jobs/train.py [--config configs/X.yaml] [--key=value ...]      # local Ray instance
-    python jobs/train.py --local ...                                        # no Ray, one process
-    ray job submit --working-dir . -- python jobs/train.py ...              # on a Ray cluster
+    python jobs/train.py --help        # examples and every key, type, default
+    ray job submit --working-dir . -- python jobs/train.py [--config FILE.yaml] [--key=value ...]
+
+The job itself is `aptos_ray.cli.JOBS["train"]` (also `aptos-ray train` once installed).
 """
 
 import os
@@ -12,7 +14,5 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _cli import main  # noqa: E402
 
-from aptos_ray.train.driver import train  # noqa: E402
-
 if __name__ == "__main__":
-    main(train)
+    main("train")

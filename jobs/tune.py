@@ -1,12 +1,11 @@
-"""Search hyperparameters with Ray Tune + ASHA; every trial is a Ray Train DDP run.
+"""Search hyperparameters with Ray Tune + ASHA; every trial is a Ray Train run. Writes trials.csv,
+trials.md, best_config.yaml and qwk_per_epoch.png under tune.output/tune.name. Ctrl+C stops the
+search with its state saved (exit status 130); --tune.resume=true continues it.
 
-    python jobs/tune.py [--config configs/X.yaml] [--key=value ...]             # local Ray instance
-    python jobs/tune.py --tune.name=NAME --tune.resume=true                      # continue a stopped search
-    ray job submit --working-dir . -- python jobs/tune.py ...                    # on a Ray cluster
+    python jobs/tune.py --help        # examples and every key, type, default
+    ray job submit --working-dir . -- python jobs/tune.py [--config FILE.yaml] [--key=value ...]
 
-Outputs under tune.output/tune.name: trials.csv, trials.md, best_config.yaml (train it with
-`python jobs/train.py --config .../best_config.yaml`), qwk_per_epoch.png, runs/<trial_id>/.
-Ctrl+C stops the search with its state saved (exit code 130); --tune.resume=true continues it.
+The job itself is `aptos_ray.cli.JOBS["tune"]` (also `aptos-ray tune` once installed).
 """
 
 import os
@@ -16,14 +15,5 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _cli import main  # noqa: E402
 
-from aptos_ray.tune.search import SearchFailed, SearchInterrupted, run_search  # noqa: E402
-
 if __name__ == "__main__":
-    try:
-        main(run_search)
-    except SearchInterrupted as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(130)
-    except SearchFailed as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    main("tune")

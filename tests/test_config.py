@@ -1,6 +1,15 @@
+import dataclasses
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
 import pytest
 
 from aptos_ray.config import Config, ConfigError, config_from_dict, parse_args
+from aptos_ray.config_help import field_help, help_text
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_defaults_then_yaml_then_overrides(tmp_path):
@@ -36,7 +45,8 @@ def test_shortcuts_and_types():
 
 
 def test_round_trip_through_dict_and_yaml(tmp_path):
-    cfg = parse_args(["--model.name=efficientnet_b1", "--tune.space={'optim.lr': {'choice': [0.1]}}"])
+    cfg = parse_args(["--model.name=efficientnet_b1", "--model.pretrained=none",
+                      "--tune.space={'optim.lr': {'choice': [0.1]}}"])
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
     cfg.save(tmp_path / "config.yaml")
@@ -45,7 +55,101 @@ def test_round_trip_through_dict_and_yaml(tmp_path):
 
 
 def test_shipped_configs_load():
-    from pathlib import Path
-
-    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+    for path in sorted((REPO / "configs").glob("*.yaml")):
         parse_args(["--config", str(path)])
+
+
+# --- values checked at parse time (issue 16, case 9) ----------------------------------------------
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train.epochs=0"], "train.epochs must be >= 1, got 0"),
+    (["--train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
+    (["--optim.lr=-0.001"], "optim.lr must be > 0, got -0.001"),
+    (["--optim.lr=0"], "optim.lr must be > 0"),
+    (["--optim.scheduler=cosin"], "'optim.scheduler' must be one of cosine, step, none, got 'cosin'"),
+    (["--data.sampling=balanced"], "'data.sampling' must be one of none, inverse, sqrt"),
+    (["--model.head=ordinal"], "'model.head' must be one of regression, classification"),
+    (["--model.name=efficientnet_bx", "--model.pretrained=none"], "model.name: 'efficientnet_bx' is not a timm model"),
+    (["--model.name=efficientnet_b0"], "holds weights for timm's 'tf_efficientnet_lite0'"),  # default weights
+    (["--model.name=auto", "--model.pretrained=none"], "model.name=auto picks the model from a weights package"),
+    (["--model.pretrained=no_such_weights_package"], "no weights package or file 'no_such_weights_package'"),
+    (["--model.batch_norm=frozen", "--model.pretrained=none", "--model.name=test_efficientnet"],
+     "model.batch_norm=frozen keeps the pretrained BatchNorm statistics"),
+    (["--data.image_size=7"], "data.image_size must be 0 or >= 32, got 7"),
+    (["--scaling.num_workers=0"], "scaling.num_workers must be >= 1, got 0"),
+    (["--prepare.val_fraction=1"], "prepare.val_fraction must be >= 0 and < 1"),
+    (["--prepare.val_fraction=0.5", "--prepare.test_fraction=0.5"], "no training images left"),
+    (["--model.drop_rate=1.5"], "model.drop_rate must be >= 0 and < 1"),
+    (["--predict.tta=9"], "predict.tta must be >= 0 and <= 7"),
+    (["--tune.grace_period=5", "--train.epochs=3"], "tune.grace_period must be <= train.epochs=3"),
+    (["--tune.space={'optim.lr': {'uniform': [0, 0.01]}}"], r"tune.space\['optim.lr'\]: optim.lr must be > 0"),
+    (["--train.output=/proc/aptos"], "train.output '/proc/aptos' is inside /proc"),
+])
+def test_bad_values_fail_at_parse_time_naming_the_key(args, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_args(args, sections=[*Config.__dataclass_fields__])  # as the tune job: every rule
+
+
+def test_output_below_a_file_is_refused(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="train.output '.*a_file/runs' is below the file"):
+        parse_args([f"--train.output={tmp_path}/a_file/runs"])
+    parse_args([f"--train.output={tmp_path}/new/runs"])  # a folder still to be made is fine
+
+
+def test_zero_image_size_means_the_models_default_and_edge_values_pass():
+    parse_args(["--train.epochs=1"])  # tune.grace_period=2 > 1 matters to a search only
+    cfg = parse_args(["--data.image_size=0", "--train.epochs=1", "--tune.grace_period=1",
+                      "--prepare.val_fraction=0", "--optim.gamma=1", "--scaling.max_failures=-1"])
+    assert cfg.data.image_size == 0 and cfg.prepare.val_fraction == 0.0
+
+
+def test_yaml_1_1_exponents_are_numbers_in_files_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 3e-4\ntune:\n  space: {optim.lr: {loguniform: [1e-5, 1e-3]}}\n")
+    cfg = parse_args(["--config", str(path)])
+    assert cfg.optim.lr == 3e-4 and cfg.tune.space["optim.lr"]["loguniform"] == [1e-5, 1e-3]
+    assert parse_args(["--optim.weight_decay=5e-5"]).optim.weight_decay == 5e-5
+    assert parse_args(["--train.name=1e3"]).train.name == "1e3"  # text keys take the text as typed
+    assert parse_args(["--train.name=off"]).train.name == "off"  # not YAML 1.1's False
+
+
+def test_validation_only_of_the_sections_a_job_reads():
+    """predict reads the checkpoint's model: a default that does not fit the model is no error there."""
+    args = ["--model.name=efficientnet_b0"]  # with the default Lite0 weights package
+    with pytest.raises(ConfigError, match="tf_efficientnet_lite0"):
+        parse_args(args)
+    parse_args(args, sections=["predict", "scaling"])
+
+
+# --- --help comes from the typed config ------------------------------------------------------------
+
+
+def test_every_field_has_a_help_line_type_and_default():
+    text = help_text()
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        helps = field_help(cls)
+        for f in dataclasses.fields(cls):
+            assert helps.get(f.name), f"{section.name}.{f.name} has no comment in aptos_ray/config.py"
+            assert f"--{section.name}.{f.name}=" in text
+    assert "--optim.scheduler={cosine,step,none}  [default: cosine]" in text
+    assert "--train.epochs=INT (>= 1)  [default: 10]" in text
+    assert "--data.image_size=INT (0 or >= 32)  [default: 0]" in text
+    assert "StepLR decay" in text  # the comment in the source
+
+
+def test_field_help_reads_trailing_and_preceding_comments():
+    helps = field_help(type(Config().model))
+    assert helps["batch_norm"].startswith("BatchNorm statistics under DDP: local")  # the lines above it
+    assert helps["num_classes"] == "DR grades 0-4"  # the end of its line
+
+
+def test_bad_value_exits_2_before_torch_or_ray_is_imported():
+    code = ("import sys\nfrom aptos_ray.cli import run_job\ntry:\n    run_job('train', ['--optim.scheduler=cosin'])\n"
+            "except SystemExit as e:\n    print(e.code, 'torch' in sys.modules, 'ray' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: config key 'optim.scheduler' must be one of cosine, step, none, got 'cosin'"]

@@ -106,6 +106,23 @@ def test_job_user_errors_exit_2_without_traceback(aptos_small, tmp_path, args, m
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_dataset_without_validation_split_is_refused_before_training(aptos_small, tmp_path):
+    """Prepared with prepare.val_fraction=0: every epoch is scored on validation, so say so up front."""
+    import shutil
+
+    data = tmp_path / "no_val"
+    shutil.copytree(aptos_small, data)
+    shutil.rmtree(data / "val")
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["counts"].pop("val")
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    from aptos_ray.errors import DataError
+
+    with pytest.raises(DataError, match="no validation images .*prepare.val_fraction > 0"):
+        train(parse_args([*TINY, "--local", f"--data.dataset={data}", f"--train.output={tmp_path}/runs"]))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_stopped_driver_resumes_without_losing_or_repeating_an_epoch(aptos_small, tmp_path):
     """Kill the local job (SIGKILL) after its first epoch, then --resume it."""
     args = [sys.executable, str(REPO / "jobs" / "train.py"), *TINY, "--local",

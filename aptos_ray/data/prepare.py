@@ -212,7 +212,8 @@ def run_pipeline(records: list[dict], p: PrepareConfig, staging: Path) -> tuple[
         ds = ds.map_batches(process_batch, batch_size=BATCH_SIZE, batch_format="numpy", fn_kwargs={"cfg": p})
         meta, quarantined = [], []
         writer = pq.ParquetWriter(staging, _staged_schema(), **{**PARQUET_OPTIONS, "compression": "none"})
-        with writer, tqdm(total=len(records), unit="img", desc="prepare", file=sys.stderr) as bar:
+        # disable=None: no bar without a terminal (CI, ray job logs), where it would repaint line by line
+        with writer, tqdm(total=len(records), unit="img", desc="prepare", file=sys.stderr, disable=None) as bar:
             for table in ds.iter_batches(batch_size=BATCH_SIZE, batch_format="pyarrow"):
                 good = table.filter(pc.equal(table["reason"], ""))
                 bad = table.filter(pc.not_equal(table["reason"], ""))

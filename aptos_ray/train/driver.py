@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 
 from aptos_ray import storage
 from aptos_ray.config import Config
-from aptos_ray.data.embedded import ensure_dataset
+from aptos_ray.data.embedded import check_validation_split, ensure_dataset
 from aptos_ray.errors import ExistingFileError, MissingFileError
 from aptos_ray.model.factory import check_batch_norm, check_model_name, check_sync_bn_device
 from aptos_ray.train.checkpoint import (
@@ -73,6 +73,7 @@ def train(cfg: Config) -> dict:
     if not cfg.train.local:
         check_sync_bn_device(cfg.model.batch_norm, cfg.scaling.num_workers, cfg.scaling.use_gpu)
     manifest = ensure_dataset(cfg)
+    check_validation_split(cfg, manifest)
     # Checkpoints carry the preprocessing the data really had, so predict can repeat it on raw images.
     cfg.prepare = dataclasses.replace(cfg.prepare, **{k: v for k, v in manifest.get("config", {}).items()
                                                       if hasattr(cfg.prepare, k)})

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from aptos_ray import storage
 from aptos_ray.config import Config, OptimConfig
 from aptos_ray.metrics import grading_metrics
 from aptos_ray.model.factory import (
@@ -34,6 +35,7 @@ from aptos_ray.model.weights import unwrap
 from aptos_ray.train.checkpoint import load_weights, save_checkpoint
 from aptos_ray.train.sampling import repeat_rates, resample_batches
 from aptos_ray.train.augment import GradeTransforms
+from aptos_ray.train.tracking import Tracker
 from aptos_ray.train.step import (
     fixed_step_minibatches,
     grad_scaler,
@@ -232,6 +234,8 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     weights = class_weights(info.train_counts, cfg.model.num_classes) if cfg.optim.class_weighted_loss else None
     loss_fn = head.loss(weights, cfg.optim.label_smoothing)
     metrics: dict = {}
+    # Rank 0's TensorBoard / MLflow history. A failed run leaves its MLflow run open: --resume continues it.
+    tracker = Tracker(cfg, run_dir(cfg), history) if is_main else None
     for epoch in range(start_epoch, cfg.train.epochs):
         started = time.perf_counter()
         rows = resample_batches(backend.train_rows(epoch), rates, cfg.train.seed, epoch)
@@ -270,9 +274,16 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 }
                 checkpoint_dir = save_checkpoint(Path(tmp) / "checkpoint", state, cfg, history)
-                print(epoch_line(metrics))
+                print(epoch_line(metrics), flush=True)
+                tracker.log_epoch(metrics, checkpoint_dir)
             backend.report(metrics, checkpoint_dir, epoch)
+    if tracker is not None:
+        tracker.close()
     return metrics
+
+
+def run_dir(cfg: Config) -> str:
+    return storage.join(storage.absolute(cfg.train.output), cfg.train.name)
 
 
 def epoch_line(m: dict) -> str:

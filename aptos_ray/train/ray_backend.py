@@ -25,6 +25,7 @@ from ray.train import (
     CheckpointConfig,
     DataConfig,
     FailureConfig,
+    LoggingConfig,
     RunConfig,
     ScalingConfig,
 )
@@ -36,7 +37,7 @@ from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.data.format import TRAIN_COLUMNS
 from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError
-from aptos_ray.ray_setup import init_ray
+from aptos_ray.ray_setup import init_ray, ray_train_log_level
 from aptos_ray.train.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_name,
@@ -47,9 +48,7 @@ from aptos_ray.train.loop import DatasetInfo, fit
 
 
 def load_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
-    # Ray Data logs every operator's progress at INFO when stdout is no terminal (ray job logs,
-    # CI): a few hundred lines per run that bury the epoch lines people read.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data's progress lines: ray_setup.quiet_ray_data (unless --verbose)
     datasets = {}
     for split in ("train", "val"):
         path = storage.join(storage.absolute(cfg.data.dataset), split)
@@ -120,9 +119,26 @@ class RayBackend:
         ray.train.report(scalars, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(epoch))
 
 
+def quiet_ray_train_worker(cfg: Config) -> None:
+    """No "Reporting training result N: <every metric>" per worker and epoch, unless --verbose.
+
+    Ray Train (2.60) logs it through ``logging.getLogger(__file__)``: a logger named after the
+    file path, outside ``ray.train``, so the run's ``LoggingConfig(log_level=...)`` does not filter it.
+    """
+    level = ray_train_log_level(cfg.scaling)
+    logging.getLogger("ray.train").setLevel(level)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+
+        logging.getLogger(train_context.__file__).setLevel(level)
+    except ImportError:  # another Ray version: at worst the lines are back
+        pass
+
+
 def train_worker(loop_config: dict) -> None:
     """The function every Ray Train worker runs."""
     cfg = config_from_dict(loop_config["config"])
+    quiet_ray_train_worker(cfg)
     fit(cfg, RayBackend(cfg), DatasetInfo(**loop_config["info"]))
 
 
@@ -191,6 +207,7 @@ def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict, callbacks: lis
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            logging_config=LoggingConfig(log_level=ray_train_log_level(cfg.scaling)),
             callbacks=[StopOnUserError(), *(callbacks or [])],
         ),
         datasets=datasets,

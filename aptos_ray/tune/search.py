@@ -25,7 +25,6 @@ plots/, checkpoint_epoch_NNNN/), and the search's ``trials.csv``, ``trials.md``,
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from datetime import datetime
 from pathlib import Path
@@ -39,11 +38,13 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from aptos_ray import storage
-from aptos_ray.config import Config, ConfigError, config_from_dict, set_value
-from aptos_ray.data.embedded import ensure_dataset
+from aptos_ray.config import Config, config_from_dict, set_value
+from aptos_ray.config_checks import check_tune_space
+from aptos_ray.data.embedded import check_validation_split, ensure_dataset
 from aptos_ray.errors import ExistingFileError, MissingFileError, SearchInterrupted
 from aptos_ray.ray_setup import init_ray
 from aptos_ray.train.loop import DatasetInfo
+from aptos_ray.train.tracking import file_store_uri
 from aptos_ray.train.ray_backend import build_trainer, load_datasets
 from aptos_ray.tune.results import (
     METRIC,
@@ -123,18 +124,6 @@ def check_experiment_dir(cfg: Config, exp_dir: str) -> None:
                               "or pick another --tune.name")
 
 
-def check_schedule(cfg: Config) -> None:
-    if cfg.train.epochs < 1:
-        raise ConfigError("train.epochs must be >= 1")
-    if not 1 <= cfg.tune.grace_period <= cfg.train.epochs:
-        raise ConfigError(f"tune.grace_period must be in [1, train.epochs={cfg.train.epochs}], "
-                          f"got {cfg.tune.grace_period}")
-    if cfg.tune.reduction_factor < 2:
-        raise ConfigError(f"tune.reduction_factor must be >= 2, got {cfg.tune.reduction_factor}")
-    if cfg.tune.num_samples < 1:
-        raise ConfigError(f"tune.num_samples must be >= 1, got {cfg.tune.num_samples}")
-
-
 def concurrent_trials(cfg: Config) -> int:
     """tune.max_concurrent_trials, or (0) as many trials as the cluster's CPUs fit, at least 1."""
     if cfg.tune.max_concurrent_trials > 0:
@@ -154,37 +143,26 @@ def searcher(cfg: Config, max_concurrent: int):
         # Tune ignores TuneConfig.max_concurrent_trials for a BasicVariantGenerator passed in:
         # the limit has to be given here.
         return BasicVariantGenerator(random_state=cfg.train.seed, max_concurrent=max_concurrent)
-    if cfg.tune.search == "optuna":
-        grids = [k for k, spec in cfg.tune.space.items() if isinstance(spec, dict) and "grid" in spec]
-        if grids:
-            raise ConfigError(f"tune.search=optuna cannot search a grid ({', '.join(grids)}): use choice")
-        if importlib.util.find_spec("optuna") is None:
-            raise ConfigError("tune.search=optuna needs optuna: pip install optuna")
-        from ray.tune.search.optuna import OptunaSearch
+    # optuna (config.validate checked it is installed and the space has no grid)
+    from ray.tune.search.optuna import OptunaSearch
 
-        return ConcurrencyLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=max_concurrent)
-    raise ConfigError(f"tune.search must be random or optuna, got '{cfg.tune.search}'")
+    return ConcurrencyLimiter(OptunaSearch(seed=cfg.train.seed), max_concurrent=max_concurrent)
 
 
 def tracking_callbacks(cfg: Config, exp_dir: str) -> list:
-    """Ray's own logger callbacks for tune.tracking (none | tensorboard | mlflow)."""
+    """Ray's own logger callbacks for tune.tracking (none | tensorboard | mlflow; config.validate
+    checked the package is installed)."""
     choice = cfg.tune.tracking
-    if choice == "none":
-        return []
     if choice == "tensorboard":
-        if importlib.util.find_spec("tensorboardX") is None:
-            raise ConfigError("tune.tracking=tensorboard needs tensorboardX: pip install tensorboardX")
         from ray.tune.logger import TBXLoggerCallback
 
         return [TBXLoggerCallback()]
     if choice == "mlflow":
-        if importlib.util.find_spec("mlflow") is None:
-            raise ConfigError("tune.tracking=mlflow needs mlflow: pip install mlflow")
         from ray.air.integrations.mlflow import MLflowLoggerCallback
 
-        uri = exp_dir if storage.is_uri(exp_dir) else Path(exp_dir, "mlruns").as_uri()
+        uri = exp_dir if storage.is_uri(exp_dir) else file_store_uri(str(Path(exp_dir, "mlruns")))
         return [MLflowLoggerCallback(tracking_uri=uri, experiment_name=Path(exp_dir).name)]
-    raise ConfigError(f"tune.tracking must be none, tensorboard or mlflow, got '{choice}'")
+    return []
 
 
 def make_trainable(cfg: Config, info: DatasetInfo, datasets: dict, runs_dir: str):
@@ -206,7 +184,7 @@ def build_tuner(cfg: Config, trainable, exp_dir: str) -> ray_tune.Tuner:
                               reduction_factor=cfg.tune.reduction_factor)
     return ray_tune.Tuner(
         trainable,
-        param_space=search_space(cfg.tune.space),
+        param_space=search_space(cfg),
         tune_config=ray_tune.TuneConfig(
             metric=METRIC, mode=MODE, scheduler=scheduler, search_alg=searcher(cfg, max_concurrent),
             num_samples=cfg.tune.num_samples,
@@ -250,22 +228,22 @@ def run_search(cfg: Config) -> dict:
     if cfg.tune.resume:
         trust.verify(exp_dir)  # before Ray unpickles anything of it
     if not cfg.tune.resume:  # a bad space, schedule, searcher or tracker fails before anything starts
-        check_schedule(cfg)
-        search_space(cfg.tune.space)
+        cfg.validate(list(Config.__dataclass_fields__))  # the space, schedule, model; as the command line does
         searcher(cfg, 1)
         tracking_callbacks(cfg, exp_dir)
     cfg = search_config(cfg, exp_dir)
-    params = list(search_space(cfg.tune.space))
+    params = list(check_tune_space(cfg))
     runs_dir = storage.join(exp_dir, "runs")
-    info = DatasetInfo.from_manifest(ensure_dataset(cfg))
+    manifest = ensure_dataset(cfg)
+    check_validation_split(cfg, manifest)
+    info = DatasetInfo.from_manifest(manifest)
     print(cfg.summary())
     print(f"Search directory: {exp_dir}")
 
     init_ray(cfg.scaling)
     started = time.perf_counter()
-    # A Dataset keeps the DataContext it was made with: without this, every epoch of every trial
-    # draws Ray Data progress bars that drown Tune's status table.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # (init_ray turned Ray Data's progress bars off, unless --verbose: every epoch of every trial
+    # would draw them and drown Tune's status table.)
     datasets = load_datasets(cfg)  # once, shared by every trial
     print(f"Datasets loaded in {time.perf_counter() - started:.1f}s")
     tuner = build_tuner(cfg, make_trainable(cfg, info, datasets, runs_dir), exp_dir)

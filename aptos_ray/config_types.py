@@ -1,0 +1,220 @@
+"""The typed-config machinery under ``aptos_ray.config``: value rules carried by the types, type
+checks and coercion, key lookup over sections, and the YAML reader. Knows no particular section.
+
+A field's type says what it accepts: ``Literal[...]`` lists the choices, ``Annotated[int,
+Range(ge=1)]`` the range, ``Annotated[str, OUTPUT_DIR]`` a folder a job writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+
+from aptos_ray import storage
+from aptos_ray.errors import ConfigError
+
+# --- value rules carried by the types ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric range: ``ge``/``gt`` lower, ``le``/``lt`` upper bound; ``zero`` also allows 0 (a
+    "pick it for me" value, e.g. ``data.image_size=0`` -> the model's input size)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    zero: bool = False
+
+    def problem(self, value: float) -> str | None:
+        if self.zero and value == 0:
+            return None
+        ok = not (isinstance(value, float) and math.isnan(value))
+        ok = ok and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+        ok = ok and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
+        return None if ok else f"must be {self}, got {value!r}"
+
+    def __str__(self) -> str:
+        low = f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None else ""
+        high = f"<= {self.le:g}" if self.le is not None else f"< {self.lt:g}" if self.lt is not None else ""
+        text = " and ".join(p for p in (low, high) if p)
+        return f"0 or {text}" if self.zero else text
+
+
+class OutputDir:
+    """Marks a folder a job writes: refused below a file or inside /proc, /sys, /dev."""
+
+    SYSTEM = ("/proc", "/sys", "/dev")
+
+    def problem(self, value: str) -> str | None:
+        if not value:
+            return "must not be empty"
+        if storage.is_uri(value):  # checked when it is written
+            return None
+        path = Path(value).expanduser().resolve()
+        if any(path == Path(s) or Path(s) in path.parents for s in self.SYSTEM):
+            return f"'{value}' is inside {', '.join(self.SYSTEM)}: pick a folder of your own"
+        for folder in (path, *path.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    return f"'{value}' is below the file {folder}, not a folder"
+                return None
+        return None
+
+    def __str__(self) -> str:
+        return "a folder"
+
+
+OUTPUT_DIR = OutputDir()
+POSITIVE = Range(gt=0)
+AT_LEAST_1 = Range(ge=1)
+NON_NEGATIVE = Range(ge=0)
+FRACTION = Range(ge=0, lt=1)  # 0 <= x < 1
+IMAGE_SIZE = Range(ge=32)
+
+PositiveInt = Annotated[int, AT_LEAST_1]
+Count = Annotated[int, NON_NEGATIVE]
+Fraction = Annotated[float, FRACTION]
+OutputPath = Annotated[str, OUTPUT_DIR]
+
+
+# --- fields of a section ---------------------------------------------------------------------------
+
+
+def section_fields(sections: dict[str, type]) -> dict[str, dict[str, dataclasses.Field]]:
+    return {section: {g.name: g for g in dataclasses.fields(cls)} for section, cls in sections.items()}
+
+
+def resolve_key(sections: dict[str, type], key: str) -> tuple[str, str]:
+    """'optim.lr' -> ('optim', 'lr'); 'lr' -> ('optim', 'lr') when unique; else ConfigError."""
+    known = section_fields(sections)
+    key = key.replace("-", "_")
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in known:
+            raise ConfigError(f"unknown config section '{section}' in '{key}'; sections: {', '.join(known)}")
+        if name not in known[section]:
+            raise ConfigError(f"unknown config key '{key}'; '{section}' has: {', '.join(known[section])}")
+        return section, name
+    owners = [s for s, names in known.items() if key in names]
+    if not owners:
+        raise ConfigError(f"unknown config key '{key}'")
+    if len(owners) > 1:
+        options = ", ".join(f"{s}.{key}" for s in owners)
+        raise ConfigError(f"config key '{key}' is ambiguous: use one of {options}")
+    return owners[0], key
+
+
+@lru_cache(maxsize=None)
+def annotated_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls, include_extras=True)[name]
+
+
+def field_type(cls: type, name: str) -> Any:
+    """The field's type without its ``Annotated`` rules."""
+    typ = annotated_type(cls, name)
+    return typing.get_args(typ)[0] if typing.get_origin(typ) is Annotated else typ
+
+
+def field_rules(cls: type, name: str) -> list:
+    typ = annotated_type(cls, name)
+    return list(typ.__metadata__) if typing.get_origin(typ) is Annotated else []
+
+
+def field_problem(cls: type, name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for this field (its choices, range, folder rule), or None."""
+    typ = field_type(cls, name)
+    if typing.get_origin(typ) is Literal and value not in typing.get_args(typ):
+        return f"must be one of {', '.join(map(str, typing.get_args(typ)))}, got {value!r}"
+    for rule in field_rules(cls, name):
+        problem = rule.problem(value)
+        if problem:
+            return problem
+    return None
+
+
+def coerce(value: Any, typ: Any, key: str) -> Any:
+    """Check a parsed value against the field's type; ints are accepted for floats."""
+    origin = typing.get_origin(typ)
+    if origin is Annotated:
+        return coerce(value, typing.get_args(typ)[0], key)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(typ):
+            try:
+                return coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"config key '{key}': {value!r} is not a {typ}")
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):  # a quoted "1e-3" in a YAML file
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # e.g. --train.name=42
+    if typ is str and value is None:
+        return ""
+    base = origin or typ
+    if base is typing.Any or isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+# --- YAML ----------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's floats: 1e-4 is a number, not the string '1e-4'."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+
+
+def override_value(raw: str) -> Any:
+    """A YAML value; text that is no valid YAML (``...``, ``a: b: c``) stays text, for the
+    field's type check to accept or name."""
+    if raw == "":
+        return ""
+    try:
+        return yaml_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def value_text(value: Any) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value).replace('"', "'")
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if value == "" else str(value)
