@@ -371,6 +371,14 @@ def parse_args(argv: list[str] | None = None, base: Config | None = None,
     return cfg.validate(sections)
 
 
+# Keys that earlier versions saved into checkpoints and that no longer exist: ignored when a saved
+# config is read back, so those checkpoints still predict and resume (a typed key is still an error).
+RETIRED_KEYS = {"train": ("fail_at_epoch",), "model": ("sync_bn",)}
+
+
 def config_from_dict(data: dict) -> Config:
     """Rebuild a Config saved with ``to_dict`` (e.g. from a checkpoint)."""
+    data = {section: ({k: v for k, v in values.items() if k not in RETIRED_KEYS.get(section, ())}
+                      if isinstance(values, dict) else values)
+            for section, values in (data or {}).items()}
     return apply_dict(Config(), data, source="saved config")

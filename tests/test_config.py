@@ -153,3 +153,11 @@ def test_bad_value_exits_2_before_torch_or_ray_is_imported():
     assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "error: config key 'optim.scheduler' must be one of cosine, step, none, got 'cosin'"]
+
+
+def test_a_checkpoint_of_an_earlier_version_still_reads():
+    saved = Config().to_dict()
+    saved["train"]["fail_at_epoch"] = -1  # saved into every checkpoint before the layout step
+    assert config_from_dict(saved) == Config()
+    with pytest.raises(ConfigError, match="fail_at_epoch"):
+        parse_args(["--train.fail_at_epoch=1"])  # typed by a person, it is an unknown key
