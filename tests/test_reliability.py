@@ -404,7 +404,7 @@ def test_case11_user_error_in_a_worker_is_not_retried(p60, tmp_path, ray_session
 
 def test_case11_bad_model_name_fails_in_the_driver_before_ray(p60, tmp_path):
     args = [a for a in run_args(p60, tmp_path, "bad", 1, "--model.name=no_such_net") if a != "--local"]
-    with pytest.raises(ConfigError, match="model.name: unknown timm model 'no_such_net'"):
+    with pytest.raises(ConfigError, match="model.name: 'no_such_net' is not a timm model"):
         train(parse_args(args))
     assert not (tmp_path / "bad").exists()
 
