@@ -13,7 +13,7 @@ demo:
 
 # What CI runs (.ci/run): everything except the `slow` marker, well under 15 min on 2 cores.
 test:
-	$(PYTHON) -m pytest -m "not slow" -q
+	$(PYTHON) -m pytest -m "not slow" -q --durations=12
 
 test-all:
 	$(PYTHON) -m pytest -q

@@ -130,10 +130,11 @@ def test_case01_kill_while_writing_leaves_no_half_checkpoint(p60, two_epochs, tm
 
 
 def test_case02_tied_qwk_best_checkpoint_exists_and_predicts(p60, two_epochs, tmp_path):
-    # lr 0 and frozen BatchNorm statistics (those of the shared run's weights): the model never
-    # changes, so every epoch scores the same (with lr 0 alone the running statistics still move)
+    # A learning rate far below float32's resolution (0 itself is refused) and frozen BatchNorm
+    # statistics (those of the shared run's weights): the model's outputs never change, so every
+    # epoch scores the same (with a tiny lr alone the running statistics still move)
     weights = two_epochs / "checkpoint_epoch_0001" / "model.pt"
-    args = [a for a in run_args(p60, tmp_path, "tie", 2, "--optim.lr=0", "--model.batch_norm=frozen",
+    args = [a for a in run_args(p60, tmp_path, "tie", 2, "--optim.lr=1e-30", "--model.batch_norm=frozen",
                                 "--model.head=regression", "--train.keep_checkpoints=1", f"--model.pretrained={weights}")
             if a != "--model.pretrained=none"]
     summary = train(parse_args(args))
