@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 from aptos_ray.data.format import GRADE_NAMES  # noqa: E402
 
 
-def _png(fig) -> bytes:
+def png_bytes(fig) -> bytes:
+    """A pyplot figure as PNG bytes (and closed: figures left open pile up in long jobs)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -35,7 +36,7 @@ def learning_curves(history: list[dict]) -> bytes:
     ax_score.legend()
     for ax in (ax_loss, ax_score):
         ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def confusion_matrix(matrix, title: str = "Confusion matrix") -> bytes:
@@ -50,7 +51,7 @@ def confusion_matrix(matrix, title: str = "Confusion matrix") -> bytes:
     ax.set_xticks(range(5), labels, fontsize=7)
     ax.set_yticks(range(5), labels, fontsize=7)
     ax.set(xlabel="predicted grade", ylabel="true grade", title=title)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def qwk_curves(curves: dict[str, list[tuple[int, float]]], title: str = "Validation QWK") -> bytes:
@@ -64,4 +65,4 @@ def qwk_curves(curves: dict[str, list[tuple[int, float]]], title: str = "Validat
     ax.grid(alpha=0.3)
     if len(curves) <= 12:
         ax.legend(fontsize=7)
-    return _png(fig)
+    return png_bytes(fig)

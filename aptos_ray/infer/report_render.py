@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 
 import matplotlib
 
@@ -21,13 +20,6 @@ from aptos_ray.infer.outputs import FIGURES, QUALITY_SHEET  # noqa: E402
 from aptos_ray.metrics import NUM_GRADES  # noqa: E402
 
 # --------------------------------------------------------------------------- figures
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
 
 
 def roc_figure(referable: dict) -> bytes:
@@ -46,7 +38,7 @@ def roc_figure(referable: dict) -> bytes:
            title="Referable DR (grade >= 2)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=7)
-    return _png(fig)
+    return plots.png_bytes(fig)
 
 
 def grade_distribution_figure(true_counts: list[int], predicted_counts: list[int]) -> bytes:
@@ -59,7 +51,7 @@ def grade_distribution_figure(true_counts: list[int], predicted_counts: list[int
     ax.set(ylabel="images", title="Images per grade")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    return _png(fig)
+    return plots.png_bytes(fig)
 
 
 def figures(metrics: dict) -> dict[str, bytes]:
