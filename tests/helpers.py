@@ -59,6 +59,11 @@ def aptos_subset(aptos_dir: Path, out: Path, per_grade: int = 24, size: int = 32
     for split, (ids, grades, images) in splits.items():
         order = rng.permutation(len(ids))
         write_split(out, split, [ids[i] for i in order], [grades[i] for i in order], [images[i] for i in order])
+    return write_manifest(out, size, counts)
+
+
+def write_manifest(out: Path, size: int, counts: dict) -> Path:
+    """The manifest a test dataset needs: encoding, size and grade counts per split."""
     manifest = {"format_version": 1, "encoding": "raw", "image_size": size, "counts": counts,
                 "num_inputs": sum(sum(c.values()) for c in counts.values())}
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -104,10 +109,7 @@ def synthetic_subset(out: Path, size: int, per_grade: int = 8, val_per_grade: in
         repeat = copies if split == "train" else 1
         ids = [f"{split}-{g}-{i}-{c}" for c in range(repeat) for g, i in rows]
         write_split(out, split, ids, [g for _ in range(repeat) for g, _ in rows], images * repeat)
-    manifest = {"format_version": 1, "encoding": "raw", "image_size": size, "counts": counts,
-                "num_inputs": sum(sum(c.values()) for c in counts.values())}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
+    return write_manifest(out, size, counts)
 
 
 KILL_AFTER_REPORT_OF_EPOCH = 1
