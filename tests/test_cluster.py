@@ -1,5 +1,6 @@
 """From one machine to a cluster: the cluster configs (cluster/) parse and agree with the installed
-Ray and the code, nothing in them is a secret or listens on every interface, checkpoints load with
+Ray and the code, they run the cluster image (cluster/Dockerfile) whose pins are written once in
+pyproject.toml, nothing in them is a secret or listens on every interface, checkpoints load with
 weights_only, training runs through Ray on file:// URIs standing in for s3://, and (slow) a real
 two-node run on this machine (scripts/two_node_run.py)."""
 
@@ -29,7 +30,17 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
 KUBERAY = sorted((CLUSTER / "kuberay").glob("*.yaml"))
 CONFIG_FILES = sorted(CLUSTER.rglob("*.yaml"))
-RAY_IMAGE = re.compile(r"^rayproject/ray:(?P<version>[\d.]+)-py3\d+(-(?P<platform>cpu|gpu|cu\d+))?$")
+DOCKERFILE = CLUSTER / "Dockerfile"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+IMAGE = load_script("cluster_image")  # the image's tag and build command, read from pyproject.toml
 
 
 def load(path: Path) -> dict:
@@ -58,10 +69,18 @@ def job_args(entrypoint: str) -> tuple[str, list[str]]:
     return argv[1], argv[2:]
 
 
-def pyproject_dependencies() -> list[str]:
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    return [d for d in deps if not d.startswith("ray")]
+def image_variant(image: str) -> str:
+    """'gpu' or 'cpu' for the cluster image's tags; anything else is not the cluster image."""
+    variants = [v for v in ("gpu", "cpu") if image == IMAGE.image_tag(v)]
+    assert variants, f"{image}: not the cluster image ({IMAGE.image_tag('gpu')} or {IMAGE.image_tag('cpu')})"
+    return variants[0]
+
+
+def installs_nothing(doc) -> None:
+    """No pip/conda list and no `pip install` anywhere in a config: the image has the dependencies."""
+    for key, value in walk(doc):
+        assert key not in ("pip", "conda", "uv"), f"{key}: {value}"
+        assert not (isinstance(value, str) and re.search(r"\bpip3? install|\btorch\b", value)), value
 
 
 # --- configs ------------------------------------------------------------------------------------
@@ -80,16 +99,14 @@ def test_launcher_config_is_valid_for_the_installed_ray():
     schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
     jsonschema.validate(config, schema)  # the schema `ray up` checks against
     docker = config["docker"]
-    for image in (docker["image"], docker["head_image"]):
-        assert RAY_IMAGE.match(image)["version"] == ray.__version__, image
-    assert RAY_IMAGE.match(docker["image"])["platform"] == "gpu"
+    assert image_variant(docker["image"]) == "gpu" and image_variant(docker["head_image"]) == "cpu"
     workers = {k: v for k, v in config["available_node_types"].items() if k != config["head_node_type"]}
     assert workers, "no worker node type"
     for node in workers.values():
         assert 0 <= node["min_workers"] <= node["max_workers"] <= config["max_workers"]
         assert node["node_config"]["InstanceType"].startswith(("g5.", "g6.", "g4dn.", "p3.", "p4d.", "p5."))
-    assert config["file_mounts"]["~/aptos-ray"] == "."  # `ray up` runs from the repository root
-    assert any("pip install" in c and "aptos-ray" in c for c in config["setup_commands"])
+    installs_nothing(config)  # the image has Ray, torch and the package; jobs bring the code
+    assert set(config["file_mounts"]) == {"~/.ray/auth_token"}
     head_start = " ".join(config["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start
     for cmd in (head_start, " ".join(config["worker_start_ray_commands"])):
@@ -102,19 +119,18 @@ def test_kuberay_manifests_match_ray_and_the_code():
         assert doc["apiVersion"] == "ray.io/v1", path
         assert doc["kind"] in {"RayCluster", "RayJob"}, path
         cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
-        assert cluster["rayVersion"] == ray.__version__, path
+        assert cluster["rayVersion"] == ray.__version__ == IMAGE.cluster_pins()["ray"], path
         assert cluster["authOptions"]["mode"] == "token", path
         assert cluster["headGroupSpec"].get("serviceType", "ClusterIP") == "ClusterIP", path
         head = containers(cluster["headGroupSpec"]["template"])
         groups = cluster["workerGroupSpecs"]
         assert groups, path
-        for c in head + [c for g in groups for c in containers(g["template"])]:
-            assert RAY_IMAGE.match(c["image"])["version"] == ray.__version__, (path, c["image"])
+        assert [image_variant(c["image"]) for c in head] == ["cpu"], path
         for g in groups:
             assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], (path, g["groupName"])
             for c in containers(g["template"]):
                 limits = c["resources"]["limits"]
-                assert str(limits["nvidia.com/gpu"]) == "1" and RAY_IMAGE.match(c["image"])["platform"] == "gpu"
+                assert str(limits["nvidia.com/gpu"]) == "1" and image_variant(c["image"]) == "gpu"
         if doc["kind"] == "RayJob":
             script, args = job_args(doc["spec"]["entrypoint"])
             assert (REPO / script).is_file(), f"{path}: entrypoint {script} is not in the repository"
@@ -124,7 +140,8 @@ def test_kuberay_manifests_match_ray_and_the_code():
             env = yaml.safe_load(doc["spec"]["runtimeEnvYAML"])
             assert env["working_dir"].startswith(("https://", "s3://", "gs://")), \
                 "the submitter pod has no checkout: working_dir must be a remote zip"
-            assert env["pip"] == load(CLUSTER / "runtime_env.yaml")["pip"]
+            assert set(env) == {"working_dir"}, f"{path}: the image brings dependencies and environment"
+        installs_nothing(doc)
     scripts = {job_args(load(p)["spec"]["entrypoint"])[0] for p in KUBERAY if load(p)["kind"] == "RayJob"}
     assert scripts == {"jobs/train.py", "jobs/tune.py"}
 
@@ -139,8 +156,7 @@ def test_runtime_env_uploads_the_code_and_not_data_or_runs(tmp_path):
     env = load(CLUSTER / "runtime_env.yaml")
     RuntimeEnv(**env)  # Ray validates every field
     assert env["working_dir"] == "."
-    assert {d.split(">")[0].split("=")[0] for d in env["pip"]} == \
-        {d.split(">")[0].split("=")[0] for d in pyproject_dependencies()}
+    assert set(env) == {"working_dir", "excludes"}, "only the code travels with a job; the image has the rest"
     files = ["jobs/train.py", "aptos_ray/loop.py", "configs/demo.yaml", "tests/data/keep.txt",
              "data/prepared/x/train/part-0.parquet", "runs/r/checkpoint_epoch_0000/model.pt",
              "tune_runs/t/tuner.pkl", "outputs/predict/submission.csv", ".venv/bin/python", ".git/HEAD"]
@@ -153,6 +169,57 @@ def test_runtime_env_uploads_the_code_and_not_data_or_runs(tmp_path):
                 lambda p: uploaded.append(p.relative_to(tmp_path).as_posix()) if p.is_file() else None,
                 include_gitignore=False)
     assert sorted(uploaded) == ["aptos_ray/loop.py", "configs/demo.yaml", "jobs/train.py", "tests/data/keep.txt"]
+
+
+# --- the cluster image -----------------------------------------------------------------------------
+
+
+def pyproject() -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def test_dockerfile_installs_the_cluster_extra_and_restates_no_version():
+    from aptos_ray.ray_setup import RAY_ENV
+
+    code = "\n".join(line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#"))
+    assert not re.search(r"\d+\.\d+|==|~=|>=", code), "versions are pyproject.toml's (the `cluster` extra)"
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-py3\d+-\$\{VARIANT\}$", code, re.M)
+    assert re.search(r"pip install .*\[cluster\]", code)
+    for key, value in RAY_ENV.items():  # what the runtime env used to set for every Ray process
+        assert re.search(rf"\b{key}={value}\b", code), key
+    # The build context holds exactly what the COPY lines read (and so no data, runs or .git).
+    allowed = {line[1:] for line in (CLUSTER / "Dockerfile.dockerignore").read_text().split() if line.startswith("!")}
+    copied = {src for line in code.splitlines() if line.startswith("COPY ")
+              for src in line.split()[1:-1] if not src.startswith("--")}
+    assert copied == allowed == {"pyproject.toml", "README.md", "aptos_ray"}
+    for variant in ("gpu", "cpu"):
+        cmd = IMAGE.build_command(variant)
+        assert cmd[:4] == ["docker", "build", "-f", "cluster/Dockerfile"] and cmd[-3:] == ["-t", IMAGE.image_tag(variant), "."]
+        assert f"RAY_VERSION={ray.__version__}" in cmd and f"VARIANT={variant}" in cmd
+    assert "TORCH_INDEX=https://download.pytorch.org/whl/cpu" in IMAGE.build_command("cpu")
+    docs = (REPO / "docs" / "CLUSTER.md").read_text()
+    assert IMAGE.image_tag("gpu") in docs and IMAGE.image_tag("cpu") in docs
+
+
+def test_cluster_pins_lie_in_the_core_ranges_and_are_what_is_installed():
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = pyproject()
+    core = {r.name: r for r in map(Requirement, project["dependencies"])}
+    pins = [Requirement(d) for d in project["optional-dependencies"]["cluster"]]
+    assert {pin.name for pin in pins} == {"torch", "torchvision", "timm", "ray"}
+    assert IMAGE.cluster_pins() == {pin.name: str(next(iter(pin.specifier)).version) for pin in pins}
+    for pin in pins:
+        (spec,) = pin.specifier
+        assert spec.operator == "==", pin
+        assert core[pin.name].specifier.contains(spec.version), f"{pin} is outside the core range {core[pin.name]}"
+        assert pin.extras == core[pin.name].extras, pin
+        installed = Version(version(pin.name)).public  # 2.14.1+cu130 -> 2.14.1: the build, not the version
+        assert installed == spec.version, f"{pin.name} {installed} is installed, the cluster pin says {spec.version}"
 
 
 SECRET_KEY = re.compile(r"(secret|password|passwd|api_?key|access_?key|credential|private_?key|token)", re.I)
@@ -175,7 +242,7 @@ def test_no_credentials_in_cluster_configs(path):
 
 
 def test_nothing_listens_on_every_interface():
-    for path in [*CONFIG_FILES, REPO / "scripts" / "two_node_run.py"]:
+    for path in [*CONFIG_FILES, DOCKERFILE, *(REPO / "scripts").glob("*_node_run.py")]:
         assert "0.0.0.0" not in path.read_text(), f"{path}: binds every interface"
 
 
