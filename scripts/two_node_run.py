@@ -64,7 +64,11 @@ def log(msg: str) -> None:
 class TwoNodeCluster:
     """A head and one more node on this machine, owned by this process and stopped by it."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, head_cpus: int = 1, worker_cpus: int = 1, head_resources: str = "",
+                 worker_prefix: tuple[str, ...] = (), env: dict[str, str] | None = None):
+        """head_resources: custom resources of the head (`ray start --resources` JSON); worker_prefix:
+        what the second node's `ray start` runs inside (scripts/masked_node_run.py: a mount
+        namespace); env: extra variables for both nodes, the job client and this process."""
         self.root = root
         self.temp_dir = root / "ray"  # short: Ray's socket paths live below it
         gcs, dashboard, client, agent_head, agent_worker = free_ports(5)
@@ -86,22 +90,24 @@ class TwoNodeCluster:
             "RAY_AUTH_TOKEN_PATH": str(token),
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # nothing to drain: stop at once
             "RAY_USAGE_STATS_ENABLED": "0",
+            **(env or {}),
         }
-        common = ["--block", "--num-cpus=1", "--disable-usage-stats",
-                  f"--object-store-memory={300 * MEGABYTE}"]
+        self.extra_env = dict(env or {})
+        common = ["--block", "--disable-usage-stats", f"--object-store-memory={300 * MEGABYTE}"]
         self.head_cmd = [str(BIN / "ray"), "start", "--head", f"--port={gcs}", f"--temp-dir={self.temp_dir}",
                          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
                          f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_head}",
+                         f"--num-cpus={head_cpus}", *([f"--resources={head_resources}"] if head_resources else []),
                          *common]
         # Its own temp dir, as on another machine (a shared one would make both nodes' log
         # monitors stream every worker's output twice).
-        self.worker_cmd = [str(BIN / "ray"), "start", f"--address={self.gcs_address}",
+        self.worker_cmd = [*worker_prefix, str(BIN / "ray"), "start", f"--address={self.gcs_address}",
                            f"--temp-dir={root / 'ray-node2'}",
-                           f"--dashboard-agent-listen-port={agent_worker}", *common]
+                           f"--dashboard-agent-listen-port={agent_worker}", f"--num-cpus={worker_cpus}", *common]
         self.procs: list[subprocess.Popen] = []
 
     def _start(self, cmd: list[str], name: str) -> None:
-        log(" ".join(cmd[1:]))
+        log(" ".join(cmd[cmd.index("start"):]))
         out = open(self.root / f"{name}.log", "w")
         # Own session: a Ctrl-C in the terminal reaches only this script, which stops the nodes.
         self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
@@ -109,7 +115,7 @@ class TwoNodeCluster:
 
     def start(self, timeout: float = 120) -> list[dict]:
         # This process talks to the cluster too (State API, job info): the same token settings.
-        os.environ.update({k: self.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")})
+        os.environ.update({k: self.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", *self.extra_env)})
         os.environ.pop("RAY_AUTH_TOKEN", None)
         self._start(self.head_cmd, "head")
         self._wait_nodes(1, timeout)
@@ -134,11 +140,11 @@ class TwoNodeCluster:
             time.sleep(1)
         raise TimeoutError(f"{n} Ray node(s) not alive after {timeout:.0f}s: see {self.root}/*.log")
 
-    def submit(self, name: str, entrypoint: list[str]) -> tuple[bool, float, str]:
-        """`ray job submit --working-dir <repo> -- <entrypoint>`; (succeeded, seconds, log tail)."""
+    def submit(self, name: str, entrypoint: list[str], options: tuple[str, ...] = ()) -> tuple[bool, float, str]:
+        """`ray job submit --working-dir <repo> [options] -- <entrypoint>`; (succeeded, seconds, log)."""
         cmd = [str(BIN / "ray"), "job", "submit", f"--address={self.dashboard}", f"--submission-id={name}",
-               f"--working-dir={REPO}", "--", *entrypoint]
-        log("ray job submit --working-dir . --submission-id " + name + " -- " + " ".join(entrypoint))
+               f"--working-dir={REPO}", *options, "--", *entrypoint]
+        log(f"ray job submit --working-dir . --submission-id {name} {' '.join(options)} -- {' '.join(entrypoint)}")
         started = time.perf_counter()
         out = subprocess.run(cmd, env=self.env, cwd=REPO, capture_output=True, text=True)
         seconds = time.perf_counter() - started
