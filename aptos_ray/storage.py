@@ -70,6 +70,24 @@ def list_dir(path: str) -> list[tuple[str, str]]:
     return sorted((i.base_name, i.type.name) for i in infos if not i.base_name.startswith("."))
 
 
+def ray_storage(path: str) -> dict:
+    """Ray Train / Tune's ``storage_path`` (and ``storage_filesystem``) for a local path or URI: a
+    bucket URI goes through this module's filesystem, so its options (endpoint, region) hold there too."""
+    if is_local(path):
+        return {"storage_path": absolute(path)}
+    fs, inner = filesystem(path)
+    return {"storage_path": inner, "storage_filesystem": fs}
+
+
+def ray_data_source(path: str) -> dict:
+    """``paths`` (and ``filesystem``) for a Ray Data reader: its read tasks open a bucket URI
+    through this module's filesystem, options included, on whichever node they run."""
+    if is_local(path):
+        return {"paths": absolute(path)}
+    fs, inner = filesystem(path)
+    return {"paths": inner, "filesystem": fs}
+
+
 def local_disk() -> str:
     """Which disk this process sees: host plus mount namespace (a node started with ``unshare -m``
     on the same host sees other files). Records of local files carry the driver's, so a Ray task

@@ -129,7 +129,7 @@ def build_dataset(inputs: Inputs, checkpoint: Checkpoint, prepare: PrepareConfig
                   num_actors: int):
     """The Ray Data pipeline that yields one prediction row per readable or unreadable input row."""
     if inputs.kind == "prepared":
-        ds = ray.data.read_parquet(storage.join(inputs.dataset, inputs.split),
+        ds = ray.data.read_parquet(**storage.ray_data_source(storage.join(inputs.dataset, inputs.split)),
                                    columns=[*TRAIN_COLUMNS, "orig_height", "orig_width"])
         encoding = inputs.encoding
         # Quality in the same pass, fused with the read: Ben Graham-filtered images are not judged.
