@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import pyarrow.fs as pafs
 
@@ -23,11 +26,77 @@ def is_uri(path: str) -> bool:
     return "://" in str(path)
 
 
+def is_local(path: str) -> bool:
+    """A path on this machine's disk: no scheme, or ``file://``."""
+    return not is_uri(path) or str(path).startswith("file://")
+
+
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or URI."""
-    if is_uri(path):
-        return pafs.FileSystem.from_uri(str(path))
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    """(filesystem, path inside it) for a local path or URI.
+
+    Filesystems are cached per scheme, bucket and options: building an S3 one asks the bucket's
+    region over the network, which per image (inside the Ray tasks) would cost more than the read.
+    """
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    parts = urlsplit(str(path))
+    if parts.scheme == "file":
+        return pafs.LocalFileSystem(), unquote(parts.path)
+    if parts.scheme in BUCKET_SCHEMES:  # the path inside is "bucket/key", whatever the options
+        return _bucket_filesystem(parts.scheme, parts.netloc, parts.query), parts.netloc + unquote(parts.path)
+    return pafs.FileSystem.from_uri(str(path))
+
+
+BUCKET_SCHEMES = ("s3", "gs", "gcs")
+
+
+@lru_cache(maxsize=64)
+def _bucket_filesystem(scheme: str, bucket: str, query: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))[0]
+
+
+def file_type(path: str) -> str:
+    """'File', 'Directory' or 'NotFound' for a local path or URI (links followed)."""
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type.name
+
+
+def list_dir(path: str) -> list[tuple[str, str]]:
+    """[(name, 'File' | 'Directory')] of a folder's entries, sorted by name; hidden ones left out.
+
+    Local symlinks count as what they point to (as ``os.path.isdir`` does)."""
+    fs, inner = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    return sorted((i.base_name, i.type.name) for i in infos if not i.base_name.startswith("."))
+
+
+def ray_storage(path: str) -> dict:
+    """Ray Train / Tune's ``storage_path`` (and ``storage_filesystem``) for a local path or URI: a
+    bucket URI goes through this module's filesystem, so its options (endpoint, region) hold there too."""
+    if is_local(path):
+        return {"storage_path": absolute(path)}
+    fs, inner = filesystem(path)
+    return {"storage_path": inner, "storage_filesystem": fs}
+
+
+def ray_data_source(path: str) -> dict:
+    """``paths`` (and ``filesystem``) for a Ray Data reader: its read tasks open a bucket URI
+    through this module's filesystem, options included, on whichever node they run."""
+    if is_local(path):
+        return {"paths": absolute(path)}
+    fs, inner = filesystem(path)
+    return {"paths": inner, "filesystem": fs}
+
+
+def local_disk() -> str:
+    """Which disk this process sees: host plus mount namespace (a node started with ``unshare -m``
+    on the same host sees other files). Records of local files carry the driver's, so a Ray task
+    can tell "not on this node" from "removed since it was listed"."""
+    try:
+        namespace = os.stat("/proc/self/ns/mnt").st_ino
+    except OSError:  # not Linux: the host alone
+        namespace = 0
+    return f"{socket.gethostname()}:{namespace}"
 
 
 def absolute(path: str) -> str:
@@ -79,7 +148,10 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def join(base: str, *parts: str) -> str:
-    return "/".join([str(base).rstrip("/"), *parts])
+    """``base/part/...``; a URI's options (``?endpoint_override=...``) stay at the end."""
+    base, _, query = str(base).partition("?") if is_uri(base) else (str(base), "", "")
+    joined = "/".join([base.rstrip("/"), *parts])
+    return f"{joined}?{query}" if query else joined
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Shared fixtures: real data beside the checkout, a small embedded default, one Ray instance."""
+"""Shared fixtures: real data beside the checkout, a small embedded default, one Ray instance, an S3 server."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
+import s3 as s3_server
+
 REPO = Path(__file__).resolve().parents[1]
+# Before any test starts Ray: its workers inherit this environment and reach the test S3 server.
+s3_server.set_environment()
 SHARED_DATA = Path(os.environ.get("APTOS_RAY_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
@@ -41,3 +45,11 @@ def ray_session():
         ray.init(num_cpus=2, log_to_driver=False, **options)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on localhost (tests/s3.py); ``s3.bucket()`` makes a fresh bucket."""
+    server = s3_server.S3()
+    yield server
+    server.stop()

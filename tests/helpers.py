@@ -81,15 +81,17 @@ def failing_worker(loop_config: dict) -> None:
     from aptos_ray.train.loop import DatasetInfo, fit
     from aptos_ray.train.ray_backend import RayBackend
 
+    from aptos_ray import storage
+
     cfg = config_from_dict(loop_config["config"])
     backend = RayBackend(cfg)
-    marker = Path(cfg.train.output) / cfg.train.name / ".failure_injected"
+    marker = storage.join(cfg.train.output, cfg.train.name, ".failure_injected")  # a path or URI
     rows = backend.train_rows
 
     def dying_rows(epoch: int):
         for batch in rows(epoch):
-            if epoch == FAIL_AT_EPOCH and backend.rank == 0 and not marker.exists():
-                marker.write_text(f"killed in epoch {epoch}\n")
+            if epoch == FAIL_AT_EPOCH and backend.rank == 0 and not storage.exists(marker):
+                storage.write_text(marker, f"killed in epoch {epoch}\n")
                 os._exit(1)
             yield batch
 

@@ -58,6 +58,7 @@ from aptos_ray.data.splits import (
     phash_array,
     stratified_subset,
 )
+from aptos_ray.errors import UserError
 from aptos_ray.ray_setup import init_ray
 
 FORMAT_VERSION = 1
@@ -180,6 +181,8 @@ def process_record(rec: dict, cfg: PrepareConfig) -> dict:
         out = preprocess(arr, cfg)
     except ImageError as e:
         return {**row, "reason": e.reason}
+    except UserError:  # not one image's fault but the job's (a path only the driver's disk has): stop
+        raise
     except Exception as e:  # never let one odd image stop the job: quarantine it with the error
         return {**row, "reason": f"unreadable image: {type(e).__name__}: {e}"}
     data = encode_image(out, cfg.encoding)
@@ -196,8 +199,9 @@ def _ray_items(records: list[dict]) -> list[dict]:
     items = []
     for r in records:
         item = {"id": r["id"], "grade": r["grade"], "source": r["source"], "split": r["split"] or ""}
-        if "array" in r:
-            item["array"] = r["array"]
+        for key in ("array", "listed_on"):  # npz pixels; the disk the driver listed a local file on
+            if key in r:
+                item[key] = r[key]
         items.append(item)
     return items
 
@@ -329,7 +333,7 @@ def make_manifest(meta, splits, groups, cross, quarantined, src, records, p: Pre
         "original_sizes": {m["id"]: [m["orig_height"], m["orig_width"]] for m in meta},
         "brightness": {m["id"]: m["brightness"] for m in meta},
         "config": dataclasses.asdict(p),
-        "input": {**src.info, "path": str(Path(p.input).resolve()), "num_records": len(src.records),
+        "input": {**src.info, "path": p.input if storage.is_uri(p.input) else str(Path(p.input).resolve()), "num_records": len(src.records),
                   "limit": p.limit, "num_selected": len(records)},
         "content_hash": content,
     }

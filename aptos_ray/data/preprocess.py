@@ -9,7 +9,7 @@ and in tests. ``preprocess`` composes them in the order the config asks for:
 
 from __future__ import annotations
 
-import os
+import io
 import warnings
 from pathlib import Path
 
@@ -38,25 +38,30 @@ def _to_rgb_mode(img: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path, max_pixels: int = 0) -> np.ndarray:
-    """Read an image file -> uint8 (H, W, 3) RGB; ``ImageError`` says why a file is unusable.
-
-    ``max_pixels`` (0: no limit) is checked on the header's size, before decoding: a 100 KB PNG can
-    hold a 10000 x 10000 image that takes 300 MB and seconds to decode.
-    """
-    path = str(path)
+    """Read a local image file -> uint8 (H, W, 3) RGB; ``ImageError`` says why a file is unusable."""
     try:
-        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         raise ImageError("missing file") from None
     except OSError as e:
         raise ImageError(f"unreadable file: {e.strerror or e}") from None
-    if size == 0:
+    return decode_image(data, max_pixels)
+
+
+def decode_image(data: bytes, max_pixels: int = 0) -> np.ndarray:
+    """An image file's bytes -> uint8 (H, W, 3) RGB; ``ImageError`` says why they are unusable.
+
+    ``max_pixels`` (0: no limit) is checked on the header's size, before decoding: a 100 KB PNG can
+    hold a 10000 x 10000 image that takes 300 MB and seconds to decode.
+    """
+    if not data:
         raise ImageError("zero-byte file")
     try:
         with warnings.catch_warnings():
             if max_pixels:  # our limit, checked on opening, replaces PIL's warning about large images
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(data))
         with img:
             check_pixels(img.width, img.height, max_pixels)
             img.load()  # decode now: a truncated file fails here, not later

@@ -34,6 +34,7 @@ from aptos_ray.config import Config, ConfigError, PrepareConfig
 from aptos_ray.data.format import TRAIN_COLUMNS, decode_batch, encode_image
 from aptos_ray.data.preprocess import ImageError, preprocess
 from aptos_ray.data.sources import read_image
+from aptos_ray.errors import UserError
 from aptos_ray.infer.checkpoint import Checkpoint, prepare_config, read_checkpoint
 from aptos_ray.infer.grader import Grader, check_tta
 from aptos_ray.infer.inputs import Inputs, find_inputs, preprocessing_differences
@@ -52,15 +53,18 @@ def load_rows(batch: dict, prepare: dict) -> dict:
     """
     cfg = PrepareConfig(**prepare)
     images, heights, widths, reasons, qualities = [], [], [], [], []
-    for source in batch["source"]:
+    for i in range(len(batch["source"])):
         quality = not_assessed()
+        record = {k: batch[k][i] for k in ("source", "listed_on", "array") if k in batch}
         try:
-            photo = read_image({"source": str(source)}, cfg.min_image_side, cfg.max_pixels)
+            photo = read_image(record, cfg.min_image_side, cfg.max_pixels)
             quality = assess(photo)
             arr = preprocess(photo, cfg)
             data, reason = encode_image(arr, "raw"), ""
         except ImageError as e:
             arr, data, reason = None, b"", e.reason
+        except UserError:  # not the file's fault but the job's (a path only the driver's disk has): stop
+            raise
         except Exception as e:  # one odd file must not stop the job: report it with the error
             arr, data, reason = None, b"", f"unreadable image: {type(e).__name__}: {e}"
         qualities.append(quality)
@@ -68,7 +72,8 @@ def load_rows(batch: dict, prepare: dict) -> dict:
         heights.append(0 if arr is None else arr.shape[0])
         widths.append(0 if arr is None else arr.shape[1])
         reasons.append(reason)
-    return {**batch, "image": np.array(images, dtype=object), "height": np.array(heights, dtype=np.int32),
+    rows = {k: v for k, v in batch.items() if k != "array"}  # npz pixels: decoded into "image" now
+    return {**rows, "image": np.array(images, dtype=object), "height": np.array(heights, dtype=np.int32),
             "width": np.array(widths, dtype=np.int32), "reason": np.array(reasons, dtype=object),
             **as_columns(qualities)}
 
@@ -124,7 +129,7 @@ def build_dataset(inputs: Inputs, checkpoint: Checkpoint, prepare: PrepareConfig
                   num_actors: int):
     """The Ray Data pipeline that yields one prediction row per readable or unreadable input row."""
     if inputs.kind == "prepared":
-        ds = ray.data.read_parquet(storage.join(inputs.dataset, inputs.split),
+        ds = ray.data.read_parquet(**storage.ray_data_source(storage.join(inputs.dataset, inputs.split)),
                                    columns=[*TRAIN_COLUMNS, "orig_height", "orig_width"])
         encoding = inputs.encoding
         # Quality in the same pass, fused with the read: Ben Graham-filtered images are not judged.

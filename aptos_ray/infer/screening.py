@@ -159,5 +159,6 @@ def stored_or_raw(inputs: Inputs, rows: pd.DataFrame, prepare: PrepareConfig | N
                            ids=rows["id"].astype(str).tolist())
         by_id = dict(zip(table.column("id").to_pylist(), decode_batch(table.to_pydict(), inputs.encoding)))
         return [by_id[i] for i in rows["id"]]
-    photos = [read_image({"source": str(source)}, 1) for source in rows["source"]]
+    records = {item["source"]: item for item in inputs.items}  # npz pixels, the disk a file was listed on
+    photos = [read_image(records.get(str(source), {"source": str(source)}), 1) for source in rows["source"]]
     return [preprocess(photo, prepare) for photo in photos] if prepare is not None else photos

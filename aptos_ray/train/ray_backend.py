@@ -52,9 +52,15 @@ def load_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
     datasets = {}
     for split in ("train", "val"):
         path = storage.join(storage.absolute(cfg.data.dataset), split)
-        ds = ray.data.read_parquet(path, columns=TRAIN_COLUMNS)
+        ds = ray.data.read_parquet(**storage.ray_data_source(path), columns=TRAIN_COLUMNS)
         datasets[split] = ds.materialize() if cfg.data.materialize else ds
     return datasets
+
+
+def checkpoint_at(path: str) -> ray.train.Checkpoint:
+    """A checkpoint folder (local path or URI) read through this project's filesystem for it."""
+    fs, inner = storage.filesystem(path)
+    return ray.train.Checkpoint(inner, filesystem=fs)
 
 
 class RayBackend:
@@ -99,7 +105,7 @@ class RayBackend:
         folder is complete by then, so it is taken instead; every rank lists the same folders.
         """
         checkpoint = ray.train.get_checkpoint()
-        candidates = {epoch: ray.train.Checkpoint(path) for epoch, path in stored_checkpoints(self.run_dir).items()}
+        candidates = {epoch: checkpoint_at(path) for epoch, path in stored_checkpoints(self.run_dir).items()}
         if checkpoint is not None:
             match = CHECKPOINT_DIR.fullmatch(Path(checkpoint.path).name)
             candidates[int(match.group(1)) if match else -1] = checkpoint
@@ -200,7 +206,7 @@ def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict, callbacks: lis
         ),
         run_config=RunConfig(
             name=cfg.train.name,
-            storage_path=storage.absolute(cfg.train.output),
+            **storage.ray_storage(cfg.train.output),  # a URI's checkpoints go straight to the bucket
             checkpoint_config=CheckpointConfig(
                 num_to_keep=max(cfg.train.keep_checkpoints, 1),
                 checkpoint_score_attribute="val_qwk",

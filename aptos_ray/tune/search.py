@@ -29,6 +29,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 import yaml
 from ray import tune as ray_tune
@@ -108,15 +109,25 @@ def experiment_name(cfg: Config) -> str:
     if cfg.tune.name:
         return cfg.tune.name
     if cfg.tune.resume:
-        found = sorted(Path(cfg.tune.output).glob("*/tuner.pkl"), key=lambda p: p.stat().st_mtime)
+        # Listed through pyarrow: tune.output may be a URI (s3://, gs://, file://).
+        fs, root = storage.filesystem(cfg.tune.output)
+        searches = [d.path for d in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+                    if d.type == pafs.FileType.Directory]
+        found = [f for f in fs.get_file_info([f"{d}/tuner.pkl" for d in searches]) if f.type == pafs.FileType.File]
         if not found:
             raise MissingFileError(f"tune.resume: no search found under {cfg.tune.output}; pass --tune.name")
-        return found[-1].parent.name
+        return max(found, key=lambda f: f.mtime).path.rstrip("/").split("/")[-2]
     return datetime.now().strftime("tune-%Y%m%d-%H%M%S")
 
 
+def _restore_location(exp_dir: str) -> dict:
+    """``path`` (and ``storage_filesystem``) of a search for ``Tuner.restore`` / ``can_restore``."""
+    location = storage.ray_storage(exp_dir)
+    return {"path": location.pop("storage_path"), **location}
+
+
 def check_experiment_dir(cfg: Config, exp_dir: str) -> None:
-    started = ray_tune.Tuner.can_restore(exp_dir)
+    started = ray_tune.Tuner.can_restore(**_restore_location(exp_dir))
     if cfg.tune.resume and not started:
         raise MissingFileError(f"tune.resume: {exp_dir} holds no search to resume")
     if started and not cfg.tune.resume:
@@ -177,7 +188,7 @@ def build_tuner(cfg: Config, trainable, exp_dir: str) -> ray_tune.Tuner:
     if cfg.tune.resume:
         # Finished trials stay finished; unfinished and errored ones run again, and their
         # TorchTrainer continues from its run's last checkpoint.
-        return ray_tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
+        return ray_tune.Tuner.restore(**_restore_location(exp_dir), trainable=trainable, resume_errored=True)
     max_concurrent = concurrent_trials(cfg)
     print(f"At most {max_concurrent} trial(s) at a time, {cfg.scaling.num_workers} worker(s) each")
     scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period,
@@ -191,7 +202,7 @@ def build_tuner(cfg: Config, trainable, exp_dir: str) -> ray_tune.Tuner:
         ),
         run_config=ray_tune.RunConfig(
             name=cfg.tune.name,
-            storage_path=storage.absolute(cfg.tune.output),
+            **storage.ray_storage(cfg.tune.output),
             callbacks=tracking_callbacks(cfg, exp_dir),
             # A worker failure is already retried by the trial's TorchTrainer (scaling.max_failures).
             failure_config=ray_tune.FailureConfig(max_failures=0),
