@@ -47,7 +47,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from two_node_run import ANSI, BIN, REPO, SHARED_APTOS, TINY, TwoNodeCluster, log  # noqa: E402
 
 SHARED_DATA = SHARED_APTOS.parent
-BUCKET = "aptos-masked"
 # Prepare and predict: the driver takes the head's 2 CPUs, so their tasks and actors go to node 2.
 ON_MASKED_NODE = ("--entrypoint-num-cpus=2", '--entrypoint-resources={"driver": 1}')
 CLEAR_ERROR = re.compile(r"^error: .*(URI|shared storage)", re.I | re.M)
@@ -67,21 +66,15 @@ def namespace_prefix(dirs: list[Path]) -> tuple[str, ...]:
     return ("unshare", "-m", "--propagation", "private", "sh", "-c", f'{mounts} && exec "$@"', "masked-node")
 
 
-def start_s3() -> tuple[object, dict[str, str]]:
-    """moto's S3 server on 127.0.0.1, a bucket, and the environment that points clients at it."""
-    from moto.server import ThreadedMotoServer
+def start_s3():
+    """The tests' S3 server (tests/s3.py: moto on 127.0.0.1) with one bucket; the environment
+    (AWS_ENDPOINT_URL, test credentials) set here and passed to both nodes."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import s3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    os.environ.update(env)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket=BUCKET)
-    return server, env
+    s3.set_environment()
+    server = s3.S3()
+    return server, server.bucket(), dict(s3.ENV)
 
 
 def write_raw(out: Path, per_grade: int) -> Path:
@@ -95,12 +88,6 @@ def write_raw(out: Path, per_grade: int) -> Path:
         shutil.copy(SHARED_APTOS / "images" / f"{image_id}.png", out / "images" / f"{image_id}.png")
     chosen.to_csv(out / "labels.csv", index=False)
     return out
-
-
-def upload(local: Path, uri: str) -> None:
-    from pyarrow import fs
-
-    fs.copy_files(str(local), uri, source_filesystem=fs.LocalFileSystem())
 
 
 def check_masked(cluster: TwoNodeCluster, dirs: list[Path], marker: Path) -> bool:
@@ -126,9 +113,11 @@ def where_it_ran(cluster: TwoNodeCluster, submission_id: str, masked_node: str) 
         address=cluster.dashboard, filters=[("job_id", "=", info.job_id)], detail=True, limit=10000,
         raise_on_missing_output=False)
     on_masked = [t for t in tasks if t.node_id == masked_node]
-    names = Counter(t.name.split(".")[0] for t in on_masked)
-    return {"masked": len(on_masked), "other": sum(1 for t in tasks if t.node_id and t.node_id != masked_node),
-            "names": dict(names.most_common(4)), "exit_code": getattr(info, "driver_exit_code", None),
+    elsewhere = [t for t in tasks if t.node_id and t.node_id != masked_node]
+    return {"masked": len(on_masked), "other": len(elsewhere),
+            "names": dict(Counter(t.name for t in on_masked).most_common(4)),
+            "other_names": dict(Counter(t.name for t in elsewhere).most_common(6)),
+            "exit_code": getattr(info, "driver_exit_code", None),
             "message": (info.message or "").splitlines()[0] if info.message else ""}
 
 
@@ -152,7 +141,8 @@ def run_job(cluster, name, args, expect_ok, masked_node, options=()) -> dict:
     where = where_it_ran(cluster, name, masked_node)
     ok, why = verdict(expect_ok, succeeded, output, where)
     log(f"{name}: {'as expected' if ok else 'NOT as expected'} in {seconds:.0f}s; tasks/actors on the masked "
-        f"node {where['masked']}, elsewhere {where['other']} {where['names']}\n    {why}")
+        f"node {where['masked']}, elsewhere {where['other']}\n    on node 2: {where['names']}\n"
+        f"    elsewhere: {where['other_names']}\n    {why}")
     if not ok:
         log(f"{name}: last lines:\n" + "\n".join(output.splitlines()[-25:]))
     return {"job": name, "expected": "succeed" if expect_ok else "fail clearly", "ok": ok, "why": why,
@@ -181,9 +171,8 @@ def local_half(cluster: TwoNodeCluster, root: Path, raw: Path, masked: str) -> l
     ]
 
 
-def uri_half(cluster: TwoNodeCluster, raw: Path, masked: str) -> list[dict]:
-    bucket = f"s3://{BUCKET}"
-    upload(raw, f"{bucket}/raw")
+def uri_half(cluster: TwoNodeCluster, s3, bucket: str, raw: Path, masked: str) -> list[dict]:
+    s3.upload(raw, f"{bucket}/raw")
     results = [
         run_job(cluster, "masked-prepare-s3", ["jobs/prepare.py", f"--prepare.input={bucket}/raw",
                 f"--prepare.output={bucket}/prepared", "--prepare.image_size=32", "--prepare.card=false"],
@@ -200,13 +189,9 @@ def uri_half(cluster: TwoNodeCluster, raw: Path, masked: str) -> list[dict]:
         nodes = cluster.train_worker_nodes("masked-train-s3")
         spread = len(set(nodes)) == 2 and masked in nodes
         train.update(ok=spread, why=f"{train['why']}; 2 training workers on 2 nodes: {'yes' if spread else 'NO'}")
-    from pyarrow import fs
-
-    s3, _ = fs.FileSystem.from_uri(bucket)
-    written = [i.path for i in s3.get_file_info(fs.FileSelector(BUCKET, recursive=True))
-               if i.type == fs.FileType.File and not i.path.startswith(f"{BUCKET}/raw/")]
-    log(f"the bucket holds {len(written)} file(s) besides the raw input: "
-        + ", ".join(sorted({p.split("/")[1] for p in written})))
+    written = [key for key in s3.keys(bucket) if not key.startswith("raw/")]
+    log(f"{bucket} holds {len(written)} file(s) besides raw/: "
+        + ", ".join(f"{top}/ {sum(k.startswith(top + '/') for k in written)}" for top in sorted({k.split('/')[0] for k in written})))
     return results
 
 
@@ -226,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="aptosmask-", dir="/tmp"))
     started = time.perf_counter()
-    server, s3_env = start_s3()
+    server, bucket, s3_env = start_s3()
     dirs = masked_dirs(root)
     raw = write_raw(root / "data" / "raw", args.per_grade)
     marker = root / "data" / "driver-only.txt"
@@ -239,13 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         nodes = cluster.start()
         masked = next(n["node_id"] for n in nodes if not n["is_head"])
         log(f"cluster up in {time.perf_counter() - started:.0f}s; masked node {masked[:8]}; "
-            f"S3 API {s3_env['AWS_ENDPOINT_URL']} bucket {BUCKET}; {len(list(raw.glob('images/*.png')))} raw images")
+            f"S3 API {s3_env['AWS_ENDPOINT_URL']}, {bucket}; {len(list(raw.glob('images/*.png')))} raw images")
         if not check_masked(cluster, dirs, marker):
             return 1
         if args.half in ("both", "local"):
             results += local_half(cluster, root, raw, masked)
         if args.half in ("both", "uri"):
-            results += uri_half(cluster, raw, masked)
+            results += uri_half(cluster, server, bucket, raw, masked)
         print("\nMasked-worker run: node 2 sees an empty tmpfs over " + ", ".join(str(d) for d in dirs))
         print(f"  {'job':<22} {'expected':<13} {'as expected':<12} {'on node 2':>9} {'elsewhere':>9} {'s':>4}  result")
         for r in results:
