@@ -26,7 +26,7 @@ from aptos_ray.cli import run_job
 from aptos_ray.config import PrepareConfig
 from aptos_ray.data import prepare as prepare_module
 from aptos_ray.data.preprocess import ImageError
-from aptos_ray.data.sources import read_image, read_source, reason_kind
+from aptos_ray.data.sources import read_image, read_source, reason_kind, stop_on_driver_only_paths
 from aptos_ray.errors import DataError, DriverOnlyPathError
 from aptos_ray.infer.inputs import find_inputs
 from aptos_ray.train import ray_backend
@@ -143,24 +143,25 @@ def test_missing_s3_input_is_one_clear_error(s3):
 # ---------------------------------------------------------------- a local path the task's node does not have
 
 
-def test_a_path_listed_on_another_disk_fails_instead_of_being_quarantined(tmp_path):
+def test_a_path_listed_on_another_disk_stops_the_job_instead_of_being_quarantined(tmp_path):
     save(tmp_path / "a.png", disc(1))
     listed = {"id": "a", "grade": 1, "source": str(tmp_path / "a.png"), "split": None}
     here = {**listed, "listed_on": storage.local_disk()}
     elsewhere = {**listed, "listed_on": "driver-host:4026531840"}
     assert read_image(elsewhere, 32).shape == (48, 48, 3)  # while the file is there, nothing to say
     os.remove(tmp_path / "a.png")
-    with pytest.raises(DriverOnlyPathError) as e:  # the driver saw it; this node does not have it
-        read_image(elsewhere, 32)
-    message = str(e.value)
-    assert str(tmp_path / "a.png") in message and "driver's disk" in message and "s3://" in message
-    assert "\n" not in message
-    with pytest.raises(ImageError, match="missing file"):  # removed on this very disk since it was listed
-        read_image(here, 32)
     cfg = PrepareConfig(image_size=32)
+    # removed on this very disk since it was listed: a missing file, quarantined as before
     assert prepare_module.process_record(here, cfg)["reason"] == "missing file"
-    with pytest.raises(DriverOnlyPathError):  # prepare's task stops the job instead of quarantining
-        prepare_module.process_record(elsewhere, cfg)
+    # listed by a driver on another disk: the task says so, and the driver stops the job with one line
+    reason = prepare_module.process_record(elsewhere, cfg)["reason"]
+    assert reason == f"not on this node: {tmp_path / 'a.png'}"
+    with pytest.raises(DriverOnlyPathError) as e:
+        stop_on_driver_only_paths(["missing file", reason, reason])
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'a.png'} (and 1 other file): the file is on the driver's disk but not")
+    assert "use a URI (s3://, gs://) or shared storage" in message and "\n" not in message
+    stop_on_driver_only_paths(["missing file", "tiny image: 8x8 < 32"])  # bad images do not stop a job
 
 
 @pytest.mark.ray
