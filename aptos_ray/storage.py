@@ -149,9 +149,27 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def join(base: str, *parts: str) -> str:
     """``base/part/...``; a URI's options (``?endpoint_override=...``) stay at the end."""
-    base, _, query = str(base).partition("?") if is_uri(base) else (str(base), "", "")
-    joined = "/".join([base.rstrip("/"), *parts])
-    return f"{joined}?{query}" if query else joined
+    base, options = split_options(base)
+    return "/".join([base.rstrip("/"), *parts]) + options
+
+
+def split_options(path: str) -> tuple[str, str]:
+    """(path, "?options" or "") of a URI; a local path has no options."""
+    if not is_uri(path) or "?" not in str(path):
+        return str(path), ""
+    base, query = str(path).split("?", 1)
+    return base, f"?{query}"
+
+
+def parent(path: str) -> str:
+    """The folder holding ``path`` (a local path or URI, its options kept)."""
+    base, options = split_options(path)
+    return base.rstrip("/").rsplit("/", 1)[0] + options
+
+
+def name(path: str) -> str:
+    """The last part of a local path or URI."""
+    return split_options(path)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 @contextmanager

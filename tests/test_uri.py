@@ -21,6 +21,7 @@ import ray
 from test_sources import BROKEN, DECODE_BROKEN, disc, save, write_broken_corpus
 
 import helpers
+import s3 as s3_server
 from aptos_ray import storage
 from aptos_ray.cli import run_job
 from aptos_ray.config import PrepareConfig
@@ -133,6 +134,19 @@ def test_predict_lists_raw_layouts_on_s3(s3, tmp_path):
         save(classes / str(grade) / f"c{grade}.png", disc(grade))
     inputs = find_inputs(s3.upload(classes, storage.join(s3.bucket(), "classes")))
     assert inputs.kind == "class_folders" and [(i["id"], i["grade"]) for i in inputs.items] == [("c1", 1), ("c3", 3)]
+
+
+def test_uri_options_reach_every_file_of_a_layout(s3, tmp_path, monkeypatch):
+    """``?endpoint_override=...`` (MinIO, another S3 API) instead of the environment: the options
+    stay on every path derived from the URI, down to the records the tasks open."""
+    uri = s3.upload(write_broken_corpus(tmp_path / "raw"), storage.join(s3.bucket(), "raw"))
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the URI knows where the server is
+    options = f"?endpoint_override=127.0.0.1:{s3_server.PORT}&scheme=http"
+    src = read_source(PrepareConfig(input=uri + options))
+    assert {q["id"]: reason_kind(q["reason"]) for q in src.quarantined} == BROKEN
+    good0 = next(r for r in src.records if r["id"] == "good0")
+    assert good0["source"] == f"{uri}/train_images/good0.png{options}"
+    assert read_image(good0, 32).shape == (48, 48, 3)
 
 
 def test_missing_s3_input_is_one_clear_error(s3):
