@@ -24,11 +24,13 @@ class DataError(UserError):
 class DriverOnlyPathError(DataError):
     """A local path the driver listed that the node running a task cannot see: no shared storage."""
 
-    def __init__(self, path: str, others: int = 0):
+    def __init__(self, path: str, others: int = 0, node: str = "", key: str = ""):
         more = f" (and {others} other file{'s' if others > 1 else ''})" if others else ""
+        more += f" (--{key})" if key else ""
+        where = f"node {node}" if node else "the node running the task"
         super().__init__(
-            f"{path}{more}: the file is on the driver's disk but not on the node running the task; use a "
-            f"URI (s3://, gs://) or shared storage mounted at the same path on every node")
+            f"{path}{more}: the file is on the driver's disk but not on {where}; use a URI (s3://, gs://) "
+            f"or shared storage mounted at the same path on every node")
 
 
 class WeightsError(UserError, RuntimeError):

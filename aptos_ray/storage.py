@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -39,11 +39,12 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """
     if not is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(path)
-    parts = urlsplit(str(path))
+    # Keys are taken as written (no %-decoding, "#" is part of the name): they come from listings.
+    parts = urlsplit(str(path), allow_fragments=False)
     if parts.scheme == "file":
-        return pafs.LocalFileSystem(), unquote(parts.path)
-    if parts.scheme in BUCKET_SCHEMES:  # the path inside is "bucket/key", whatever the options
-        return _bucket_filesystem(parts.scheme, parts.netloc, parts.query), parts.netloc + unquote(parts.path)
+        return pafs.LocalFileSystem(), parts.path
+    if parts.scheme in BUCKET_SCHEMES and "@" not in parts.netloc:  # inside: "bucket/key", whatever the options
+        return _bucket_filesystem(parts.scheme, parts.netloc, parts.query), parts.netloc + parts.path
     return pafs.FileSystem.from_uri(str(path))
 
 

@@ -206,6 +206,22 @@ def test_prepare_job_stops_with_one_line_when_a_task_cannot_see_a_listed_file(tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.ray
+def test_every_node_is_asked_for_the_local_inputs_before_work_starts(tmp_path, ray_session, monkeypatch):
+    """Two nodes (here: this one, listed twice): a local path that one of them lacks is named with
+    its option and the node, before any task runs; URIs are not asked about."""
+    from aptos_ray.ray_setup import check_seen_by_every_node
+
+    (tmp_path / "data").mkdir()
+    node = next(n for n in ray.nodes() if n["Alive"])
+    monkeypatch.setattr(ray, "nodes", lambda: [node, {**node}])
+    check_seen_by_every_node({"data.dataset": str(tmp_path / "data"), "predict.images": "s3://nowhere/x"})
+    with pytest.raises(DriverOnlyPathError) as e:
+        check_seen_by_every_node({"data.dataset": str(tmp_path / "data"), "predict.checkpoint": str(tmp_path / "gone")})
+    assert str(e.value).startswith(f"{tmp_path / 'gone'} (--predict.checkpoint): the file is on the driver's disk "
+                                   f"but not on node {node['NodeManagerAddress']} ({node['NodeID'][:8]}); use a URI")
+
+
 # ---------------------------------------------------------------- the whole pipeline in a bucket
 
 

@@ -59,7 +59,7 @@ from aptos_ray.data.splits import (
     phash_array,
     stratified_subset,
 )
-from aptos_ray.ray_setup import init_ray
+from aptos_ray.ray_setup import check_seen_by_every_node, init_ray
 
 FORMAT_VERSION = 1
 BATCH_SIZE = 32  # images per Ray task batch: ~6 MB of 256 px raw output, small enough to stream
@@ -114,6 +114,7 @@ def prepare(cfg: Config) -> Path | str:
     src = read_source(p)
     records = stratified_subset(src.records, p.limit, p.seed)
     init_ray(cfg.scaling)
+    check_seen_by_every_node({"prepare.input": p.input, "prepare.images": p.images})
 
     with storage.publish_dir(p.output) as out:
         manifest = build_dataset(records, src, p, out)

@@ -41,7 +41,7 @@ from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
 from aptos_ray.infer.quality import as_columns, assess, not_assessed
 from aptos_ray.infer.report import write_report
 from aptos_ray.infer.screening import quality_of_rows, screening_outputs
-from aptos_ray.ray_setup import init_ray
+from aptos_ray.ray_setup import check_seen_by_every_node, init_ray
 
 
 def load_rows(batch: dict, prepare: dict) -> dict:
@@ -206,6 +206,7 @@ def predict(cfg: Config) -> dict:
               f"{', '.join(differences)}; predictions may be off", file=sys.stderr)
 
     init_ray(cfg.scaling)
+    check_seen_by_every_node({"predict.checkpoint": checkpoint.path, "predict.images": p.images})
     started = time.perf_counter()
     with ray_progress_off():
         ds = build_dataset(inputs, checkpoint, prepare, p.tta, p.batch_size, p.num_actors)
