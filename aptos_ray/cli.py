@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from aptos_ray.config import HELP_FLAGS, Config, parse_args, wants_help
 from aptos_ray.config_help import help_text
-from aptos_ray.errors import ExportError, SearchFailed, SearchInterrupted, UserError, user_error_in
+from aptos_ray.errors import ExportError, SearchFailed, SearchInterrupted, UserError
 
 # (exception, exit status): besides UserError's 2
 OTHER_EXITS = ((SearchInterrupted, 130), (SearchFailed, 1), (ExportError, 1))
@@ -131,17 +131,11 @@ def run_job(name: str, argv: list[str] | None = None, prog: str | None = None) -
         set_ray_env(cfg.scaling.verbose)  # before the job imports Ray
         job.function()(cfg)
     except UserError as e:
-        print(f"error: {user_error_in(e) or e}", file=sys.stderr)  # Ray's copy of a task's error: its cause
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except tuple(error for error, _ in OTHER_EXITS) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(next(status for error, status in OTHER_EXITS if isinstance(e, error)))
-    except Exception as e:  # a UserError raised in a Ray task or actor comes back wrapped
-        user_error = user_error_in(e)
-        if user_error is None:
-            raise
-        print(f"error: {user_error}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,7 +62,7 @@ class SyntheticConfig:
 class PrepareConfig:
     """Raw fundus images -> preprocessed Parquet dataset with seeded stratified splits."""
 
-    input: str = DEFAULT_SYNTHETIC_RAW  # dataset folder, a labels CSV, or a RetinaMNIST .npz
+    input: str = DEFAULT_SYNTHETIC_RAW  # dataset folder, a labels CSV, or a RetinaMNIST .npz (path or s3://, gs:// URI)
     images: str = ""  # image folder when it is not beside the labels CSV
     output: OutputPath = DEFAULT_DATASET  # prepared dataset folder (train/ val/ test/ Parquet + manifest.json)
     image_size: Annotated[int, IMAGE_SIZE] = 256  # stored square size; training resizes to the model's input size
@@ -200,8 +200,8 @@ class TuneConfig:
 class PredictConfig:
     """Inference (jobs/predict.py), evaluation and export."""
 
-    checkpoint: str = ""  # run directory, checkpoint directory or model.pt
-    images: str = ""  # raw layout, image folder, or prepared dataset
+    checkpoint: str = ""  # run directory, checkpoint directory or model.pt (path or s3://, gs:// URI)
+    images: str = ""  # raw layout, image folder, or prepared dataset (path or s3://, gs:// URI)
     output: OutputPath = "outputs/predict"  # predictions, submission.csv and the report go here
     split: Literal["train", "val", "test"] = "test"  # which split of a prepared dataset to predict
     tta: Annotated[int, Range(ge=0, le=7)] = 0  # extra flipped views averaged per image

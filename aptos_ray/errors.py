@@ -24,22 +24,13 @@ class DataError(UserError):
 class DriverOnlyPathError(DataError):
     """A local path the driver listed that the node running a task cannot see: no shared storage."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, others: int = 0, node: str = "", key: str = ""):
+        more = f" (and {others} other file{'s' if others > 1 else ''})" if others else ""
+        more += f" (--{key})" if key else ""
+        where = f"node {node}" if node else "the node running the task"
         super().__init__(
-            f"{path}: the file is on the driver's disk but not on the node running this task; use a URI "
-            f"(s3://, gs://) or shared storage mounted at the same path on every node")
-
-
-def user_error_in(error: BaseException | None) -> UserError | None:
-    """The ``UserError`` behind an error that a Ray task or actor raised (Ray wraps it, often twice:
-    ``RayTaskError`` -> Ray Data's ``UserCodeException`` -> ours), else None."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, UserError) and getattr(error, "cause", None) is None:  # not Ray's wrapper
-            return error
-        seen.add(id(error))
-        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
-    return None
+            f"{path}{more}: the file is on the driver's disk but not on {where}; use a URI (s3://, gs://) "
+            f"or shared storage mounted at the same path on every node")
 
 
 class WeightsError(UserError, RuntimeError):

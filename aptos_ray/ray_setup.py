@@ -9,8 +9,11 @@ import socket
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from aptos_ray import storage
 from aptos_ray.config import ScalingConfig
+from aptos_ray.errors import DriverOnlyPathError
 
 
 def init_ray(scaling: ScalingConfig) -> None:
@@ -29,6 +32,34 @@ def init_ray(scaling: ScalingConfig) -> None:
         ray.init(**options, **local_ray_options())
     if not scaling.verbose:
         quiet_ray_data()
+
+
+def check_seen_by_every_node(paths: dict[str, str]) -> None:
+    """Local input paths (``{option: path}``) must exist on every node of a multi-node cluster.
+
+    A task or actor on a node without the driver's files would fail deep inside Ray (raw images:
+    one batch at a time, ``sources.read_bytes``); asking every node once, before any work starts,
+    names the option and the node instead. URIs need no check, nor does a one-node cluster."""
+    local = {key: storage.filesystem(path)[1] for key, path in paths.items() if path and storage.is_local(path)}
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not local or len(nodes) < 2:
+        return
+    probes = {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": _exist.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(list(local.values()))
+        for n in nodes}
+    try:
+        seen = dict(zip(probes, ray.get(list(probes.values()), timeout=120)))
+    except ray.exceptions.GetTimeoutError:  # a node too busy to answer: the tasks will tell
+        return
+    for node, found in seen.items():
+        for (key, path), exists in zip(local.items(), found):
+            if not exists:
+                raise DriverOnlyPathError(path, node=node, key=key)
+
+
+@ray.remote(num_cpus=0)
+def _exist(paths: list[str]) -> list[bool]:
+    return [os.path.exists(p) for p in paths]
 
 
 # Set before Ray starts: a local Ray instance's workers and actors inherit them.

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
@@ -39,11 +39,12 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     """
     if not is_uri(path):
         return pafs.LocalFileSystem(), os.path.abspath(path)
-    parts = urlsplit(str(path))
+    # Keys are taken as written (no %-decoding, "#" is part of the name): they come from listings.
+    parts = urlsplit(str(path), allow_fragments=False)
     if parts.scheme == "file":
-        return pafs.LocalFileSystem(), unquote(parts.path)
-    if parts.scheme in BUCKET_SCHEMES:  # the path inside is "bucket/key", whatever the options
-        return _bucket_filesystem(parts.scheme, parts.netloc, parts.query), parts.netloc + unquote(parts.path)
+        return pafs.LocalFileSystem(), parts.path
+    if parts.scheme in BUCKET_SCHEMES and "@" not in parts.netloc:  # inside: "bucket/key", whatever the options
+        return _bucket_filesystem(parts.scheme, parts.netloc, parts.query), parts.netloc + parts.path
     return pafs.FileSystem.from_uri(str(path))
 
 
@@ -149,9 +150,27 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def join(base: str, *parts: str) -> str:
     """``base/part/...``; a URI's options (``?endpoint_override=...``) stay at the end."""
-    base, _, query = str(base).partition("?") if is_uri(base) else (str(base), "", "")
-    joined = "/".join([base.rstrip("/"), *parts])
-    return f"{joined}?{query}" if query else joined
+    base, options = split_options(base)
+    return "/".join([base.rstrip("/"), *parts]) + options
+
+
+def split_options(path: str) -> tuple[str, str]:
+    """(path, "?options" or "") of a URI; a local path has no options."""
+    if not is_uri(path) or "?" not in str(path):
+        return str(path), ""
+    base, query = str(path).split("?", 1)
+    return base, f"?{query}"
+
+
+def parent(path: str) -> str:
+    """The folder holding ``path`` (a local path or URI, its options kept)."""
+    base, options = split_options(path)
+    return base.rstrip("/").rsplit("/", 1)[0] + options
+
+
+def name(path: str) -> str:
+    """The last part of a local path or URI."""
+    return split_options(path)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 @contextmanager

@@ -21,12 +21,13 @@ import ray
 from test_sources import BROKEN, DECODE_BROKEN, disc, save, write_broken_corpus
 
 import helpers
+import s3 as s3_server
 from aptos_ray import storage
 from aptos_ray.cli import run_job
 from aptos_ray.config import PrepareConfig
 from aptos_ray.data import prepare as prepare_module
 from aptos_ray.data.preprocess import ImageError
-from aptos_ray.data.sources import read_image, read_source, reason_kind
+from aptos_ray.data.sources import read_image, read_source, reason_kind, stop_on_driver_only_paths
 from aptos_ray.errors import DataError, DriverOnlyPathError
 from aptos_ray.infer.inputs import find_inputs
 from aptos_ray.train import ray_backend
@@ -135,6 +136,19 @@ def test_predict_lists_raw_layouts_on_s3(s3, tmp_path):
     assert inputs.kind == "class_folders" and [(i["id"], i["grade"]) for i in inputs.items] == [("c1", 1), ("c3", 3)]
 
 
+def test_uri_options_reach_every_file_of_a_layout(s3, tmp_path, monkeypatch):
+    """``?endpoint_override=...`` (MinIO, another S3 API) instead of the environment: the options
+    stay on every path derived from the URI, down to the records the tasks open."""
+    uri = s3.upload(write_broken_corpus(tmp_path / "raw"), storage.join(s3.bucket(), "raw"))
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the URI knows where the server is
+    options = f"?endpoint_override=127.0.0.1:{s3_server.PORT}&scheme=http"
+    src = read_source(PrepareConfig(input=uri + options))
+    assert {q["id"]: reason_kind(q["reason"]) for q in src.quarantined} == BROKEN
+    good0 = next(r for r in src.records if r["id"] == "good0")
+    assert good0["source"] == f"{uri}/train_images/good0.png{options}"
+    assert read_image(good0, 32).shape == (48, 48, 3)
+
+
 def test_missing_s3_input_is_one_clear_error(s3):
     with pytest.raises(DataError, match="input not found"):
         read_source(PrepareConfig(input=storage.join(s3.bucket(), "nothing-here")))
@@ -143,24 +157,25 @@ def test_missing_s3_input_is_one_clear_error(s3):
 # ---------------------------------------------------------------- a local path the task's node does not have
 
 
-def test_a_path_listed_on_another_disk_fails_instead_of_being_quarantined(tmp_path):
+def test_a_path_listed_on_another_disk_stops_the_job_instead_of_being_quarantined(tmp_path):
     save(tmp_path / "a.png", disc(1))
     listed = {"id": "a", "grade": 1, "source": str(tmp_path / "a.png"), "split": None}
     here = {**listed, "listed_on": storage.local_disk()}
     elsewhere = {**listed, "listed_on": "driver-host:4026531840"}
     assert read_image(elsewhere, 32).shape == (48, 48, 3)  # while the file is there, nothing to say
     os.remove(tmp_path / "a.png")
-    with pytest.raises(DriverOnlyPathError) as e:  # the driver saw it; this node does not have it
-        read_image(elsewhere, 32)
-    message = str(e.value)
-    assert str(tmp_path / "a.png") in message and "driver's disk" in message and "s3://" in message
-    assert "\n" not in message
-    with pytest.raises(ImageError, match="missing file"):  # removed on this very disk since it was listed
-        read_image(here, 32)
     cfg = PrepareConfig(image_size=32)
+    # removed on this very disk since it was listed: a missing file, quarantined as before
     assert prepare_module.process_record(here, cfg)["reason"] == "missing file"
-    with pytest.raises(DriverOnlyPathError):  # prepare's task stops the job instead of quarantining
-        prepare_module.process_record(elsewhere, cfg)
+    # listed by a driver on another disk: the task says so, and the driver stops the job with one line
+    reason = prepare_module.process_record(elsewhere, cfg)["reason"]
+    assert reason == f"not on this node: {tmp_path / 'a.png'}"
+    with pytest.raises(DriverOnlyPathError) as e:
+        stop_on_driver_only_paths(["missing file", reason, reason])
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'a.png'} (and 1 other file): the file is on the driver's disk but not")
+    assert "use a URI (s3://, gs://) or shared storage" in message and "\n" not in message
+    stop_on_driver_only_paths(["missing file", "tiny image: 8x8 < 32"])  # bad images do not stop a job
 
 
 @pytest.mark.ray
@@ -189,6 +204,22 @@ def test_prepare_job_stops_with_one_line_when_a_task_cannot_see_a_listed_file(tm
     assert err[-1].startswith(f"error: {raw / 'images' / 'x2.png'}: the file is on the driver's disk but not on the node")
     assert "use a URI (s3://, gs://) or shared storage" in err[-1]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.ray
+def test_every_node_is_asked_for_the_local_inputs_before_work_starts(tmp_path, ray_session, monkeypatch):
+    """Two nodes (here: this one, listed twice): a local path that one of them lacks is named with
+    its option and the node, before any task runs; URIs are not asked about."""
+    from aptos_ray.ray_setup import check_seen_by_every_node
+
+    (tmp_path / "data").mkdir()
+    node = next(n for n in ray.nodes() if n["Alive"])
+    monkeypatch.setattr(ray, "nodes", lambda: [node, {**node}])
+    check_seen_by_every_node({"data.dataset": str(tmp_path / "data"), "predict.images": "s3://nowhere/x"})
+    with pytest.raises(DriverOnlyPathError) as e:
+        check_seen_by_every_node({"data.dataset": str(tmp_path / "data"), "predict.checkpoint": str(tmp_path / "gone")})
+    assert str(e.value).startswith(f"{tmp_path / 'gone'} (--predict.checkpoint): the file is on the driver's disk "
+                                   f"but not on node {node['NodeManagerAddress']} ({node['NodeID'][:8]}); use a URI")
 
 
 # ---------------------------------------------------------------- the whole pipeline in a bucket

@@ -80,9 +80,9 @@ def read_layout(path: str, how: Reading) -> Source:
     """Read the raw input at ``path`` (existing: the caller checks) in whichever layout it has."""
     path = _normalised(path)
     if storage.file_type(path) == "File":
-        if path.lower().endswith(".csv"):
+        if storage.name(path).lower().endswith(".csv"):
             src = read_csv_layout(path, _images_dir(path, how), how)
-        elif path.lower().endswith(".npz"):
+        elif storage.name(path).lower().endswith(".npz"):
             src = read_npz(path)
         else:
             raise DataError(f"{path}: expected a folder, a labels .csv or a RetinaMNIST .npz")
@@ -98,17 +98,14 @@ def read_layout(path: str, how: Reading) -> Source:
 def _normalised(path: str) -> str:
     """Local paths (``file://`` ones too) absolute, without a trailing slash; URIs as they are."""
     if storage.is_uri(path) and not path.startswith("file://"):
-        return path.rstrip("/")
+        base, options = storage.split_options(path)
+        return base.rstrip("/") + options
     return os.path.abspath(storage.filesystem(path)[1])
 
 
 def _local(path: str) -> str | None:
     """The local file path behind ``path``, or None for a remote URI (no links to check there)."""
     return None if storage.is_uri(path) else path
-
-
-def _name(path: str) -> str:
-    return path.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def _read_folder(path: str, how: Reading) -> Source:
@@ -150,7 +147,7 @@ def _images_dir(csv: str, how: Reading) -> str:
         if storage.file_type(images) != "Directory":
             raise DataError(f"{images}: image folder not found (--prepare.images)")
         return _real(images)
-    parent, stem = csv.split("?", 1)[0].rsplit("/", 1)[0], _name(csv).rsplit(".", 1)[0]
+    parent, stem = storage.parent(csv), storage.name(csv).rsplit(".", 1)[0]
     folders = [n for n, kind in storage.list_dir(parent) if kind == "Directory"]
     others = [n for n in folders if n.endswith("_images")]
     for name in (f"{stem}_images", "images", *(others if len(others) == 1 else [])):
@@ -333,7 +330,7 @@ def input_files(folder: str, skipped: list[str]) -> list[str]:
     Hidden folders (a writer's ``.NAME.tmp-*`` staging) are skipped too; local links to folders
     are not followed."""
     entries = storage.list_dir(folder)
-    if is_own_output(_name(folder), {n for n, kind in entries if kind == "File"}):
+    if is_own_output(storage.name(folder), {n for n, kind in entries if kind == "File"}):
         skipped.append(folder)
         return []
     files = []
@@ -347,7 +344,7 @@ def input_files(folder: str, skipped: list[str]) -> list[str]:
 
 
 def _add_class_file(src: Source, file: str, grade: int | None, folder_name: str, split, seen, top: str) -> None:
-    name = _name(file)
+    name = storage.name(file)
     id_ = os.path.splitext(name)[0]
     escapes = escape_reason(file, top) if _local(file) else ""
     if escapes:

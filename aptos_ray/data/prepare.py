@@ -51,6 +51,7 @@ from aptos_ray.data.sources import (
     read_image,
     read_source,
     reason_kind,
+    stop_on_driver_only_paths,
 )
 from aptos_ray.data.splits import (
     assign_splits,
@@ -58,8 +59,7 @@ from aptos_ray.data.splits import (
     phash_array,
     stratified_subset,
 )
-from aptos_ray.errors import UserError
-from aptos_ray.ray_setup import init_ray
+from aptos_ray.ray_setup import check_seen_by_every_node, init_ray
 
 FORMAT_VERSION = 1
 BATCH_SIZE = 32  # images per Ray task batch: ~6 MB of 256 px raw output, small enough to stream
@@ -114,6 +114,7 @@ def prepare(cfg: Config) -> Path | str:
     src = read_source(p)
     records = stratified_subset(src.records, p.limit, p.seed)
     init_ray(cfg.scaling)
+    check_seen_by_every_node({"prepare.input": p.input, "prepare.images": p.images})
 
     with storage.publish_dir(p.output) as out:
         manifest = build_dataset(records, src, p, out)
@@ -181,8 +182,6 @@ def process_record(rec: dict, cfg: PrepareConfig) -> dict:
         out = preprocess(arr, cfg)
     except ImageError as e:
         return {**row, "reason": e.reason}
-    except UserError:  # not one image's fault but the job's (a path only the driver's disk has): stop
-        raise
     except Exception as e:  # never let one odd image stop the job: quarantine it with the error
         return {**row, "reason": f"unreadable image: {type(e).__name__}: {e}"}
     data = encode_image(out, cfg.encoding)
@@ -243,6 +242,7 @@ def build_dataset(records: list[dict], src, p: PrepareConfig, out: Path) -> dict
     out.mkdir(parents=True, exist_ok=True)
     staging = out / STAGING
     meta, decode_quarantine = run_pipeline(records, p, staging)
+    stop_on_driver_only_paths(q["reason"] for q in decode_quarantine)  # no shared storage: no dataset
     quarantined = src.quarantined + decode_quarantine
     if not meta:
         raise DataError(f"{p.input}: empty dataset: all {len(records)} images failed to decode "

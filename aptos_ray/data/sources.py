@@ -115,11 +115,14 @@ def check_not_blank(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+DRIVER_ONLY = "not on this node"  # the reason of a file only the driver's disk has
+
+
 def read_bytes(record: dict) -> bytes:
     """The bytes of a record's file, read where this runs (a Ray task, on any node) through the
     filesystem of its path or URI. A local file the driver listed (``listed_on``) that is not
-    there fails the job when this process sees another disk: a node without the driver's files,
-    which a quarantine would hide as "missing"; on the driver's own disk it was removed since."""
+    there is ``DRIVER_ONLY`` when this process sees another disk (a node without the driver's
+    files), and a "missing file" on the driver's own disk (removed since it was listed)."""
     source = str(record["source"])
     fs, inner = storage.filesystem(source)
     try:
@@ -128,7 +131,16 @@ def read_bytes(record: dict) -> bytes:
     except FileNotFoundError:
         listed_on = record.get("listed_on")
         if listed_on and listed_on != storage.local_disk():
-            raise DriverOnlyPathError(source) from None
+            raise ImageError(f"{DRIVER_ONLY}: {source}") from None
         raise ImageError("missing file") from None
     except OSError as e:
         raise ImageError(f"unreadable file: {e.strerror or e}") from None
+
+
+def stop_on_driver_only_paths(reasons) -> None:
+    """The driver's check of the reasons its tasks gave: a file the driver listed that a task's
+    node could not see is no bad image but a cluster without shared storage. The job stops with
+    one line (``DriverOnlyPathError``) instead of quarantining it as missing."""
+    paths = [reason.split(": ", 1)[1] for reason in reasons if reason_kind(reason) == DRIVER_ONLY]
+    if paths:
+        raise DriverOnlyPathError(paths[0], len(paths) - 1)

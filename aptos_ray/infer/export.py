@@ -12,6 +12,7 @@ PyTorch's by more than ``TOLERANCE`` (relative to the outputs' magnitude) or any
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -120,9 +121,8 @@ def metadata(grader: Grader, checkpoint, exporter: str, parity: dict, prepare: d
 
 
 def export(cfg: Config) -> dict:
-    """The export job: ``predict.checkpoint`` -> ``<predict.output>/model.onnx`` + ``model.json``."""
-    if storage.is_uri(cfg.predict.output):
-        raise ConfigError(f"predict.output={cfg.predict.output}: export writes to local disk; copy the files afterwards")
+    """The export job: ``predict.checkpoint`` -> ``<predict.output>/model.onnx`` + ``model.json``
+    (a local folder or a URI: built in a temporary folder, then uploaded)."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -130,15 +130,22 @@ def export(cfg: Config) -> dict:
         raise ConfigError(f"ONNX export needs onnx and onnxruntime ({e}): pip install 'aptos-ray[export]'") from None
     checkpoint = read_checkpoint(cfg.predict.checkpoint)
     grader = Grader(checkpoint, "cpu")
-    out = Path(cfg.predict.output)
-    path = out / "model.onnx"
-    exporter = export_onnx(grader.model, grader.size, path)
-    parity = check_parity(grader, path)
-    prepare, prepare_from = prepare_config(checkpoint.config)
-    meta = metadata(grader, checkpoint, exporter, parity, asdict(prepare), prepare_from)
-    (out / "model.json").write_text(json.dumps(meta, indent=2))
-    print(f"exported {checkpoint.path} -> {path} ({path.stat().st_size / 1e6:.1f} MB, {exporter}, opset {OPSET})")
+    target = cfg.predict.output
+    with tempfile.TemporaryDirectory(prefix="aptos-export-") as tmp:
+        out = Path(tmp) if storage.is_uri(target) else Path(target)
+        path = out / "model.onnx"
+        exporter = export_onnx(grader.model, grader.size, path)
+        parity = check_parity(grader, path)
+        prepare, prepare_from = prepare_config(checkpoint.config)
+        meta = metadata(grader, checkpoint, exporter, parity, asdict(prepare), prepare_from)
+        (out / "model.json").write_text(json.dumps(meta, indent=2))
+        size = path.stat().st_size
+        if storage.is_uri(target):
+            for name in ("model.onnx", "model.json"):
+                storage.write_bytes(storage.join(target, name), (out / name).read_bytes())
+    print(f"exported {checkpoint.path} -> {storage.join(target, 'model.onnx')} ({size / 1e6:.1f} MB, {exporter}, "
+          f"opset {OPSET})")
     print(f"parity with PyTorch: max diff {parity['max_abs_diff']:.2e} (tolerance {TOLERANCE:.0e}) at batch sizes "
           f"{parity['batch_sizes']}, grades equal: {parity['grades_equal']}")
-    print(f"preprocessing and decoding: {out / 'model.json'}")
+    print(f"preprocessing and decoding: {storage.join(target, 'model.json')}")
     return meta

@@ -33,8 +33,7 @@ from aptos_ray import storage
 from aptos_ray.config import Config, ConfigError, PrepareConfig
 from aptos_ray.data.format import TRAIN_COLUMNS, decode_batch, encode_image
 from aptos_ray.data.preprocess import ImageError, preprocess
-from aptos_ray.data.sources import read_image
-from aptos_ray.errors import UserError
+from aptos_ray.data.sources import read_image, stop_on_driver_only_paths
 from aptos_ray.infer.checkpoint import Checkpoint, prepare_config, read_checkpoint
 from aptos_ray.infer.grader import Grader, check_tta
 from aptos_ray.infer.inputs import Inputs, find_inputs, preprocessing_differences
@@ -42,7 +41,7 @@ from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
 from aptos_ray.infer.quality import as_columns, assess, not_assessed
 from aptos_ray.infer.report import write_report
 from aptos_ray.infer.screening import quality_of_rows, screening_outputs
-from aptos_ray.ray_setup import init_ray
+from aptos_ray.ray_setup import check_seen_by_every_node, init_ray
 
 
 def load_rows(batch: dict, prepare: dict) -> dict:
@@ -63,8 +62,6 @@ def load_rows(batch: dict, prepare: dict) -> dict:
             data, reason = encode_image(arr, "raw"), ""
         except ImageError as e:
             arr, data, reason = None, b"", e.reason
-        except UserError:  # not the file's fault but the job's (a path only the driver's disk has): stop
-            raise
         except Exception as e:  # one odd file must not stop the job: report it with the error
             arr, data, reason = None, b"", f"unreadable image: {type(e).__name__}: {e}"
         qualities.append(quality)
@@ -209,10 +206,12 @@ def predict(cfg: Config) -> dict:
               f"{', '.join(differences)}; predictions may be off", file=sys.stderr)
 
     init_ray(cfg.scaling)
+    check_seen_by_every_node({"predict.checkpoint": checkpoint.path, "predict.images": p.images})
     started = time.perf_counter()
     with ray_progress_off():
         ds = build_dataset(inputs, checkpoint, prepare, p.tta, p.batch_size, p.num_actors)
         rows = collect(ds, inputs.num_inputs - len(inputs.unreadable))
+    stop_on_driver_only_paths(rows.get("reason", []))  # no shared storage: no predictions
     seconds = time.perf_counter() - started
     predictions, unreadable = split_results(rows, inputs)
     summary = write_outputs(p.output, predictions, unreadable, {

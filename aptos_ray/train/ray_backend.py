@@ -37,7 +37,7 @@ from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.data.format import TRAIN_COLUMNS
 from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError
-from aptos_ray.ray_setup import init_ray, ray_train_log_level
+from aptos_ray.ray_setup import check_seen_by_every_node, init_ray, ray_train_log_level
 from aptos_ray.train.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_name,
@@ -240,6 +240,8 @@ def run_ray(cfg: Config, info: DatasetInfo):
     """Fit with a TorchTrainer on the connected Ray cluster; returns Ray's ``Result``, the run's record."""
     init_ray(cfg.scaling)
     check_cluster_fits(cfg)
+    check_seen_by_every_node({"data.dataset": storage.join(cfg.data.dataset, "manifest.json"),
+                              "train.output": storage.join(cfg.train.output, cfg.train.name, "config.yaml")})
     trainer = build_trainer(cfg, info, load_datasets(cfg))
     try:
         return trainer.fit()

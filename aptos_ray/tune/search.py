@@ -43,7 +43,7 @@ from aptos_ray.config import Config, config_from_dict, set_value
 from aptos_ray.config_checks import check_tune_space
 from aptos_ray.data.embedded import check_validation_split, ensure_dataset
 from aptos_ray.errors import ExistingFileError, MissingFileError, SearchInterrupted
-from aptos_ray.ray_setup import init_ray
+from aptos_ray.ray_setup import check_seen_by_every_node, init_ray
 from aptos_ray.train.loop import DatasetInfo
 from aptos_ray.train.tracking import file_store_uri
 from aptos_ray.train.ray_backend import build_trainer, load_datasets
@@ -252,6 +252,7 @@ def run_search(cfg: Config) -> dict:
     print(f"Search directory: {exp_dir}")
 
     init_ray(cfg.scaling)
+    check_seen_by_every_node({"data.dataset": storage.join(cfg.data.dataset, "manifest.json")})
     started = time.perf_counter()
     # (init_ray turned Ray Data's progress bars off, unless --verbose: every epoch of every trial
     # would draw them and drown Tune's status table.)
