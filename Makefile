@@ -2,7 +2,7 @@
 VENV = $(shell scripts/venv.sh)
 PYTHON = $(VENV)/bin/python
 
-.PHONY: demo test test-all bench venv
+.PHONY: demo test test-all bench venv two-node image
 
 venv:
 	@echo $(VENV)
@@ -20,3 +20,13 @@ test-all:
 
 bench:
 	$(PYTHON) benchmarks/run.py
+
+# Two Ray nodes on this machine, the second unable to see the driver's files (mount namespace;
+# root): prepare, train and predict on s3:// URIs (moto) succeed, local paths fail clearly. ~10 min.
+two-node:
+	$(PYTHON) scripts/masked_node_run.py
+
+# The cluster image (cluster/Dockerfile; needs Docker). IMAGE_VARIANT=cpu for the head's image.
+IMAGE_VARIANT = gpu
+image:
+	python3 scripts/cluster_image.py --variant $(IMAGE_VARIANT)

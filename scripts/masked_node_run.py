@@ -5,7 +5,7 @@ clear line when given driver-local paths.
 
     python scripts/masked_node_run.py [--per-grade 10] [--half both|local|uri] [--keep]
 
-1. starts an S3 API on 127.0.0.1 (moto's ThreadedMotoServer, in this process) and a bucket; both
+1. starts an S3 API on 127.0.0.1 (tests/s3.py: moto's ThreadedMotoServer, in this process) and a bucket; both
    Ray nodes get its endpoint and test credentials in their environment (AWS_ENDPOINT_URL, ...), as
    real nodes get theirs from an instance role;
 2. starts a Ray head (2 CPUs and a `driver` resource) and a second node (3 CPUs) whose
@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             results += uri_half(cluster, server, bucket, raw, masked)
         print("\nMasked-worker run: node 2 sees an empty tmpfs over " + ", ".join(str(d) for d in dirs))
         print(f"  {'job':<22} {'expected':<13} {'as expected':<12} {'on node 2':>9} {'elsewhere':>9} {'s':>4}  result")
+        print("  (tasks and actor calls from the State API; elsewhere = the head, Ray's 0-CPU bookkeeping actors included)")
         for r in results:
             print(f"  {r['job']:<22} {r['expected']:<13} {'yes' if r['ok'] else 'NO':<12} {r['masked']:>9} "
                   f"{r['other']:>9} {r['seconds']:>4}  {r['why']}")

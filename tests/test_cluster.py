@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -337,3 +338,51 @@ def test_two_node_run():
     assert "2 training workers on 2 different nodes: yes" in out.stdout
     assert re.search(r"images/s, 1 worker : +\d", out.stdout) and re.search(r"images/s, 2 workers: +\d", out.stdout)
     assert "0 leftover process(es)" in out.stdout
+
+
+MASKED = load_script("masked_node_run")
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                                reason="mount namespaces need root and unshare(1)")
+
+
+@needs_root
+def test_masked_node_sees_an_empty_folder_where_the_driver_has_files(tmp_path):
+    """The prefix the masked node's `ray start` runs in: the driver's files are gone there, the code is not."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "labels.csv").write_text("id_code,diagnosis\n")
+    script = f"ls -A {data}; test -f {REPO / 'aptos_ray' / 'cli.py'} && echo code-visible"
+    out = subprocess.run([*MASKED.namespace_prefix([data]), "sh", "-c", script], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["code-visible"]
+    assert (data / "labels.csv").is_file()  # outside the namespace nothing changed
+
+
+def test_masked_run_tells_the_clear_error_from_a_quarantine():
+    from aptos_ray.errors import DriverOnlyPathError
+
+    ran = {"masked": 3, "exit_code": 2}
+    clear = f"Running entrypoint\nerror: {DriverOnlyPathError('/tmp/x/data/raw/images/a.png')}\n"
+    assert MASKED.verdict(False, False, clear, ran)[0]
+    quarantined = "error: /tmp/x/data/raw: empty dataset: all 50 images failed to decode (missing file: 50)\n"
+    assert not MASKED.verdict(False, False, quarantined, ran)[0]
+    assert not MASKED.verdict(False, False, "Traceback ...\nFileNotFoundError: x\n", {**ran, "exit_code": 1})[0]
+    assert not MASKED.verdict(False, True, "quarantined 3 of 50\n", ran)[0]  # a silent success is wrong
+    assert not MASKED.verdict(True, True, "done\n", {**ran, "masked": 0})[0]  # never reached the masked node
+    assert MASKED.verdict(True, True, "done\n", ran)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@needs_root
+def test_masked_worker_run():
+    """6-12 min on 2 shared cores: prepare, train and predict on a cluster whose second node sees an
+    empty tmpfs over the data and run folders; s3:// URIs (moto) succeed, local paths fail clearly."""
+    out = subprocess.run([sys.executable, str(REPO / "scripts" / "masked_node_run.py")], capture_output=True,
+                         text=True, timeout=1800, cwd=REPO)
+    print(out.stdout[-5000:])
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    rows = re.findall(r"^  (masked-\S+) +(succeed|fail clearly) +(yes|NO) ", out.stdout, re.M)
+    assert len(rows) == 6 and all(ok == "yes" for *_, ok in rows), rows
+    assert "2 training workers on 2 nodes: yes" in out.stdout and "0 leftover process(es)" in out.stdout
