@@ -132,7 +132,8 @@ def verdict(expect_ok: bool, succeeded: bool, output: str, where: dict) -> tuple
     if succeeded:
         quarantine = next((line for line in lines if "quarantin" in line.lower()), "")
         return False, f"SUCCEEDED with local paths (silent): {quarantine}".strip()
-    clear = bool(CLEAR_ERROR.search("\n".join(lines))) and where["exit_code"] in (2, None)
+    clear = bool(CLEAR_ERROR.search("\n".join(lines))) and where["exit_code"] in (2, None) \
+        and not any(line.startswith("Traceback") for line in lines)
     return clear, (error or "no `error:` line") + ("" if clear else f"  [exit {where['exit_code']}; not the clear error]")
 
 

@@ -368,6 +368,7 @@ def test_masked_run_tells_the_clear_error_from_a_quarantine():
     quarantined = "error: /tmp/x/data/raw: empty dataset: all 50 images failed to decode (missing file: 50)\n"
     assert not MASKED.verdict(False, False, quarantined, ran)[0]
     assert not MASKED.verdict(False, False, "Traceback ...\nFileNotFoundError: x\n", {**ran, "exit_code": 1})[0]
+    assert not MASKED.verdict(False, False, "Traceback (most recent call last):\n  ...\n" + clear, ran)[0]
     assert not MASKED.verdict(False, True, "quarantined 3 of 50\n", ran)[0]  # a silent success is wrong
     assert not MASKED.verdict(True, True, "done\n", {**ran, "masked": 0})[0]  # never reached the masked node
     assert MASKED.verdict(True, True, "done\n", ran)[0]
