@@ -200,7 +200,8 @@ def resolve_image(images: str, id_: str, listing: set[str]) -> tuple[str | None,
     if inside == ".." or inside.startswith("../"):
         return None, "id escapes the image folder"
     if "/" not in inside:  # the common case: a directory listing instead of a request per candidate
-        for name in (inside, *(inside + ext for ext in IMAGE_EXTENSIONS), *(inside + ext.upper() for ext in IMAGE_EXTENSIONS)):
+        extensions = (*IMAGE_EXTENSIONS, *(ext.upper() for ext in IMAGE_EXTENSIONS))
+        for name in (inside, *(inside + ext for ext in extensions)):
             if name in listing:
                 return storage.join(images, name), ""
         return None, "missing file"

@@ -333,8 +333,8 @@ def make_manifest(meta, splits, groups, cross, quarantined, src, records, p: Pre
         "original_sizes": {m["id"]: [m["orig_height"], m["orig_width"]] for m in meta},
         "brightness": {m["id"]: m["brightness"] for m in meta},
         "config": dataclasses.asdict(p),
-        "input": {**src.info, "path": p.input if storage.is_uri(p.input) else str(Path(p.input).resolve()), "num_records": len(src.records),
-                  "limit": p.limit, "num_selected": len(records)},
+        "input": {**src.info, "path": p.input if storage.is_uri(p.input) else str(Path(p.input).resolve()),
+                  "num_records": len(src.records), "limit": p.limit, "num_selected": len(records)},
         "content_hash": content,
     }
 

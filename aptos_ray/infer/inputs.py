@@ -21,7 +21,7 @@ class Inputs:
 
     kind: str  # prepared, or the raw layout: csv | class_folders | npz | folder
     path: str
-    items: list[dict] = field(default_factory=list)  # raw: {order, id, grade, source}
+    items: list[dict] = field(default_factory=list)  # raw: {order, id, grade, source[, listed_on | array]}
     unreadable: list[dict] = field(default_factory=list)  # {id, source, reason}, found before decoding
     dataset: str = ""  # prepared
     split: str = ""
@@ -44,7 +44,7 @@ def find_inputs(images: str, split: str = "test") -> Inputs:
     kind = storage.file_type(images)
     if kind == "NotFound":
         raise MissingFileError(f"{images}: not found (--predict.images)")
-    if kind == "File" and not images.lower().split("?", 1)[0].endswith((".csv", ".npz")):
+    if kind == "File" and not storage.name(images).lower().endswith((".csv", ".npz")):
         raise ConfigError(f"{images}: expected a folder, a CSV of ids, a .npz or a prepared dataset")
     reading = Reading(training=False, csv_names=(f"{split}.csv",), input_key="predict.images",
                       ignored_csv=("sample_submission",))
