@@ -21,7 +21,6 @@ column) before splitting, so the splits do not depend on which Ray task finished
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -37,7 +36,6 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
-from ray.data import DataContext
 from ray.data.datasource import FilenameProvider
 
 from aptos_ray import storage
@@ -65,7 +63,7 @@ from aptos_ray.data.splits import (
     phash_array,
     stratified_subset,
 )
-from aptos_ray.ray_setup import init_ray
+from aptos_ray.ray_setup import init_ray, ray_progress
 
 BATCH_SIZE = 32  # images per Ray task batch: ~6 MB of 256 px raw output, small enough to stream
 ROWS_PER_PART = 512  # rows per output Parquet file (~100 MB raw at 256 px); parts let readers parallelise
@@ -219,19 +217,6 @@ def run_pipeline(records: list[dict], p: PrepareConfig, staging: str) -> pa.Tabl
         ds.write_parquet(inner, filesystem=fs, min_rows_per_file=ROWS_PER_PART, compression="none")
     meta = pads.dataset(inner, filesystem=fs, format="parquet").to_table(columns=META_COLUMNS)
     return meta.sort_by("order")
-
-
-@contextlib.contextmanager
-def ray_progress():
-    """Ray Data's own progress bars (rows per operator) on a terminal, none in logs (CI, ray job
-    logs), where they would repaint line by line. A Dataset copies the setting when it is built."""
-    ctx = DataContext.get_current()
-    old = ctx.enable_progress_bars
-    ctx.enable_progress_bars = sys.stderr.isatty()
-    try:
-        yield
-    finally:
-        ctx.enable_progress_bars = old
 
 
 # ---------------------------------------------------------------- dataset
