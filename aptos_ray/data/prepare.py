@@ -8,8 +8,8 @@ Two passes, and no image byte ever reaches the driver:
       driver: reads the staged rows' small columns (ids, grades, hashes, sizes, quarantine
               reasons: ~250 bytes an image) -> near-duplicate groups (phash Hamming distance)
               -> seeded stratified splits
-      pass 2: read_parquet(_staging) -> map_batches(rows of one split) -> write_parquet(<build>/<split>/)
-              per split                                                             (from the workers)
+      pass 2: read_parquet(_staging) -> map_batches(add split, dup_group)
+              -> write_parquet(<build>/{train,val,test}/), partitioned by split           (from the workers)
       driver: _images.parquet (per-image details, ``data.details``) + manifest.json (a summary)
       -> <build> published as <output> (storage.publish_location: a hidden sibling renamed into
          place; for a URI, a sibling prefix in the bucket copied into place)
@@ -255,31 +255,38 @@ def build_dataset(records: list[dict], src, p: PrepareConfig, out: str) -> dict:
 
 
 def write_splits(staging: str, out: str, assignment: pa.Table) -> None:
-    """Pass 2: Ray tasks read the staged rows and write ``out/<split>/part-*.parquet`` (``SCHEMA``),
-    one split at a time; ``assignment`` (id, split, dup_group) is the driver's only contribution."""
+    """Pass 2: Ray tasks read the staged rows and write ``out/<split>/part-*.parquet`` (``SCHEMA``)
+    in one read: pyarrow's directory partitioning on a copy of the split column names the folder.
+    ``assignment`` (id, split, dup_group) is the driver's only contribution."""
     fs, inner = storage.filesystem(staging)
+    target_fs, target = storage.filesystem(out)
     with ray_progress():
-        for split in SPLITS:
-            ids = assignment.filter(pc.equal(assignment["split"], split))
-            target_fs, target = storage.filesystem(storage.join(out, split))
-            if not ids.num_rows:  # an empty split still gets a (0-row) file, so readers see the schema
-                target_fs.create_dir(target, recursive=True)
-                pq.write_table(SCHEMA.empty_table(), f"{target}/part-00000.parquet", filesystem=target_fs)
-                continue
-            rows = ray.data.read_parquet(inner, filesystem=fs)
-            rows = rows.map_batches(rows_of_split, batch_size=256, batch_format="pyarrow", fn_kwargs={"ids": ids})
-            rows.write_parquet(target, filesystem=target_fs, min_rows_per_file=ROWS_PER_PART,
-                               filename_provider=PartNames(), **PARQUET_OPTIONS)
+        rows = ray.data.read_parquet(inner, filesystem=fs)
+        rows = rows.map_batches(with_split, batch_size=ROWS_PER_PART, batch_format="pyarrow",
+                                fn_kwargs={"assignment": assignment})
+        # partitioning_flavor=None: folders named by the value ("train/"), not "split_folder=train/";
+        # the partition column itself is left out of the files, the split column stays in.
+        rows.write_parquet(target, filesystem=target_fs, partition_cols=[SPLIT_FOLDER], partitioning_flavor=None,
+                           filename_provider=PartNames(), **PARQUET_OPTIONS)
+    for split in set(SPLITS) - set(pc.unique(assignment["split"]).to_pylist()):
+        # an empty split still gets a (0-row) file, so readers see the schema
+        target_fs.create_dir(f"{target}/{split}", recursive=True)
+        pq.write_table(SCHEMA.empty_table(), f"{target}/{split}/part-00000.parquet", filesystem=target_fs)
 
 
-def rows_of_split(table: pa.Table, ids: pa.Table) -> pa.Table:
-    """Ray Data UDF: the staged rows whose id is in ``ids`` (one split's assignment), as ``SCHEMA``."""
-    where = pc.index_in(table["id"], value_set=ids["id"])
-    keep = pc.is_valid(where)  # quarantined rows and other splits' rows are not in ``ids``
+SPLIT_FOLDER = "split_folder"  # pass 2's copy of the split column that pyarrow turns into the folder name
+
+
+def with_split(table: pa.Table, assignment: pa.Table) -> pa.Table:
+    """Ray Data UDF: the staged rows that were written (in ``assignment``), as ``SCHEMA`` plus
+    ``SPLIT_FOLDER``; quarantined rows (not in ``assignment``) are dropped."""
+    where = pc.index_in(table["id"], value_set=assignment["id"])
+    keep = pc.is_valid(where)
     table, where = table.filter(keep), where.filter(keep)
-    table = table.append_column("split", pc.take(ids["split"], where))
-    table = table.append_column("dup_group", pc.take(ids["dup_group"], where))
-    return table.select(SCHEMA.names).cast(SCHEMA)
+    table = table.append_column("split", pc.take(assignment["split"], where))
+    table = table.append_column("dup_group", pc.take(assignment["dup_group"], where))
+    table = table.select(SCHEMA.names).cast(SCHEMA)
+    return table.append_column(SPLIT_FOLDER, table["split"])
 
 
 class PartNames(FilenameProvider):
