@@ -19,8 +19,8 @@ from test_sources import BROKEN, DECODE_BROKEN, GOOD, write_broken_corpus
 from aptos_ray.config import Config
 from aptos_ray.data.details import DETAILS, duplicate_groups, quarantined, read_details
 from aptos_ray.data.format import GRADES, SCHEMA, SPLITS, decode_batch, read_manifest
-from aptos_ray.data.prepare import phash_array, prepare
-from aptos_ray.data.sources import DataError, reason_kind
+from aptos_ray.data.prepare import phash_array, prepare, run_pipeline
+from aptos_ray.data.sources import DataError, read_source, reason_kind
 from aptos_ray.data.splits import (
     assign_splits,
     near_duplicate_groups,
@@ -186,6 +186,26 @@ def test_prepare_broken_corpus(tmp_path, ray_session):
     batch = ds.take_batch(64, batch_format="numpy")
     images = decode_batch(batch, m["encoding"])
     assert images.shape == (len(batch["id"]), 64, 64, 3) and images.dtype == np.uint8 and images.max() > 0
+
+
+def test_driver_reads_no_image_bytes_and_a_uri_output_is_published(tmp_path, ray_session):
+    """Pass 1's workers write the rows; the driver reads them back without the image column, in
+    input order. A URI output (file:// here, the code path of s3://) is built under a sibling prefix."""
+    raw = write_broken_corpus(tmp_path / "raw")
+    cfg = make_cfg(raw, tmp_path / "unused")
+    records = read_source(cfg.prepare).records
+    meta = run_pipeline(records, cfg.prepare, f"file://{tmp_path / 'staging'}")
+    assert "image" not in meta.column_names and meta.num_rows == len(records)
+    assert meta["order"].to_pylist() == list(range(len(records)))  # whichever task finished first
+    staged = pq.read_table(tmp_path / "staging")
+    written = staged.filter(pc.equal(staged["reason"], ""))
+    assert written.num_rows == len(GOOD) and all(len(b) == 64 * 64 * 3 for b in written["image"].to_pylist())
+
+    out = tmp_path / "published"
+    assert prepare(make_cfg(raw, f"file://{out}")) == f"file://{out}"
+    m = check_manifest(out)
+    assert m["num_written"] == len(GOOD) and m["num_quarantined"] == len(BROKEN) + len(DECODE_BROKEN)
+    assert not list(tmp_path.glob(".published.tmp-*"))
 
 
 def test_prepare_png_encoding_and_refusals(tmp_path, ray_session):
