@@ -254,9 +254,11 @@ def render(results: list[dict], dedup: dict) -> str:
                 lines.append(f"| {n:,} | {o['seconds']:.0f} / {w['seconds']:.0f} s | {o['driver_peak_rss'] / 2**20:.0f} / "
                              f"{w['driver_peak_rss'] / 2**20:.0f} | {o['driver_peak_rss'] / w['driver_peak_rss']:.2f}x | "
                              f"{gib(o['disk_peak'])} / {gib(w['disk_peak'])} |")
+    dedup = {int(n): s for n, s in (dedup or {}).items()}
+    at_eyepacs = dedup[max(dedup)] * (EYEPACS / max(dedup)) ** 2 if dedup else 0.0
     lines += ["", f"Growth (fits over the new rows; extrapolated to {EYEPACS:,} images):", "",
               "| stage | wall: s fixed + s per 1k | log-log exponent | driver RSS 1k -> largest | "
-              f"wall at {EYEPACS:,}, here | disk at {EYEPACS:,} GiB |", "|---|---|---:|---:|---:|---:|"]
+              f"wall at {EYEPACS:,}, here | 4 nodes | disk at {EYEPACS:,} GiB |", "|---|---|---:|---:|---:|---:|---:|"]
     for stage in STAGES:
         rows = [r for r in new if r["stage"] == stage]
         if len(rows) < 2:
@@ -265,15 +267,17 @@ def render(results: list[dict], dedup: dict) -> str:
         a, b, k = fit(ns, [r["seconds"] for r in rows])
         _, disk_b, _ = fit(ns, [r["disk_peak"] for r in rows])
         rss = [r["driver_peak_rss"] for r in rows]
+        serial = at_eyepacs if stage == "prepare" else 0.0  # the driver's near-duplicate search does not spread
+        here = a + b * EYEPACS / 1000 + serial
+        nodes = a + serial + b * EYEPACS / 1000 / 4
         lines.append(f"| {stage} | {a:.0f} + {b:.1f} | {k:.2f} | {rss[0] / 2**20:.0f} -> {rss[-1] / 2**20:.0f} MiB "
-                     f"({rss[-1] / rss[0] - 1:+.0%}) | {(a + b * EYEPACS / 1000) / 3600:.1f} h | "
+                     f"({rss[-1] / rss[0] - 1:+.0%}) | {here / 3600:.2f} h | {nodes / 3600:.2f} h | "
                      f"{gib(disk_b * EYEPACS / 1000)} |")
     if dedup:
-        dedup = {int(n): s for n, s in dedup.items()}
-        largest = max(dedup)
         lines += ["", "Near-duplicate search on the driver (all pairs of 256-bit pHashes, random hashes): "
                   + ", ".join(f"{n:,}: {s:.1f} s" for n, s in sorted(dedup.items()))
-                  + f"; quadratic, so ~{dedup[largest] * (EYEPACS / largest) ** 2:.0f} s at {EYEPACS:,}."]
+                  + f"; quadratic, so ~{at_eyepacs:.0f} s at {EYEPACS:,} (added to prepare's extrapolation, "
+                  "beyond its linear fit)."]
     return "\n".join(lines)
 
 
@@ -319,6 +323,7 @@ def main() -> None:
                     break  # train and predict need this size's dataset
         kept["dedup"] = {str(n): s for n, s in dedup_seconds([1000, 5000, 20000]).items()}
         store.write_text(json.dumps(kept, indent=1))
+    print("## Results")
     print(render(kept["results"], kept["dedup"]))
 
 
