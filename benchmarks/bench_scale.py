@@ -97,7 +97,10 @@ class Monitor:
     """Polls the object store (used, spilled) and the bytes under a folder; keeps the peaks."""
 
     def __init__(self, folder: Path):
+        import ray
+
         self.folder, self.store, self.spilled, self.disk = folder, 0, 0, 0
+        self.address = ray.get_runtime_context().gcs_address  # this Ray, not another one on the machine
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -118,7 +121,7 @@ class Monitor:
         from ray._private.internal_api import get_memory_info_reply, get_state_from_address
 
         try:
-            stats = get_memory_info_reply(get_state_from_address()).store_stats
+            stats = get_memory_info_reply(get_state_from_address(self.address)).store_stats
             self.store = max(self.store, stats.object_store_bytes_used)
             self.spilled = max(self.spilled, stats.spilled_bytes_total)
         except Exception:  # Ray going down at the end of a stage
