@@ -140,9 +140,10 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def peak_rss() -> int:
+def peak_rss(key: str = "VmHWM") -> int:
+    """This process's peak (VmHWM) or current (VmRSS) resident memory, bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -160,6 +161,13 @@ def run_stage(args) -> None:
     cfg = Config()
     cfg.scaling.num_workers = 1
     folder = work / f"out-{args.stage}-{n}-{tag}"
+    import importlib
+
+    # the stage's own modules in the baseline, not the others' (predict and train import torch, prepare does not)
+    importlib.import_module({"prepare": "aptos_ray.data.prepare", "train": "aptos_ray.train.driver",
+                             "predict": "aptos_ray.infer.predict"}[args.stage])
+
+    baseline = peak_rss("VmRSS")  # Ray connected, the job's modules imported, no image touched yet
     started = time.perf_counter()
     with Monitor(folder) as mon:
         if args.stage == "prepare":
@@ -183,7 +191,7 @@ def run_stage(args) -> None:
             cfg.predict.split, cfg.predict.num_actors, cfg.predict.output = "train", 1, str(folder / "predict")
             predict(cfg.validate())
     seconds = time.perf_counter() - started
-    result = {"stage": args.stage, "code": tag, "n": n, "seconds": round(seconds, 1), "driver_peak_rss": peak_rss(),
+    result = {"stage": args.stage, "code": tag, "n": n, "seconds": round(seconds, 1), "driver_peak_rss": peak_rss(), "driver_baseline_rss": baseline,
               "store_peak": mon.store, "spilled": mon.spilled, "disk_peak": mon.disk,
               "disk_final": folder_bytes(folder), "store_gib": args.store_gib}
     Path(args.result).write_text(json.dumps(result))
@@ -234,17 +242,23 @@ def fit(ns: list[int], values: list[float]) -> tuple[float, float, float]:
     return float(intercept), float(slope), float(exponent)
 
 
+def growth(r: dict) -> str:
+    """The driver's peak above its resident memory when the stage started (Ray up, modules imported)."""
+    base = r.get("driver_baseline_rss")
+    return f"+{(r['driver_peak_rss'] - base) / 2**20:.0f}" if base else "n/a"
+
+
 def gib(b: float) -> str:
     return f"{b / 2**30:.2f}"
 
 
 def render(results: list[dict], dedup: dict) -> str:
     new = sorted((r for r in results if r["code"] == "new"), key=lambda r: (STAGES.index(r["stage"]), r["n"]))
-    lines = ["| stage | images | wall s | s / 1k images | driver peak RSS MiB | object store peak GiB | spilled GiB | "
-             "disk peak GiB | disk after GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| stage | images | wall s | s / 1k images | driver peak RSS MiB (above start) | object store peak GiB | "
+             "spilled GiB | disk peak GiB | disk after GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in new:
         lines.append(f"| {r['stage']} | {r['n']:,} | {r['seconds']:.0f} | {1000 * r['seconds'] / r['n']:.1f} | "
-                     f"{r['driver_peak_rss'] / 2**20:.0f} | {gib(r['store_peak'])} | {gib(r['spilled'])} | "
+                     f"{r['driver_peak_rss'] / 2**20:.0f} ({growth(r)}) | {gib(r['store_peak'])} | {gib(r['spilled'])} | "
                      f"{gib(r['disk_peak'])} | {gib(r['disk_final'])} |")
     old = {r["n"]: r for r in results if r["code"] == "old" and r["stage"] == "prepare"}
     if old:
@@ -254,8 +268,9 @@ def render(results: list[dict], dedup: dict) -> str:
         for n, o in sorted(old.items()):
             w = next((r for r in new if r["stage"] == "prepare" and r["n"] == n), None)
             if w:
-                lines.append(f"| {n:,} | {o['seconds']:.0f} / {w['seconds']:.0f} s | {o['driver_peak_rss'] / 2**20:.0f} / "
-                             f"{w['driver_peak_rss'] / 2**20:.0f} | {o['driver_peak_rss'] / w['driver_peak_rss']:.2f}x | "
+                lines.append(f"| {n:,} | {o['seconds']:.0f} / {w['seconds']:.0f} s | {o['driver_peak_rss'] / 2**20:.0f} "
+                             f"({growth(o)}) / {w['driver_peak_rss'] / 2**20:.0f} ({growth(w)}) | "
+                             f"{o['driver_peak_rss'] / w['driver_peak_rss']:.2f}x | "
                              f"{gib(o['disk_peak'])} / {gib(w['disk_peak'])} |")
     dedup = {int(n): s for n, s in (dedup or {}).items()}
     at_eyepacs = dedup[max(dedup)] * (EYEPACS / max(dedup)) ** 2 if dedup else 0.0
