@@ -107,7 +107,8 @@ META_COLUMNS = [n for n in PROCESSED.names if n != "image"]
 def prepare(cfg: Config) -> Path | str:
     """Prepare ``cfg.prepare.input`` into ``cfg.prepare.output`` and return the output path.
 
-    Local outputs are replaced atomically; a URI output is built locally and uploaded.
+    Local outputs are replaced atomically; a URI output is built under a sibling prefix and copied
+    into place (``storage.publish_location``).
     """
     p = cfg.prepare
     if p.card_only:
@@ -176,7 +177,8 @@ def process_batch(batch: dict, cfg: PrepareConfig) -> pa.Table:
 
 def process_record(rec: dict, cfg: PrepareConfig) -> dict:
     row = {
-        "order": int(rec["order"]), "id": str(rec["id"]), "grade": int(rec["grade"]), "given_split": str(rec.get("split") or ""),
+        "order": int(rec["order"]),
+        "id": str(rec["id"]), "grade": int(rec["grade"]), "given_split": str(rec.get("split") or ""),
         "source": str(rec["source"]), "image": b"", "height": 0, "width": 0, "orig_height": 0,
         "orig_width": 0, "phash": "", "digest": "", "brightness": 0.0, "reason": "",
     }
