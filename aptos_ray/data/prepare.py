@@ -67,6 +67,9 @@ from aptos_ray.ray_setup import init_ray, ray_progress
 
 BATCH_SIZE = 32  # images per Ray task batch: ~6 MB of 256 px raw output, small enough to stream
 ROWS_PER_PART = 512  # rows per output Parquet file (~100 MB raw at 256 px); parts let readers parallelise
+# Rows per row group of the split files (~12 MB raw at 256 px): the card and predict's contact
+# sheet read a few images by id, a row group at a time (format.read_split), not whole files.
+ROWS_PER_GROUP = 64
 STAGING = "_staging"  # pass 1's rows, before splits are known; uncompressed, it is read back once per split
 # zstd: raw pixels shrink ~30% (snappy ~25%) at the same speed. No dictionary for the image
 # column: every image is unique, and trying costs more time than the write itself.
@@ -269,7 +272,7 @@ def write_splits(staging: str, out: str, assignment: pa.Table) -> None:
         # partitioning_flavor=None: folders named by the value ("train/"), not "split_folder=train/";
         # the partition column itself is left out of the files, the split column stays in.
         rows.write_parquet(target, filesystem=target_fs, partition_cols=[SPLIT_FOLDER], partitioning_flavor=None,
-                           filename_provider=PartNames(), **PARQUET_OPTIONS)
+                           filename_provider=PartNames(), row_group_size=ROWS_PER_GROUP, **PARQUET_OPTIONS)
     for split in set(SPLITS) - set(pc.unique(assignment["split"]).to_pylist()):
         # an empty split still gets a (0-row) file, so readers see the schema
         target_fs.create_dir(f"{target}/{split}", recursive=True)
