@@ -19,7 +19,7 @@ from test_sources import BROKEN, DECODE_BROKEN, GOOD, write_broken_corpus
 from aptos_ray.config import Config
 from aptos_ray.data.details import DETAILS, duplicate_groups, quarantined, read_details
 from aptos_ray.data.format import GRADES, SCHEMA, SPLITS, decode_batch, read_manifest
-from aptos_ray.data.prepare import phash_array, prepare, run_pipeline
+from aptos_ray.data.prepare import ROWS_PER_GROUP, phash_array, prepare, run_pipeline
 from aptos_ray.data.sources import DataError, read_source, reason_kind
 from aptos_ray.data.splits import (
     assign_splits,
@@ -47,6 +47,8 @@ def read_rows(dataset: Path) -> dict[str, dict]:
     rows = {}
     for split in SPLITS:
         for part in sorted((dataset / split).glob("part-*.parquet")):
+            groups = pq.ParquetFile(part).metadata
+            assert all(groups.row_group(g).num_rows <= ROWS_PER_GROUP for g in range(groups.num_row_groups))
             table = pq.read_table(part)
             assert table.schema.equals(SCHEMA, check_metadata=False)
             for row in table.select([c for c in SCHEMA.names if c != "image"]).to_pylist():
