@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -161,6 +162,7 @@ def run_stage(args) -> None:
     cfg = Config()
     cfg.scaling.num_workers = 1
     folder = work / f"out-{args.stage}-{n}-{tag}"
+    shutil.rmtree(folder, ignore_errors=True)  # a rerun measures a fresh run (train refuses an existing one)
     import importlib
 
     # the stage's own modules in the baseline, not the others' (predict and train import torch, prepare does not)
