@@ -91,7 +91,9 @@ class DataConfig:
     # class balancing of the training stream: none, inverse (the seed's WeightedRandomSampler), sqrt
     sampling: Literal["none", "inverse", "sqrt"] = "sqrt"
     augment: bool = True  # random flips, rotation and colour jitter on training images
-    materialize: bool = True  # materialise before fit: streaming on 2 cores can stall (see README)
+    # materialise the splits in Ray's object store before fit (streaming on 2 cores can stall, see
+    # README), or stream them from Parquet; auto: materialise when they fit in a share of the store
+    materialize: bool | Literal["auto"] = "auto"
     read_batch_size: PositiveInt = 256  # rows per block pulled from Ray Data before resampling
     prefetch_batches: Count = 2  # minibatches readied by a background thread while a step computes (0: none)
 

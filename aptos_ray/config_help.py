@@ -7,6 +7,7 @@ import ast
 import inspect
 import textwrap
 import tokenize
+import types
 import typing
 from dataclasses import fields
 from functools import lru_cache
@@ -52,6 +53,8 @@ def type_text(section: str, name: str) -> str:
     typ = ct.field_type(cls, name)
     if typing.get_origin(typ) is Literal:
         text = "{" + ",".join(map(str, typing.get_args(typ))) + "}"
+    elif typing.get_origin(typ) in (typing.Union, types.UnionType):  # e.g. bool | Literal["auto"]
+        text = "{" + ",".join(ct.union_choices(typing.get_args(typ))) + "}"
     else:
         text = {int: "INT", float: "FLOAT", bool: "BOOL", str: "TEXT", dict: "YAML"}.get(typ, str(typ))
     rules = [str(r) for r in ct.field_rules(cls, name) if not isinstance(r, ct.OutputDir)]

@@ -160,7 +160,8 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
                 return coerce(value, option, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"config key '{key}': {value!r} is not a {typ}")
+        raise ConfigError(f"config key '{key}' must be one of {', '.join(union_choices(typing.get_args(typ)))}, "
+                          f"got {value!r}")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):  # a quoted "1e-3" in a YAML file
@@ -176,6 +177,17 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
     if base is typing.Any or isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
     raise ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def union_choices(options: tuple) -> list[str]:
+    """What a union of ``bool`` / ``Literal`` / plain types accepts, as a user types it."""
+    out = []
+    for option in options:
+        if typing.get_origin(option) is Literal:
+            out += [value_text(v) for v in typing.get_args(option)]
+        else:
+            out += ["true", "false"] if option is bool else [getattr(option, "__name__", str(option)).upper()]
+    return out
 
 
 # --- YAML ----------------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import socket
+import sys
 from pathlib import Path
 
 import ray
@@ -102,6 +104,22 @@ def quiet_ray_data() -> None:
     data_logger.setLevel(logging.WARNING)
     for handler in data_logger.handlers:
         handler.addFilter(_NotThis("Progress bars disabled"))
+
+
+@contextlib.contextmanager
+def ray_progress():
+    """Ray Data's own progress bars (rows per operator) for jobs whose workers write their output
+    (prepare, predict): drawn on a terminal, none in logs (CI, ray job logs), where they would
+    repaint line by line. A Dataset copies the setting when it is built: wrap building and running."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.enable_progress_bars
+    ctx.enable_progress_bars = sys.stderr.isatty()
+    try:
+        yield
+    finally:
+        ctx.enable_progress_bars = old
 
 
 def ray_train_log_level(scaling: ScalingConfig) -> str:

@@ -206,6 +206,35 @@ def publish_dir(target: str) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)  # still there only when the block failed
 
 
+@contextmanager
+def publish_location(target: str) -> Iterator[str]:
+    """Like ``publish_dir``, but yields a location that Ray workers on any node can write to.
+
+    Local targets: ``publish_dir``'s hidden sibling, as a path (several nodes need the folder on
+    shared storage, as for every local path a cluster job writes). URI targets: a hidden sibling
+    prefix in the same bucket (``.NAME.tmp-PID-XXXX``), copied over ``target``'s old contents when
+    the block ends without an error (object stores copy server-side; there is no rename), then
+    removed; removed as well when the block fails.
+    """
+    if not is_uri(target):
+        with publish_dir(target) as folder:
+            yield str(folder)
+        return
+    base = str(target).rstrip("/")
+    parent, name = base.rsplit("/", 1)
+    staging = f"{parent}/.{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    fs, inner = filesystem(staging)
+    fs.create_dir(inner, recursive=True)
+    try:
+        yield staging
+        _, final = filesystem(base)
+        fs.delete_dir_contents(final, missing_dir_ok=True)  # nothing stale from an older version
+        fs.create_dir(final, recursive=True)
+        pafs.copy_files(inner, final, source_filesystem=fs, destination_filesystem=fs)
+    finally:
+        fs.delete_dir(inner)
+
+
 def _remove_dead_leftovers(final: Path) -> None:
     """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` siblings whose writer process no longer runs."""
     for kind in ("tmp", "old"):

@@ -31,7 +31,8 @@ from aptos_ray.model.factory import create_model  # noqa: E402
 from aptos_ray.infer.checkpoint import prepare_config, read_checkpoint  # noqa: E402
 from aptos_ray.infer.grader import Grader  # noqa: E402
 from aptos_ray.infer.inputs import find_inputs  # noqa: E402
-from aptos_ray.infer.predict import build_dataset, collect, load_rows, ray_progress_off  # noqa: E402
+from aptos_ray.infer.predict import build_dataset, collect, load_rows  # noqa: E402
+from aptos_ray.ray_setup import ray_progress  # noqa: E402
 from aptos_ray.data.format import decode_batch  # noqa: E402
 from bench_prepare import best_of  # noqa: E402  (the benchmarks folder is on sys.path)
 
@@ -77,9 +78,9 @@ def plain_loop(checkpoint: str, items: list[dict], prepare: dict, batch_size: in
 
 
 def ray_pipeline(checkpoint: str, inputs, prepare, batch_size: int, num_actors: int) -> int:
-    with ray_progress_off():
+    with ray_progress():
         ds = build_dataset(inputs, read_checkpoint(checkpoint), prepare, 0, batch_size, num_actors)
-        return len(collect(ds, len(inputs.items)))
+        return len(collect(ds))
 
 
 def main() -> None:

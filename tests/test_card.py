@@ -16,15 +16,18 @@ import pytest
 from PIL import Image
 
 from aptos_ray.data.card import exposure_limits, write_card
+from aptos_ray.data.details import DETAILS, write_details
+from aptos_ray.data.details import SCHEMA as DETAILS_SCHEMA
 from aptos_ray.data.format import GRADES, SCHEMA, SPLITS, encode_image
 from aptos_ray.data.synthetic import render_fundus
 
 # ----------------------------------------------------------------------------- a small dataset
 
 
-def make_dataset(root: Path, encoding: str = "raw", originals: bool = True, n: int = 40) -> Path:
-    """A prepared dataset written by hand (records.SCHEMA + the manifest keys of ARCHITECTURE.md):
-    ``n`` synthetic photographs, 2 quarantined inputs, two near-duplicate groups (one with
+def make_dataset(root: Path, encoding: str = "raw", originals: bool = True, n: int = 40, version: int = 2) -> Path:
+    """A prepared dataset written by hand (records.SCHEMA, the manifest keys of ARCHITECTURE.md and
+    the per-image sidecar; ``version=1``: the older layout, per-image maps in the manifest and no
+    sidecar): ``n`` synthetic photographs, 2 quarantined inputs, two near-duplicate groups (one with
     conflicting grades), one very dark and one very bright original."""
     rng = np.random.default_rng(0)
     raw, out = root / "raw", root / "dataset"
@@ -65,18 +68,26 @@ def make_dataset(root: Path, encoding: str = "raw", originals: bool = True, n: i
     ]
     grade_of = {r["id"]: r["grade"] for r in rows}
     manifest = {
-        "format_version": 1, "created": "2026-01-01T00:00:00+00:00", "encoding": encoding, "image_size": 48,
+        "format_version": version, "created": "2026-01-01T00:00:00+00:00", "encoding": encoding, "image_size": 48,
         "num_inputs": len(rows) + len(quarantined), "num_written": len(rows), "num_quarantined": len(quarantined),
-        "counts": counts, "quarantined": quarantined,
-        "duplicates": {"groups": groups, "conflicting": [
-            {"ids": ids, "grades": [grade_of[i] for i in ids]} for ids in groups
-            if len({grade_of[i] for i in ids}) > 1]},
-        "original_sizes": sizes, "brightness": brightness,
+        "counts": counts,
         "config": {"input": str(raw), "image_size": 48, "crop_border": True, "circle_mask": True, "ben_graham": False,
                    "encoding": encoding, "val_fraction": 0.2, "test_fraction": 0.2, "seed": int(rng.integers(10)),
                    "dedup_max_distance": 4, "limit": 0},
         "input": {"path": str(raw)}, "content_hash": "ab" * 32,
     }
+    if version == 1:
+        manifest.update({"quarantined": quarantined, "original_sizes": sizes, "brightness": brightness,
+                         "duplicates": {"groups": groups, "conflicting": [
+                             {"ids": ids, "grades": [grade_of[i] for i in ids]} for ids in groups
+                             if len({grade_of[i] for i in ids}) > 1]}})
+    else:
+        manifest["duplicates"] = {"num_groups": len(groups), "num_cross_split": 0}
+        details = [{**{k: r[k] for k in ("id", "grade", "split", "source", "orig_height", "orig_width", "dup_group")},
+                    "reason": "", "brightness": brightness[r["id"]], "phash": r["phash"], "digest": "0" * 64}
+                   for r in rows]
+        details += [{**q, "grade": -1, "split": "", "dup_group": -1} for q in quarantined]
+        write_details(str(out), pa.Table.from_pylist(details, schema=DETAILS_SCHEMA))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out
 
@@ -102,9 +113,10 @@ def check_card_against_manifest(dataset: Path) -> str:
     for key in ("num_inputs", "num_written", "num_quarantined"):
         assert re.search(rf"\({key}\) \| {manifest[key]} \|", text), key
     assert "MISMATCH" not in text and text.count("- ok:") == 4
-    quarantine = table_rows(text, "Quarantined inputs") if manifest.get("quarantined") else []
+    quarantine = table_rows(text, "Quarantined inputs") if manifest["num_quarantined"] else []
     assert len(quarantine) == manifest["num_quarantined"]
-    assert [r[0].strip("`") for r in quarantine] == [q["id"] for q in manifest.get("quarantined", [])]
+    if manifest["num_quarantined"]:
+        assert [r[0].strip("`") for r in quarantine] == ["bad_000", "bad_001"]
     for figure in re.findall(r"!\[[^]]*\]\(([^)]+)\)", text):
         with Image.open(readme.parent / figure) as im:
             assert im.size[0] > 100 and im.size[1] > 100, figure
@@ -182,14 +194,26 @@ def test_card_rewrite_replaces_the_old_card_atomically(tmp_path):
     write_card(str(dataset))
     assert (dataset / "card" / "README.md").read_text() == first, "same dataset, same card"
     assert not (dataset / "card" / "stale.png").exists()
-    assert sorted(p.name for p in dataset.iterdir()) == ["card", "manifest.json", "test", "train", "val"]
+    assert sorted(p.name for p in dataset.iterdir()) == [DETAILS, "card", "manifest.json", "test", "train", "val"]
+
+
+def test_card_of_a_format_1_dataset(tmp_path):
+    """Datasets prepared before the sidecar keep their per-image maps in the manifest: same card."""
+    dataset = make_dataset(tmp_path, version=1)
+    write_card(str(dataset))
+    text = check_card_against_manifest(dataset)
+    assert "| 96 x 80 | 40 |" in text and "2 inputs were left out: unreadable image (1), tiny image (1)" in text
+    assert "2 near-duplicate groups (5 images), 1 with conflicting grades" in text
+    under = next(line for line in text.splitlines() if line.startswith("- under-exposed"))
+    assert "`img_003`" in under
 
 
 def test_card_of_a_minimal_manifest(tmp_path):
-    """Datasets written by older code or by test helpers may lack the optional keys."""
+    """Datasets written by older code or by test helpers may lack the optional keys and the sidecar."""
     dataset = make_dataset(tmp_path)
+    (dataset / DETAILS).unlink()
     manifest = json.loads((dataset / "manifest.json").read_text())
-    for key in ("original_sizes", "brightness", "duplicates", "quarantined", "config", "input", "created"):
+    for key in ("duplicates", "config", "input", "created"):
         manifest.pop(key)
     manifest["num_inputs"], manifest["num_quarantined"] = manifest["num_written"], 0
     (dataset / "manifest.json").write_text(json.dumps(manifest))

@@ -224,6 +224,7 @@ def test_submission_is_in_kaggle_format(val_output):
     assert submission["diagnosis"].tolist() == predictions["predicted"].tolist()
     assert submission["diagnosis"].between(0, 4).all() and submission["diagnosis"].dtype.kind == "i"
     assert pd.read_csv(val_output / "unreadable.csv").empty
+    assert not list(val_output.glob("_staging*")), "the workers' rows are removed once read"
 
 
 @pytest.mark.ray

@@ -11,14 +11,16 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from test_sources import BROKEN, DECODE_BROKEN, GOOD, write_broken_corpus
 
 from aptos_ray.config import Config
+from aptos_ray.data.details import DETAILS, duplicate_groups, quarantined, read_details
 from aptos_ray.data.format import GRADES, SCHEMA, SPLITS, decode_batch, read_manifest
-from aptos_ray.data.prepare import phash_array, prepare
-from aptos_ray.data.sources import DataError, reason_kind
+from aptos_ray.data.prepare import ROWS_PER_GROUP, phash_array, prepare, run_pipeline
+from aptos_ray.data.sources import DataError, read_source, reason_kind
 from aptos_ray.data.splits import (
     assign_splits,
     near_duplicate_groups,
@@ -45,6 +47,8 @@ def read_rows(dataset: Path) -> dict[str, dict]:
     rows = {}
     for split in SPLITS:
         for part in sorted((dataset / split).glob("part-*.parquet")):
+            groups = pq.ParquetFile(part).metadata
+            assert all(groups.row_group(g).num_rows <= ROWS_PER_GROUP for g in range(groups.num_row_groups))
             table = pq.read_table(part)
             assert table.schema.equals(SCHEMA, check_metadata=False)
             for row in table.select([c for c in SCHEMA.names if c != "image"]).to_pylist():
@@ -54,10 +58,13 @@ def read_rows(dataset: Path) -> dict[str, dict]:
 
 
 def check_manifest(dataset: Path) -> dict:
-    """The invariants every prepared dataset must satisfy; returns the manifest."""
+    """The invariants every prepared dataset must satisfy; returns the manifest, with the
+    sidecar's per-image facts under ``details`` (a table) for the tests to look at."""
     m = read_manifest(str(dataset))
-    assert m["num_inputs"] == m["num_written"] + m["num_quarantined"]
-    assert m["num_quarantined"] == len(m["quarantined"])
+    details = read_details(str(dataset), m)
+    assert m["num_inputs"] == m["num_written"] + m["num_quarantined"] == details.num_rows
+    assert m["num_quarantined"] == len(quarantined(details)) == sum(m["quarantine_reasons"].values())
+    assert len(json.dumps(m)) < 4000, "the manifest holds no per-image facts"
     rows = read_rows(dataset)
     assert len(rows) == m["num_written"]
     counts = {s: Counter() for s in SPLITS}
@@ -69,12 +76,18 @@ def check_manifest(dataset: Path) -> dict:
     for row in rows.values():
         if row["dup_group"] >= 0:
             by_group[row["dup_group"]].add(row["split"])
-    assert len(by_group) == len(m["duplicates"]["groups"])
-    if not m["duplicates"]["cross_split"]:
+    assert len(by_group) == m["duplicates"]["num_groups"] == len(duplicate_groups(details))
+    if not m["duplicates"]["num_cross_split"]:
         assert all(len(s) == 1 for s in by_group.values())
-    assert set(m["original_sizes"]) == set(rows) == set(m["brightness"])
+    # the sidecar agrees with the rows: same ids, splits, grades, groups, sizes
+    kept = details.filter(pc.equal(details["reason"], "")).to_pylist()
+    assert {d["id"]: (d["split"], d["grade"], d["dup_group"], d["orig_height"], d["orig_width"]) for d in kept} == {
+        i: (r["split"], r["grade"], r["dup_group"], r["orig_height"], r["orig_width"]) for i, r in rows.items()}
+    assert all(0 <= d["brightness"] <= 255 and len(d["digest"]) == 64 for d in kept)
     leftovers = list(dataset.parent.glob(dataset.name + ".tmp-*")) + list(dataset.parent.glob(dataset.name + ".old-*"))
-    assert not leftovers
+    assert not leftovers and not (dataset / "_staging").exists()
+    assert sorted(p.name for p in dataset.iterdir() if p.name != "card") == [DETAILS, "manifest.json", *sorted(SPLITS)]
+    m["details"] = {d["id"]: d for d in details.to_pylist()}
     return m
 
 
@@ -154,12 +167,15 @@ def test_prepare_broken_corpus(tmp_path, ray_session):
     result = prepare(make_cfg(raw, out, val_fraction=0.2, test_fraction=0.2))
     assert Path(result) == out
     m = check_manifest(out)
-    reasons = {q["id"]: reason_kind(q["reason"]) for q in m["quarantined"]}
+    reasons = {i: reason_kind(d["reason"]) for i, d in m["details"].items() if d["reason"]}
     assert reasons == {**BROKEN, **DECODE_BROKEN}
     assert m["num_inputs"] == len(GOOD) + 1 + len(BROKEN) + len(DECODE_BROKEN)
     assert m["num_written"] == len(GOOD) + 1
-    assert m["duplicates"]["conflicting"] == [{"ids": ["good3", "copy3"], "grades": [3, 1]}]
-    assert m["original_sizes"]["grey16"] == [48, 48] and 0 < m["brightness"]["good1"] < 255
+    groups = duplicate_groups(read_details(str(out), m))
+    assert [(g["ids"], g["grades"], g["conflicting"]) for g in groups] == [(["good3", "copy3"], [3, 1], True)]
+    assert m["duplicates"]["num_conflicting"] == 1
+    grey = m["details"]["grey16"]
+    assert (grey["orig_height"], grey["orig_width"]) == (48, 48) and 0 < m["details"]["good1"]["brightness"] < 255
     assert m["input"]["layout"] == "csv" and m["config"]["image_size"] == 64
 
     # a second run replaces the dataset atomically and is reproducible
@@ -172,6 +188,26 @@ def test_prepare_broken_corpus(tmp_path, ray_session):
     batch = ds.take_batch(64, batch_format="numpy")
     images = decode_batch(batch, m["encoding"])
     assert images.shape == (len(batch["id"]), 64, 64, 3) and images.dtype == np.uint8 and images.max() > 0
+
+
+def test_driver_reads_no_image_bytes_and_a_uri_output_is_published(tmp_path, ray_session):
+    """Pass 1's workers write the rows; the driver reads them back without the image column, in
+    input order. A URI output (file:// here, the code path of s3://) is built under a sibling prefix."""
+    raw = write_broken_corpus(tmp_path / "raw")
+    cfg = make_cfg(raw, tmp_path / "unused")
+    records = read_source(cfg.prepare).records
+    meta = run_pipeline(records, cfg.prepare, f"file://{tmp_path / 'staging'}")
+    assert "image" not in meta.column_names and meta.num_rows == len(records)
+    assert meta["order"].to_pylist() == list(range(len(records)))  # whichever task finished first
+    staged = pq.read_table(tmp_path / "staging")
+    written = staged.filter(pc.equal(staged["reason"], ""))
+    assert written.num_rows == len(GOOD) and all(len(b) == 64 * 64 * 3 for b in written["image"].to_pylist())
+
+    out = tmp_path / "published"
+    assert prepare(make_cfg(raw, f"file://{out}")) == f"file://{out}"
+    m = check_manifest(out)
+    assert m["num_written"] == len(GOOD) and m["num_quarantined"] == len(BROKEN) + len(DECODE_BROKEN)
+    assert not list(tmp_path.glob(".published.tmp-*"))
 
 
 def test_prepare_png_encoding_and_refusals(tmp_path, ray_session):
@@ -209,7 +245,7 @@ def test_prepare_aptos_subset(aptos_dir, tmp_path, ray_session):
         assert abs(sum(m["counts"][split].values()) / 200 - share) < 0.05
         for grade in ("0", "2"):  # the common grades: their split shares follow the split sizes
             assert abs(m["counts"][split][grade] / totals[grade] - share) < 0.08
-    assert m["original_sizes"][next(iter(m["original_sizes"]))] == [224, 224]
+    assert {(d["orig_height"], d["orig_width"]) for d in m["details"].values()} == {(224, 224)}
     ds = ray_session.data.read_parquet(str(out))
     assert ds.count() == 200
 

@@ -169,3 +169,23 @@ def test_ray_ddp_survives_a_killed_worker_and_resumes(aptos_small, tmp_path, ray
     summary = train(parse_args([*args, "--train.epochs=3", "--resume"]))
     assert [h["epoch"] for h in history(run)] == [0, 1, 2]
     assert summary["epochs"] == 3
+
+
+def test_materialize_is_decided_by_size_against_the_object_store(aptos_small):
+    """data.materialize=auto: materialise what fits in MATERIALIZE_SHARE of the store, stream the rest;
+    true/false win whatever the size. The size is read from the Parquet footers (raw pixels + the rest)."""
+    from aptos_ray.data.format import split_bytes
+
+    store, share = 8 * 2**30, ray_backend.MATERIALIZE_SHARE
+    decide = ray_backend.materialize_decision
+    assert decide("auto", int(share * store), store)[0] is True
+    assert decide("auto", int(share * store) + 1, store)[0] is False
+    assert "streamed" in decide("auto", store, store)[1]
+    assert decide(True, 10 * store, store)[0] is True and decide(False, 1, store)[0] is False
+    n_train = sum(json.loads((aptos_small / "manifest.json").read_text())["counts"]["train"].values())
+    assert n_train * 32 * 32 * 3 <= split_bytes(str(aptos_small), "train") < 2 * n_train * 32 * 32 * 3
+    assert split_bytes(str(aptos_small), "test") == 0  # no such split
+    assert parse_args(["--data.materialize=false"]).data.materialize is False
+    assert parse_args([]).data.materialize == "auto"
+    with pytest.raises(Exception, match="must be one of true, false, auto"):
+        parse_args(["--data.materialize=sometimes"])

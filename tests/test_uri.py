@@ -159,7 +159,7 @@ def test_missing_s3_input_is_one_clear_error(s3):
 
 def test_a_path_listed_on_another_disk_stops_the_job_instead_of_being_quarantined(tmp_path):
     save(tmp_path / "a.png", disc(1))
-    listed = {"id": "a", "grade": 1, "source": str(tmp_path / "a.png"), "split": None}
+    listed = {"id": "a", "grade": 1, "source": str(tmp_path / "a.png"), "split": None, "order": 0}
     here = {**listed, "listed_on": storage.local_disk()}
     elsewhere = {**listed, "listed_on": "driver-host:4026531840"}
     assert read_image(elsewhere, 32).shape == (48, 48, 3)  # while the file is there, nothing to say

@@ -9,8 +9,9 @@
 - near-duplicate groups as thumbnails with their grades, conflicting grades first,
 - the quarantined inputs with their reasons.
 
-Every number in the card comes from ``manifest.json``; the Parquet rows are only read to check
-that they agree with it and to show images. Figures use matplotlib's Agg canvas directly (no
+Every number in the card comes from ``manifest.json`` and its per-image sidecar
+(``_images.parquet``, ``data.details``: sizes, brightness, duplicates, quarantine); the Parquet rows
+are only read (grade and split columns) to check that they agree, and to show the few sampled images. Figures use matplotlib's Agg canvas directly (no
 pyplot, no global backend switch), so the card can be written from any process or thread.
 No Ray: pyarrow reads the Parquet files, local or remote (URIs through ``aptos_ray.storage``).
 """
@@ -28,6 +29,7 @@ from PIL import Image
 
 from aptos_ray import storage
 from aptos_ray.data.card_figures import THUMB, grades_figure, grid_figure
+from aptos_ray.data.details import duplicate_groups, quarantined, read_details, written
 from aptos_ray.data.format import (
     GRADE_NAMES,
     GRADES,
@@ -44,6 +46,7 @@ EXTREMES = 8  # darkest and brightest photos listed (and shown)
 MAX_DUP_ROWS = 12  # near-duplicate groups drawn; the table lists more
 MAX_TABLE_ROWS = 200  # rows of any Markdown table before "... and N more"
 META_COLUMNS = ["id", "grade", "split", "source"]
+DETAIL_COLUMNS = ["id", "grade", "split", "source", "reason", "orig_height", "orig_width", "brightness", "dup_group"]
 
 
 def write_card(dataset_dir: str) -> Path | str:
@@ -51,8 +54,9 @@ def write_card(dataset_dir: str) -> Path | str:
     dataset = str(dataset_dir).rstrip("/")
     manifest = read_manifest(dataset)
     meta = read_rows(dataset, META_COLUMNS)
+    details = read_details(dataset, manifest, DETAIL_COLUMNS)
     with storage.publish_dir(storage.join(dataset, CARD_DIR)) as staging:
-        (staging / README).write_text(_render(dataset, manifest, meta, staging))
+        (staging / README).write_text(_render(dataset, manifest, meta, details, staging))
     return storage.join(dataset, CARD_DIR, README) if storage.is_uri(dataset) else Path(dataset) / CARD_DIR / README
 
 
@@ -97,29 +101,35 @@ def load_original(source: str) -> np.ndarray | None:
 # ---------------------------------------------------------------- the card
 
 
-def _render(dataset: str, manifest: dict, meta: pa.Table, out: Path) -> str:
+def _render(dataset: str, manifest: dict, meta: pa.Table, details: pa.Table, out: Path) -> str:
     cols = meta.to_pydict()
+    good = written(details)
+    brightness = {i: b for i, b in zip(good["id"].to_pylist(), good["brightness"].to_pylist()) if b is not None}
+    sizes = good.select(["orig_height", "orig_width"]).drop_null()
+    hw = np.stack([sizes[c].to_numpy() for c in sizes.column_names], axis=1).astype(float)
+    left_out = quarantined(details)
     info = {
         "grade": dict(zip(cols["id"], cols["grade"])),
         "split": dict(zip(cols["id"], cols["split"])),
         "source": dict(zip(cols["id"], cols.get("source", [""] * len(cols["id"])))),
     }
-    picks = _pick(manifest, cols)
+    groups = _dup_groups_ordered(duplicate_groups(details), info)
+    picks = _pick(manifest, cols, brightness, groups)
     wanted = sorted({i for ids in picks.values() for i in ids})
     images = load_images(dataset, wanted, manifest.get("encoding", "raw"))
     sections = [
         _header(dataset, manifest),
-        _grades_section(manifest, cols, out),
+        _grades_section(manifest, cols, left_out, out),
         _samples_section(picks["samples"], images, info, out),
-        _sizes_section(manifest, out),
-        _brightness_section(manifest, picks, images, info, out),
-        _duplicates_section(manifest, images, info, out),
-        _quarantine_section(manifest),
+        _sizes_section(hw, out),
+        _brightness_section(brightness, picks, images, info, out),
+        _duplicates_section(manifest, groups, images, info, out),
+        _quarantine_section(manifest, left_out),
     ]
     return "\n\n".join(s.strip() for s in sections) + "\n"
 
 
-def _pick(manifest: dict, cols: dict) -> dict[str, list[str]]:
+def _pick(manifest: dict, cols: dict, brightness: dict, groups: list[dict]) -> dict[str, list[str]]:
     """Ids each figure shows: a seeded sample per grade, the darkest/brightest, the duplicates."""
     seed = int(manifest.get("config", {}).get("seed", 0))
     rng = np.random.default_rng(seed)
@@ -132,8 +142,8 @@ def _pick(manifest: dict, cols: dict) -> dict[str, list[str]]:
         ids = by_grade[g]
         chosen = rng.choice(len(ids), size=min(SAMPLES_PER_GRADE, len(ids)), replace=False) if ids else []
         samples += [ids[i] for i in sorted(chosen)]
-    dark, bright = _extremes(manifest.get("brightness") or {})
-    dup_ids = [i for group in _dup_groups_ordered(manifest)[:MAX_DUP_ROWS] for i in group["ids"][:SAMPLES_PER_GRADE]]
+    dark, bright = _extremes(brightness)
+    dup_ids = [i for group in groups[:MAX_DUP_ROWS] for i in group["ids"][:SAMPLES_PER_GRADE]]
     return {"samples": samples, "dark": [i for i, _ in dark], "bright": [i for i, _ in bright], "dups": dup_ids}
 
 
@@ -148,7 +158,7 @@ def _header(dataset: str, manifest: dict) -> str:
         "",
         f"Prepared dataset at `{dataset}`, created {get('created')} "
         f"(format {get('format_version')}, content hash `{str(get('content_hash'))[:16]}`).",
-        "Every number below is read from `manifest.json`.",
+        "Every number below is read from `manifest.json` and its per-image sidecar `_images.parquet`.",
         "",
         "| | |",
         "|---|---|",
@@ -186,7 +196,7 @@ def _counts(manifest: dict) -> dict[str, list[int]]:
     return {s: [int(counts.get(s, {}).get(str(g), 0)) for g in GRADES] for s in SPLITS}
 
 
-def _grades_section(manifest: dict, cols: dict, out: Path) -> str:
+def _grades_section(manifest: dict, cols: dict, left_out: list[dict], out: Path) -> str:
     counts = _counts(manifest)
     grades_figure(counts, out / "grades.png")
     header = "| split | " + " | ".join(f"{g} {GRADE_NAMES[g]}" for g in GRADES) + " | total |"
@@ -196,11 +206,12 @@ def _grades_section(manifest: dict, cols: dict, out: Path) -> str:
     totals = [sum(counts[s][g] for s in SPLITS) for g in GRADES]
     lines.append("| total | " + " | ".join(str(n) for n in totals) + f" | {sum(totals)} |")
     share = " · ".join(f"{g}: {100 * n / max(1, sum(totals)):.1f}%" for g, n in zip(GRADES, totals))
-    lines += ["", f"Grade shares: {share}.", "", "![grades per split](grades.png)", "", _checks(manifest, counts, cols)]
+    lines += ["", f"Grade shares: {share}.", "", "![grades per split](grades.png)", "",
+              _checks(manifest, counts, cols, left_out)]
     return "\n".join(lines)
 
 
-def _checks(manifest: dict, counts: dict[str, list[int]], cols: dict) -> str:
+def _checks(manifest: dict, counts: dict[str, list[int]], cols: dict, left_out: list[dict]) -> str:
     """The books must balance; say so, or say exactly where they do not."""
     n_in, n_w, n_q = (manifest.get(k) for k in ("num_inputs", "num_written", "num_quarantined"))
     total = sum(sum(c) for c in counts.values())
@@ -213,8 +224,7 @@ def _checks(manifest: dict, counts: dict[str, list[int]], cols: dict) -> str:
         (f"num_inputs = num_written + num_quarantined ({n_in} = {n_w} + {n_q})",
          None not in (n_in, n_w, n_q) and n_in == n_w + n_q),
         (f"counts add up to num_written ({total})", total == n_w),
-        (f"quarantine list has num_quarantined entries ({len(manifest.get('quarantined', []))})",
-         len(manifest.get("quarantined", [])) == (n_q or 0)),
+        (f"quarantine list has num_quarantined entries ({len(left_out)})", len(left_out) == (n_q or 0)),
         (f"Parquet rows per split and grade match the counts ({len(cols['id'])} rows)"
          + (": " + "; ".join(mismatches[:10]) if mismatches else ""), not mismatches),
     ]
@@ -252,12 +262,10 @@ def _samples_section(samples: list[str], images: dict, info: dict, out: Path) ->
 # ---------------------------------------------------------------- sizes and brightness
 
 
-def _sizes_section(manifest: dict, out: Path) -> str:
-    sizes = manifest.get("original_sizes") or {}
+def _sizes_section(hw: np.ndarray, out: Path) -> str:
     lines = ["## Original image sizes", ""]
-    if not sizes:
+    if not len(hw):
         return "\n".join(lines + ["The manifest records no original sizes."])
-    hw = np.array(list(sizes.values()), dtype=float).reshape(-1, 2)
     fig = Figure(figsize=(6.5, 3.2))
     ax = fig.subplots()
     bins = np.histogram_bin_edges(hw, bins=min(40, max(5, len(np.unique(hw)))))
@@ -296,8 +304,7 @@ def exposure_limits(values: np.ndarray) -> tuple[float, float]:
     return float(2 ** (q1 - 1.5 * (q3 - q1))), float(2 ** (q3 + 1.5 * (q3 - q1)))
 
 
-def _brightness_section(manifest: dict, picks: dict, images: dict, info: dict, out: Path) -> str:
-    brightness = manifest.get("brightness") or {}
+def _brightness_section(brightness: dict, picks: dict, images: dict, info: dict, out: Path) -> str:
     lines = ["## Brightness", ""]
     if not brightness:
         return "\n".join(lines + ["The manifest records no brightness."])
@@ -351,28 +358,23 @@ def _id_list(ids: list[str], values: dict, limit: int = 30) -> str:
 # ---------------------------------------------------------------- near-duplicates
 
 
-def _dup_groups_ordered(manifest: dict) -> list[dict]:
-    """Duplicate groups with their grades, conflicting ones first (then the larger ones)."""
-    dups = manifest.get("duplicates") or {}
-    conflicting = {tuple(c["ids"]): c["grades"] for c in dups.get("conflicting", [])}
-    groups = []
-    for ids in dups.get("groups", []):
-        key = tuple(ids)
-        groups.append({"ids": list(ids), "grades": conflicting.get(key), "conflicting": key in conflicting})
+def _dup_groups_ordered(groups: list[dict], info: dict) -> list[dict]:
+    """Duplicate groups (``details.duplicate_groups``), conflicting ones first (then the larger ones)."""
+    for g in groups:  # a format-1 sidecar (from the manifest) knows no grades: the rows do
+        g["grades"] = [info["grade"].get(i, "?") if gr is None or gr < 0 else gr for i, gr in zip(g["ids"], g["grades"])]
+        g["conflicting"] = len(set(g["grades"])) > 1
     return sorted(groups, key=lambda g: (not g["conflicting"], -len(g["ids"]), g["ids"]))
 
 
-def _duplicates_section(manifest: dict, images: dict, info: dict, out: Path) -> str:
-    groups = _dup_groups_ordered(manifest)
+def _duplicates_section(manifest: dict, groups: list[dict], images: dict, info: dict, out: Path) -> str:
     lines = ["## Near-duplicates", ""]
     if not groups:
         return "\n".join(lines + ["No near-duplicate groups."])
-    for g in groups:
-        g["grades"] = g["grades"] or [info["grade"].get(i, "?") for i in g["ids"]]
     n_conflicting = sum(g["conflicting"] for g in groups)
     n_images = sum(len(g["ids"]) for g in groups)
-    cross = (manifest.get("duplicates") or {}).get("cross_split") or []
-    exception = f", except {len(cross)} groups whose members the input itself put in different splits" if cross else ""
+    dups = manifest.get("duplicates") or {}
+    cross = dups.get("num_cross_split", len(dups.get("cross_split") or []))
+    exception = f", except {cross} groups whose members the input itself put in different splits" if cross else ""
     lines += [f"{len(groups)} near-duplicate groups ({n_images} images), {n_conflicting} with conflicting grades. "
               f"Prepare keeps each group in one split, so duplicates do not leak between training and evaluation"
               f"{exception}.", ""]
@@ -390,15 +392,14 @@ def _duplicates_section(manifest: dict, images: dict, info: dict, out: Path) -> 
         lines.append(f"| {k + 1} | {', '.join(f'`{i}`' for i in g['ids'])} | {', '.join(map(str, g['grades']))} | "
                      f"{', '.join(splits)} | {'yes' if g['conflicting'] else 'no'} |")
     if len(groups) > MAX_TABLE_ROWS:
-        lines.append(f"\n... and {len(groups) - MAX_TABLE_ROWS} more groups (see `manifest.json`).")
+        lines.append(f"\n... and {len(groups) - MAX_TABLE_ROWS} more groups (see `_images.parquet`, column dup_group).")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- quarantine
 
 
-def _quarantine_section(manifest: dict) -> str:
-    quarantined = manifest.get("quarantined") or []
+def _quarantine_section(manifest: dict, quarantined: list[dict]) -> str:
     lines = ["## Quarantined inputs", ""]
     if not quarantined:
         return "\n".join(lines + [f"None: all {manifest.get('num_inputs', 'n/a')} inputs were written."])
@@ -408,7 +409,7 @@ def _quarantine_section(manifest: dict) -> str:
     for q in quarantined[:MAX_TABLE_ROWS]:
         lines.append(f"| `{q.get('id', '')}` | {_cell(q.get('reason', ''))} | `{_cell(q.get('source', ''))}` |")
     if len(quarantined) > MAX_TABLE_ROWS:
-        lines.append(f"\n... and {len(quarantined) - MAX_TABLE_ROWS} more (see `manifest.json`).")
+        lines.append(f"\n... and {len(quarantined) - MAX_TABLE_ROWS} more (see `_images.parquet`, column reason).")
     return "\n".join(lines)
 
 

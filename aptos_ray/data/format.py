@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 from PIL import Image
 
 from aptos_ray import storage
@@ -100,7 +101,37 @@ def read_split(dataset: str, split: str, columns: list[str] = TRAIN_COLUMNS, ids
         return pa.table({c: pa.array([], type=pa.string()) for c in columns})
     ds = pads.dataset(inner, filesystem=fs, format="parquet")
     wanted = [c for c in columns if c in ds.schema.names]
-    return ds.to_table(columns=wanted, filter=pc.field("id").isin(ids) if ids is not None else None)
+    if ids is None:
+        return ds.to_table(columns=wanted)
+    return _rows_of_ids(fs, ds, wanted, pa.array(sorted(set(ids)), pa.string()))
+
+
+def _rows_of_ids(fs, ds: pads.Dataset, columns: list[str], ids: pa.Array) -> pa.Table:
+    """The rows of ``ids``, reading ``columns`` only from the row groups that hold one (the id
+    column first): a card or contact sheet shows tens of images of a split of tens of thousands,
+    and a filtered scan would read, and hold in flight, every image of the split."""
+    parts = [ds.schema.empty_table().select(columns)]
+    for path in sorted(ds.files):
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            hit = pc.is_in(parquet.read(columns=["id"])["id"], value_set=ids).to_numpy(zero_copy_only=False)
+            start = 0
+            for group in range(parquet.num_row_groups):
+                rows = parquet.metadata.row_group(group).num_rows
+                if hit[start:start + rows].any():
+                    table = parquet.read_row_group(group, columns=columns)
+                    parts.append(table.filter(pc.is_in(table["id"], value_set=ids)))
+                start += rows
+    return pa.concat_tables(parts, promote_options="default")
+
+
+def split_bytes(dataset: str, split: str) -> int:
+    """Uncompressed bytes of one split's rows (all columns), from the Parquet footers alone."""
+    fs, inner = storage.filesystem(storage.join(dataset, split))
+    if fs.get_file_info(inner).type.name == "NotFound":
+        return 0
+    fragments = pads.dataset(inner, filesystem=fs, format="parquet").get_fragments()
+    return sum(f.metadata.row_group(i).total_byte_size for f in fragments for i in range(f.metadata.num_row_groups))
 
 
 def table_batches(table: pa.Table, batch_size: int, order: np.ndarray | None = None) -> Iterator[dict]:

@@ -1,56 +1,61 @@
 """The prepare job: raw fundus data -> preprocessed Parquet dataset with near-duplicate aware splits.
 
-    read_source (driver, light: ids, grades, paths)
-      -> ray.data.from_items -> map_batches(decode, validate, preprocess, phash)   (Ray tasks)
-      -> driver: tqdm over iter_batches, rows staged to one Parquet file, metadata kept
-      -> near-duplicate groups (phash Hamming distance) -> seeded stratified splits
-      -> .<output>.tmp-PID-XXXX/{train,val,test}/part-*.parquet + manifest.json -> rename over <output>
-         (storage.publish_dir; a URI output is built locally and uploaded)
+Two passes, and no image byte ever reaches the driver:
 
-Images that fail to decode come back from the Ray tasks as quarantine rows, so the books always
-balance: ``num_inputs == num_written + num_quarantined``.
+    read_source (driver, light: ids, grades, paths)
+      pass 1: ray.data.from_items -> map_batches(decode, validate, preprocess, phash)   (Ray tasks)
+              -> write_parquet(<build>/_staging/)                                     (from the workers)
+      driver: reads the staged rows' small columns (ids, grades, hashes, sizes, quarantine
+              reasons: ~250 bytes an image) -> near-duplicate groups (phash Hamming distance)
+              -> seeded stratified splits
+      pass 2: read_parquet(_staging) -> map_batches(add split, dup_group)
+              -> write_parquet(<build>/{train,val,test}/), partitioned by split           (from the workers)
+      driver: _images.parquet (per-image details, ``data.details``) + manifest.json (a summary)
+      -> <build> published as <output> (storage.publish_location: a hidden sibling renamed into
+         place; for a URI, a sibling prefix in the bucket copied into place)
+
+Images that fail to decode are staged as quarantine rows (a reason, no image), so the books always
+balance: ``num_inputs == num_written + num_quarantined``. Rows are ordered by input (the ``order``
+column) before splitting, so the splits do not depend on which Ray task finished first.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import os
 import sys
-from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 
 import imagehash
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import ray
 from PIL import Image
-from ray.data import DataContext
-from tqdm import tqdm
+from ray.data.datasource import FilenameProvider
 
 from aptos_ray import storage
 from aptos_ray.config import Config, ConfigError, PrepareConfig
 from aptos_ray.data.card import write_card
+from aptos_ray.data.details import write_details
 from aptos_ray.data.format import (
-    GRADES,
     MANIFEST,
     SCHEMA,
     SPLITS,
     encode_image,
     read_manifest,
 )
+from aptos_ray.data.manifest import details_table, make_manifest, summary_table, top_reasons
 from aptos_ray.data.preprocess import ImageError, preprocess
 from aptos_ray.data.sources import (
     DataError,
     check_grades,
     read_image,
     read_source,
-    reason_kind,
     stop_on_driver_only_paths,
 )
 from aptos_ray.data.splits import (
@@ -59,12 +64,14 @@ from aptos_ray.data.splits import (
     phash_array,
     stratified_subset,
 )
-from aptos_ray.ray_setup import check_seen_by_every_node, init_ray
+from aptos_ray.ray_setup import check_seen_by_every_node, init_ray, ray_progress
 
-FORMAT_VERSION = 1
 BATCH_SIZE = 32  # images per Ray task batch: ~6 MB of 256 px raw output, small enough to stream
 ROWS_PER_PART = 512  # rows per output Parquet file (~100 MB raw at 256 px); parts let readers parallelise
-STAGING = "_staging.parquet"  # rows before splits are known; uncompressed, it is read back once
+# Rows per row group of the split files (~12 MB raw at 256 px): the card and predict's contact
+# sheet read a few images by id, a row group at a time (format.read_split), not whole files.
+ROWS_PER_GROUP = 64
+STAGING = "_staging"  # pass 1's rows, before splits are known; uncompressed, it is read back once per split
 # zstd: raw pixels shrink ~30% (snappy ~25%) at the same speed. No dictionary for the image
 # column: every image is unique, and trying costs more time than the write itself.
 PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": [n for n in SCHEMA.names if n != "image"]}
@@ -78,6 +85,7 @@ PHASH_SIZE = 16
 # What a Ray task returns per input: a processed row, or a quarantine row (reason set, no image).
 PROCESSED = pa.schema(
     [
+        ("order", pa.int64()),  # position in the input: rows are split in this order
         ("id", pa.string()),
         ("grade", pa.int8()),
         ("given_split", pa.string()),  # "" when the input gives none
@@ -93,8 +101,8 @@ PROCESSED = pa.schema(
         ("reason", pa.string()),  # "" when the image is fine
     ]
 )
-META_COLUMNS = ["id", "grade", "given_split", "phash", "digest", "orig_height", "orig_width", "brightness"]
-STAGED_COLUMNS = ["id", "grade", "image", "height", "width", "orig_height", "orig_width", "source", "phash"]
+# All the driver ever reads of the staged rows: everything but the image (a few hundred bytes a row).
+META_COLUMNS = [n for n in PROCESSED.names if n != "image"]
 
 
 # ---------------------------------------------------------------- entry point
@@ -103,7 +111,8 @@ STAGED_COLUMNS = ["id", "grade", "image", "height", "width", "orig_height", "ori
 def prepare(cfg: Config) -> Path | str:
     """Prepare ``cfg.prepare.input`` into ``cfg.prepare.output`` and return the output path.
 
-    Local outputs are replaced atomically; a URI output is built locally and uploaded.
+    Local outputs are replaced atomically; a URI output is built under a sibling prefix and copied
+    into place (``storage.publish_location``).
     """
     p = cfg.prepare
     if p.card_only:
@@ -116,7 +125,7 @@ def prepare(cfg: Config) -> Path | str:
     init_ray(cfg.scaling)
     check_seen_by_every_node({"prepare.input": p.input, "prepare.images": p.images})
 
-    with storage.publish_dir(p.output) as out:
+    with storage.publish_location(p.output) as out:
         manifest = build_dataset(records, src, p, out)
     print(summary_table(manifest))
     if p.card:
@@ -173,6 +182,7 @@ def process_batch(batch: dict, cfg: PrepareConfig) -> pa.Table:
 
 def process_record(rec: dict, cfg: PrepareConfig) -> dict:
     row = {
+        "order": int(rec["order"]),
         "id": str(rec["id"]), "grade": int(rec["grade"]), "given_split": str(rec.get("split") or ""),
         "source": str(rec["source"]), "image": b"", "height": 0, "width": 0, "orig_height": 0,
         "orig_width": 0, "phash": "", "digest": "", "brightness": 0.0, "reason": "",
@@ -196,8 +206,8 @@ def process_record(rec: dict, cfg: PrepareConfig) -> dict:
 def _ray_items(records: list[dict]) -> list[dict]:
     """Light items for ``from_items``: paths, not pixels (npz arrays are tiny and have no file)."""
     items = []
-    for r in records:
-        item = {"id": r["id"], "grade": r["grade"], "source": r["source"], "split": r["split"] or ""}
+    for order, r in enumerate(records):
+        item = {"order": order, "id": r["id"], "grade": r["grade"], "source": r["source"], "split": r["split"] or ""}
         for key in ("array", "listed_on"):  # npz pixels; the disk the driver listed a local file on
             if key in r:
                 item[key] = r[key]
@@ -205,176 +215,97 @@ def _ray_items(records: list[dict]) -> list[dict]:
     return items
 
 
-def run_pipeline(records: list[dict], p: PrepareConfig, staging: Path) -> tuple[list[dict], list[dict]]:
-    """Process every record with Ray Data; stage good rows to Parquet. -> (metadata rows, quarantine)."""
-    ctx = DataContext.get_current()
-    old_bars = ctx.enable_progress_bars
-    ctx.enable_progress_bars = False  # our tqdm bar counts images; Ray's per-operator bars would interleave
-    try:
+def run_pipeline(records: list[dict], p: PrepareConfig, staging: str) -> pa.Table:
+    """Pass 1: process every record in Ray tasks, which write their rows (images included) to
+    ``staging``; return the staged rows without their images, in input order."""
+    fs, inner = storage.filesystem(staging)
+    with ray_progress():
         ds = ray.data.from_items(_ray_items(records), override_num_blocks=max(1, math.ceil(len(records) / BATCH_SIZE)))
         ds = ds.map_batches(process_batch, batch_size=BATCH_SIZE, batch_format="numpy", fn_kwargs={"cfg": p})
-        meta, quarantined = [], []
-        writer = pq.ParquetWriter(staging, _staged_schema(), **{**PARQUET_OPTIONS, "compression": "none"})
-        # disable=None: no bar without a terminal (CI, ray job logs), where it would repaint line by line
-        with writer, tqdm(total=len(records), unit="img", desc="prepare", file=sys.stderr, disable=None) as bar:
-            for table in ds.iter_batches(batch_size=BATCH_SIZE, batch_format="pyarrow"):
-                good = table.filter(pc.equal(table["reason"], ""))
-                bad = table.filter(pc.not_equal(table["reason"], ""))
-                if good.num_rows:
-                    writer.write_table(good.select(STAGED_COLUMNS).cast(_staged_schema()))
-                meta += good.select(META_COLUMNS).to_pylist()
-                quarantined += bad.select(["id", "source", "reason"]).to_pylist()
-                bar.update(table.num_rows)
-    finally:
-        ctx.enable_progress_bars = old_bars
-    return meta, sorted(quarantined, key=lambda q: q["id"])
-
-
-def _staged_schema() -> pa.Schema:
-    return pa.schema([PROCESSED.field(c) for c in STAGED_COLUMNS])
+        ds.write_parquet(inner, filesystem=fs, min_rows_per_file=ROWS_PER_PART, compression="none")
+    meta = pads.dataset(inner, filesystem=fs, format="parquet").to_table(columns=META_COLUMNS)
+    return meta.sort_by("order")
 
 
 # ---------------------------------------------------------------- dataset
 
 
-def build_dataset(records: list[dict], src, p: PrepareConfig, out: Path) -> dict:
-    """Write the complete dataset (Parquet per split + manifest) into ``out``; return the manifest."""
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / STAGING
-    meta, decode_quarantine = run_pipeline(records, p, staging)
-    stop_on_driver_only_paths(q["reason"] for q in decode_quarantine)  # no shared storage: no dataset
-    quarantined = src.quarantined + decode_quarantine
-    if not meta:
+def build_dataset(records: list[dict], src, p: PrepareConfig, out: str) -> dict:
+    """Write the complete dataset (Parquet per split, sidecar, manifest) into ``out`` (a local
+    folder or URI prefix); return the manifest."""
+    staging = storage.join(out, STAGING)
+    meta = run_pipeline(records, p, staging)
+    stop_on_driver_only_paths(meta["reason"].to_pylist())  # no shared storage: no dataset
+    good = meta.filter(pc.equal(meta["reason"], ""))
+    bad = meta.filter(pc.not_equal(meta["reason"], "")).sort_by("id")
+    quarantined = src.quarantined + bad.select(["id", "source", "reason"]).to_pylist()
+    if not good.num_rows:
         raise DataError(f"{p.input}: empty dataset: all {len(records)} images failed to decode "
-                        f"({_top_reasons(decode_quarantine)})")
-    check_grades([m["grade"] for m in meta], p.input)
+                        f"({top_reasons(quarantined)})")
+    grades = good["grade"].to_numpy()
+    check_grades(grades.tolist(), p.input)
 
-    hashes = phash_array([m["phash"] for m in meta])
-    groups = near_duplicate_groups(hashes, p.dedup_max_distance)
-    grades = np.array([m["grade"] for m in meta])
-    splits, cross = assign_splits(grades, [m["given_split"] or None for m in meta], groups,
+    groups = near_duplicate_groups(phash_array(good["phash"].to_pylist()), p.dedup_max_distance)
+    splits, cross = assign_splits(grades, [s or None for s in good["given_split"].to_pylist()], groups,
                                   p.val_fraction, p.test_fraction, p.seed)
-    ids = [m["id"] for m in meta]
-    dup_of = {ids[i]: g for g, members in enumerate(groups) for i in members}
-    split_of = dict(zip(ids, splits))
-    write_splits(staging, out, split_of, dup_of)
-    staging.unlink()
+    dup_group = np.full(good.num_rows, -1, dtype=np.int32)
+    for g, members in enumerate(groups):
+        dup_group[members] = g
+    good = good.append_column("split", pa.array(splits, pa.string()))
+    good = good.append_column("dup_group", pa.array(dup_group, pa.int32()))
+    write_splits(staging, out, good.select(["id", "split", "dup_group"]))
+    fs, inner = storage.filesystem(staging)
+    fs.delete_dir(inner)
 
-    manifest = make_manifest(meta, splits, groups, cross, quarantined, src, records, p)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    manifest = make_manifest(good, groups, cross, quarantined, src, records, p)
+    write_details(out, details_table(good, quarantined))
+    storage.write_text(storage.join(out, MANIFEST), json.dumps(manifest, indent=1))
     return manifest
 
 
-def write_splits(staging: Path, out: Path, split_of: dict[str, str], dup_of: dict[str, int]) -> None:
-    """Route the staged rows to ``out/<split>/part-NNNNN.parquet`` with ``records.SCHEMA``."""
-    writers = {s: _PartWriter(out / s) for s in SPLITS}
-    for batch in pq.ParquetFile(staging).iter_batches(batch_size=256):
-        table = pa.Table.from_batches([batch])
-        ids = table["id"].to_pylist()
-        split_col = pa.array([split_of[i] for i in ids], pa.string())
-        table = table.append_column("split", split_col)
-        table = table.append_column("dup_group", pa.array([dup_of.get(i, -1) for i in ids], pa.int32()))
-        table = table.select(SCHEMA.names).cast(SCHEMA)
-        for s in SPLITS:
-            part = table.filter(pc.equal(split_col, s))
-            if part.num_rows:
-                writers[s].write(part)
-    for w in writers.values():
-        w.close()
+def write_splits(staging: str, out: str, assignment: pa.Table) -> None:
+    """Pass 2: Ray tasks read the staged rows and write ``out/<split>/part-*.parquet`` (``SCHEMA``)
+    in one read: pyarrow's directory partitioning on a copy of the split column names the folder.
+    ``assignment`` (id, split, dup_group) is the driver's only contribution."""
+    fs, inner = storage.filesystem(staging)
+    target_fs, target = storage.filesystem(out)
+    with ray_progress():
+        rows = ray.data.read_parquet(inner, filesystem=fs)
+        rows = rows.map_batches(with_split, batch_size=ROWS_PER_PART, batch_format="pyarrow",
+                                fn_kwargs={"assignment": assignment})
+        # partitioning_flavor=None: folders named by the value ("train/"), not "split_folder=train/";
+        # the partition column itself is left out of the files, the split column stays in.
+        rows.write_parquet(target, filesystem=target_fs, partition_cols=[SPLIT_FOLDER], partitioning_flavor=None,
+                           filename_provider=PartNames(), row_group_size=ROWS_PER_GROUP, **PARQUET_OPTIONS)
+    for split in set(SPLITS) - set(pc.unique(assignment["split"]).to_pylist()):
+        # an empty split still gets a (0-row) file, so readers see the schema
+        target_fs.create_dir(f"{target}/{split}", recursive=True)
+        pq.write_table(SCHEMA.empty_table(), f"{target}/{split}/part-00000.parquet", filesystem=target_fs)
 
 
-class _PartWriter:
-    """Appends tables to ``part-00000.parquet``, ``part-00001.parquet``, ... of ~ROWS_PER_PART rows."""
-
-    def __init__(self, folder: Path):
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder, self.parts, self.rows, self.writer = folder, 0, 0, None
-
-    def write(self, table: pa.Table) -> None:
-        if self.writer is None or self.rows >= ROWS_PER_PART:
-            self._roll()
-        self.writer.write_table(table)
-        self.rows += table.num_rows
-
-    def _roll(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.writer = pq.ParquetWriter(self.folder / f"part-{self.parts:05d}.parquet", SCHEMA, **PARQUET_OPTIONS)
-        self.parts, self.rows = self.parts + 1, 0
-
-    def close(self) -> None:
-        if self.writer is None:  # an empty split still gets a (0-row) file, so readers see the schema
-            self._roll()
-        self.writer.close()
+SPLIT_FOLDER = "split_folder"  # pass 2's copy of the split column that pyarrow turns into the folder name
 
 
-def make_manifest(meta, splits, groups, cross, quarantined, src, records, p: PrepareConfig) -> dict:
-    ids = [m["id"] for m in meta]
-    counts = {s: {str(g): 0 for g in GRADES} for s in SPLITS}
-    for m, s in zip(meta, splits):
-        counts[s][str(m["grade"])] += 1
-    rows = sorted(zip(ids, (m["grade"] for m in meta), splits, (m["digest"] for m in meta)))
-    content = hashlib.sha256("".join(f"{i}\t{g}\t{s}\t{d}\n" for i, g, s, d in rows).encode()).hexdigest()
-    num_inputs = len(records) + len(src.quarantined)
-    if num_inputs != len(meta) + len(quarantined):  # a bug, never a data problem: stop before publishing
-        raise RuntimeError(f"prepare lost rows: {num_inputs} inputs != {len(meta)} written "
-                           f"+ {len(quarantined)} quarantined")
-    return {
-        "format_version": FORMAT_VERSION,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "encoding": p.encoding,
-        "image_size": p.image_size,
-        "num_inputs": num_inputs,
-        "num_written": len(meta),
-        "num_quarantined": len(quarantined),
-        "counts": counts,
-        "quarantined": quarantined,
-        "duplicates": duplicates_report(meta, groups, cross, p.dedup_max_distance),
-        "original_sizes": {m["id"]: [m["orig_height"], m["orig_width"]] for m in meta},
-        "brightness": {m["id"]: m["brightness"] for m in meta},
-        "config": dataclasses.asdict(p),
-        "input": {**src.info, "path": p.input if storage.is_uri(p.input) else str(Path(p.input).resolve()),
-                  "num_records": len(src.records), "limit": p.limit, "num_selected": len(records)},
-        "content_hash": content,
-    }
+def with_split(table: pa.Table, assignment: pa.Table) -> pa.Table:
+    """Ray Data UDF: the staged rows that were written (in ``assignment``), as ``SCHEMA`` plus
+    ``SPLIT_FOLDER``; quarantined rows (not in ``assignment``) are dropped."""
+    where = pc.index_in(table["id"], value_set=assignment["id"])
+    keep = pc.is_valid(where)
+    table, where = table.filter(keep), where.filter(keep)
+    table = table.append_column("split", pc.take(assignment["split"], where))
+    table = table.append_column("dup_group", pc.take(assignment["dup_group"], where))
+    table = table.select(SCHEMA.names).cast(SCHEMA)
+    return table.append_column(SPLIT_FOLDER, table["split"])
 
 
-def duplicates_report(meta, groups, cross, max_distance: int) -> dict:
-    conflicting = []
-    for members in groups:
-        grades = [meta[i]["grade"] for i in members]
-        if len(set(grades)) > 1:
-            conflicting.append({"ids": [meta[i]["id"] for i in members], "grades": grades})
-    return {
-        "max_distance": max_distance,
-        "groups": [[meta[i]["id"] for i in members] for members in groups],
-        "conflicting": conflicting,
-        # groups whose members the input itself put in different splits (honoured, but worth knowing)
-        "cross_split": [[meta[i]["id"] for i in members] for members in cross],
-    }
+class PartNames(FilenameProvider):
+    """``part-<write>_<task>.parquet``: the name says what the file is, the rest keeps it unique."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{write_uuid}_{task_index:06d}.parquet"
 
 
 # ---------------------------------------------------------------- report and card
-
-
-def summary_table(manifest: dict) -> str:
-    counts = manifest["counts"]
-    head = f"{'split':<6}" + "".join(f"{g:>7}" for g in map(str, GRADES)) + f"{'total':>8}"
-    lines = [head]
-    for s in SPLITS:
-        row = [counts[s][str(g)] for g in GRADES]
-        lines.append(f"{s:<6}" + "".join(f"{n:>7}" for n in row) + f"{sum(row):>8}")
-    totals = [sum(counts[s][str(g)] for s in SPLITS) for g in GRADES]
-    lines.append(f"{'total':<6}" + "".join(f"{n:>7}" for n in totals) + f"{sum(totals):>8}")
-    lines.append(f"quarantined: {manifest['num_quarantined']} of {manifest['num_inputs']} inputs"
-                 + (f" ({_top_reasons(manifest['quarantined'], 10)})" if manifest["quarantined"] else ""))
-    dups = manifest["duplicates"]
-    lines.append(f"near-duplicate groups: {len(dups['groups'])} ({len(dups['conflicting'])} with conflicting grades)")
-    return "\n".join(lines)
-
-
-def _top_reasons(quarantined: list[dict], k: int = 3) -> str:
-    return ", ".join(f"{r}: {n}" for r, n in Counter(reason_kind(q["reason"]) for q in quarantined).most_common(k))
 
 
 def _write_card(dataset: str, required: bool) -> None:

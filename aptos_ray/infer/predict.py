@@ -6,7 +6,10 @@
       prepared   -> ray.data.read_parquet(<dataset>/<split>)              (already preprocessed)
       -> map_batches(GradePredictor, compute=ActorPoolStrategy(size=n))   (Ray actors: the model is
                                                                           loaded once per actor)
-      -> driver: rows sorted back into input order -> infer.outputs (+ infer.report with labels)
+      -> write_parquet(<output>/_staging-XXXX/)                       (from the workers: one row per
+                                                                          input, no image)
+      -> driver: reads back the columns the outputs use (not the image sizes), rows sorted back
+         into input order -> infer.outputs (+ infer.report with labels); the staging folder is removed
 
 Every input ends up either predicted or in ``unreadable.csv`` with its id and the reason, so
 ``num_inputs == num_predicted + num_unreadable`` always holds. The model call itself is plain
@@ -15,19 +18,20 @@ PyTorch (``infer.grader.Grader``), shared with the single-process benchmark and 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
+import tempfile
 import time
+import uuid
 from dataclasses import asdict
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import ray
 import torch
-from ray.data import DataContext
-from tqdm import tqdm
 
 from aptos_ray import storage
 from aptos_ray.config import Config, ConfigError, PrepareConfig
@@ -41,7 +45,7 @@ from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
 from aptos_ray.infer.quality import as_columns, assess, not_assessed
 from aptos_ray.infer.report import write_report
 from aptos_ray.infer.screening import quality_of_rows, screening_outputs
-from aptos_ray.ray_setup import check_seen_by_every_node, init_ray
+from aptos_ray.ray_setup import check_seen_by_every_node, init_ray, ray_progress
 
 
 def load_rows(batch: dict, prepare: dict) -> dict:
@@ -153,28 +157,31 @@ def build_dataset(inputs: Inputs, checkpoint: Checkpoint, prepare: PrepareConfig
     )
 
 
-@contextlib.contextmanager
-def ray_progress_off():
-    """One tqdm bar counting images instead of Ray's operator progress (which a Dataset copies
-    from the DataContext when it is built, so this wraps building and running)."""
-    ctx = DataContext.get_current()
-    old = ctx.enable_progress_bars
-    ctx.enable_progress_bars = False
+STAGING = "_staging"  # the workers' prediction rows, beside the outputs until the driver has read them
+DRIVER_SKIPS = ("height", "width", "orig_height", "orig_width")  # columns no output needs
+
+
+def collect(ds, output: str | None = None) -> pd.DataFrame:
+    """Every output row of the pipeline: written by the workers as Parquet into a staging folder
+    of ``output`` (a temporary local folder without one), read back by the driver without the
+    columns no output needs, then removed. No row passes through the driver while Ray runs."""
+    if output is None:
+        with tempfile.TemporaryDirectory(prefix="aptos-predict-") as tmp:
+            return collect(ds, tmp)
+    fs, inner = storage.filesystem(storage.join(output, f"{STAGING}-{uuid.uuid4().hex[:8]}"))
     try:
-        yield
+        ds.write_parquet(inner, filesystem=fs)
+        if fs.get_file_info(inner).type == pafs.FileType.NotFound:  # no rows at all
+            return pd.DataFrame()
+        fragments = list(pads.dataset(inner, filesystem=fs, format="parquet").get_fragments())
+        # Blocks type their columns alone (a block of failed rows may hold only nulls): one schema for all.
+        schema = pa.unify_schemas([f.physical_schema for f in fragments], promote_options="permissive")
+        rows = pads.dataset(inner, filesystem=fs, format="parquet", schema=schema)
+        return rows.to_table(columns=[c for c in schema.names if c not in DRIVER_SKIPS]).to_pandas()
     finally:
-        ctx.enable_progress_bars = old
-
-
-def collect(ds, total: int) -> pd.DataFrame:
-    """Every output row of the pipeline, on the driver (via Arrow: plain numpy dtypes in pandas)."""
-    tables = []
-    # disable=None: no bar without a terminal (CI, ray job logs), where it would repaint line by line
-    with tqdm(total=total, unit="img", desc="predict", file=sys.stderr, disable=None) as bar:
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            tables.append(table)
-            bar.update(table.num_rows)
-    return pa.concat_tables(tables, promote_options="default").to_pandas() if tables else pd.DataFrame()
+        fs.delete_dir_contents(inner, missing_dir_ok=True)
+        if fs.get_file_info(inner).type != pafs.FileType.NotFound:
+            fs.delete_dir(inner)
 
 
 # --------------------------------------------------------------------------- the job
@@ -208,9 +215,9 @@ def predict(cfg: Config) -> dict:
     init_ray(cfg.scaling)
     check_seen_by_every_node({"predict.checkpoint": checkpoint.path, "predict.images": p.images})
     started = time.perf_counter()
-    with ray_progress_off():
+    with ray_progress():
         ds = build_dataset(inputs, checkpoint, prepare, p.tta, p.batch_size, p.num_actors)
-        rows = collect(ds, inputs.num_inputs - len(inputs.unreadable))
+        rows = collect(ds, p.output)
     stop_on_driver_only_paths(rows.get("reason", []))  # no shared storage: no predictions
     seconds = time.perf_counter() - started
     predictions, unreadable = split_results(rows, inputs)

@@ -1,9 +1,10 @@
 """Everything Ray Train: the TorchTrainer, its datasets, and the worker-side backend for ``loop.fit``.
 
 Choices for small machines (2 CPU cores), measured, see README "Ray on small machines":
-- the datasets are materialised in the object store before ``fit()``: a lazy, streaming read
-  fed to 2 workers x 1 CPU stalled for minutes ("backpressured: ResourceBudget"), because the
-  workers held every CPU the read tasks needed;
+- the datasets are materialised in the object store before ``fit()`` when they fit in half of
+  it (``data.materialize=auto``): a lazy, streaming read fed to 2 workers x 1 CPU stalled for
+  minutes ("backpressured: ResourceBudget"), because the workers held every CPU the read tasks
+  needed; splits bigger than that (EyePACS-size) stream from Parquet rather than spill;
 - only the train split is split across workers; every worker sees the whole (small, never
   resampled) val split and evaluates every ``world_size``-th row of it, so no validation
   row is dropped by an equal split and the gathered predictions cover the split exactly once.
@@ -35,7 +36,7 @@ from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
-from aptos_ray.data.format import TRAIN_COLUMNS
+from aptos_ray.data.format import TRAIN_COLUMNS, split_bytes
 from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError
 from aptos_ray.ray_setup import check_seen_by_every_node, init_ray, ray_train_log_level
 from aptos_ray.train.checkpoint import (
@@ -47,14 +48,35 @@ from aptos_ray.train.checkpoint import (
 from aptos_ray.train.loop import DatasetInfo, fit
 
 
+# Materialise only what fits in this share of the object store: blocks in flight, other jobs'
+# objects and Ray's spilling threshold (80% full) need the rest.
+MATERIALIZE_SHARE = 0.5
+
+
 def load_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
     # Ray Data's progress lines: ray_setup.quiet_ray_data (unless --verbose)
+    dataset, splits = storage.absolute(cfg.data.dataset), ("train", "val")
+    size = sum(split_bytes(dataset, split) for split in splits) if cfg.data.materialize == "auto" else 0
+    materialize, why = materialize_decision(cfg.data.materialize, size,
+                                            ray.cluster_resources().get("object_store_memory", 0))
+    print(f"data: {why}")
     datasets = {}
-    for split in ("train", "val"):
-        path = storage.join(storage.absolute(cfg.data.dataset), split)
-        ds = ray.data.read_parquet(**storage.ray_data_source(path), columns=TRAIN_COLUMNS)
-        datasets[split] = ds.materialize() if cfg.data.materialize else ds
+    for split in splits:
+        ds = ray.data.read_parquet(**storage.ray_data_source(storage.join(dataset, split)), columns=TRAIN_COLUMNS)
+        datasets[split] = ds.materialize() if materialize else ds
     return datasets
+
+
+def materialize_decision(setting: bool | str, size: int, store: float) -> tuple[bool, str]:
+    """(materialise?, why) for ``data.materialize``: true/false as given; auto when the splits'
+    ``size`` (uncompressed bytes) fits in ``MATERIALIZE_SHARE`` of the object store, else stream."""
+    if setting != "auto":
+        return bool(setting), f"data.materialize={str(setting).lower()}"
+    budget = MATERIALIZE_SHARE * store
+    fits = size <= budget
+    return fits, (f"{'materialised in' if fits else 'streamed from Parquet: too big for'} the object store "
+                  f"({size / 2**30:.2f} GiB of splits, {budget / 2**30:.2f} GiB = {MATERIALIZE_SHARE:.0%} of "
+                  f"{store / 2**30:.2f} GiB; data.materialize=auto)")
 
 
 def checkpoint_at(path: str) -> ray.train.Checkpoint:
