@@ -35,7 +35,8 @@ from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
-from aptos_ray.data.format import TRAIN_COLUMNS
+from aptos_ray.data.folds import fold_ids, keep_ids
+from aptos_ray.data.format import SPLITS, TRAIN_COLUMNS
 from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError
 from aptos_ray.ray_setup import init_ray, ray_train_log_level
 from aptos_ray.train.checkpoint import (
@@ -49,11 +50,28 @@ from aptos_ray.train.loop import DatasetInfo, fit
 
 def load_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
     # Ray Data's progress lines: ray_setup.quiet_ray_data (unless --verbose)
+    if cfg.data.folds:
+        return load_fold_datasets(cfg)
     datasets = {}
     for split in ("train", "val"):
         path = storage.join(storage.absolute(cfg.data.dataset), split)
         ds = ray.data.read_parquet(path, columns=TRAIN_COLUMNS)
         datasets[split] = ds.materialize() if cfg.data.materialize else ds
+    return datasets
+
+
+def load_fold_datasets(cfg: Config, pool: ray.data.Dataset | None = None) -> dict[str, ray.data.Dataset]:
+    """Fold ``data.fold``'s train and val rows (``data.folds``), filtered from every split's rows
+    (``pool``: those rows already read, e.g. once for all folds of a cross-validation)."""
+    root = storage.absolute(cfg.data.dataset)
+    if pool is None:
+        paths = [storage.join(root, s) for s in SPLITS if storage.exists(storage.join(root, s))]
+        pool = ray.data.read_parquet(paths, columns=TRAIN_COLUMNS)
+    train_ids, val_ids = fold_ids(root, cfg.data.folds, cfg.data.fold, cfg.data.fold_seed)
+    datasets = {}
+    for part, ids in (("train", train_ids), ("val", val_ids)):
+        ds = pool.map_batches(keep_ids, batch_format="numpy", fn_kwargs={"ids": frozenset(ids)})
+        datasets[part] = ds.materialize() if cfg.data.materialize else ds
     return datasets
 
 
@@ -211,8 +229,17 @@ def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict, callbacks: lis
             callbacks=[StopOnUserError(), *(callbacks or [])],
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # in order: a run with one worker then reads its rows as a repeatable sequence (train.repeatable)
+        dataset_config=DataConfig(datasets_to_split=["train"],
+                                  execution_options=execution_options(cfg.train.deterministic)),
     )
+
+
+def execution_options(deterministic: bool):
+    """Ray Data's options for the training datasets: rows in a fixed order when deterministic."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = deterministic
+    return options
 
 
 def check_cluster_fits(cfg: Config, resources: dict | None = None) -> None:
