@@ -75,7 +75,7 @@ def shifted_dataset(dataset: Path, shift: str, out: Path, seed: int = 0) -> Path
         pq.write_table(rows.cast(SCHEMA), out / split / "part-0.parquet")
         values, numbers = np.unique(rows.column("grade").to_numpy(zero_copy_only=False), return_counts=True)
         counts[split] = {str(int(g)): int(c) for g, c in zip(values, numbers)}
-    shifted = {**manifest, "counts": counts, "shift": {"kind": shift, "seed": seed, "from": str(dataset),
+    shifted = {**manifest, "counts": counts, "shift": {"kind": shift, "seed": seed, "from": str(dataset.resolve()),
                                                        "held_out": int(test.sum())}}
     (out / "manifest.json").write_text(json.dumps(shifted, indent=1))
     return out

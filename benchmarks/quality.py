@@ -110,9 +110,9 @@ def train_and_score(args: list[str], dataset: Path) -> dict:
     return result
 
 
-def run_recipe(name: str, dataset: Path, size: int, epochs: int, seed: int, tag: str) -> dict:
-    args = [*RECIPES[name], "--local", "--train.tracking=none", f"--data.dataset={dataset}", f"--data.image_size={size}",
-            f"--train.epochs={epochs}", f"--train.seed={seed}", f"--train.output={OUT / 'runs'}",
+def run_recipe(name: str, dataset: Path, size: int, epochs: int, seed: int, tag: str, extra: tuple = ()) -> dict:
+    args = [*RECIPES[name], *extra, "--local", "--train.tracking=none", f"--data.dataset={dataset}",
+            f"--data.image_size={size}", f"--train.epochs={epochs}", f"--train.seed={seed}", f"--train.output={OUT / 'runs'}",
             f"--train.name={tag}-{name}-s{seed}-{int(time.time())}", "--train.progress=false"]
     return {"recipe": name, "seed": seed, "epochs": epochs, "size": size, **train_and_score(args, dataset)}
 
@@ -170,7 +170,8 @@ def shift_rows(dataset: Path, args) -> list[dict]:
     rows = []
     for shift in ("random", *args.shift):
         data = shifted_dataset(dataset, shift, OUT / f"{dataset.name}-shift-{shift}")
-        result = run_recipe("default", data, args.size, args.epochs, args.seeds[0], f"shift-{shift}")
+        result = run_recipe("default", data, args.size, args.epochs, args.seeds[0], f"shift-{shift}",
+                            (*args.extra, f"--train.threads={args.threads}"))
         rows.append({"shift": shift, "data": describe(data), **result})
         print(f"shift {shift}: test QWK {result['test_qwk']:.3f}, acc {result['test_acc']:.3f} "
               f"({result['minutes']} min)", flush=True)
@@ -190,8 +191,11 @@ def cv_main(args) -> None:
     from aptos_ray.tune.cv_results import markdown
 
     dataset = prepared("aptos", args.prepare_size or args.size)
-    results = [cv_recipe(name, dataset, args) for name in args.recipes]
-    (OUT / "quality-cv.json").write_text(json.dumps(results, indent=2))
+    results, path = [], OUT / "quality-cv.json"
+    for name in args.recipes:
+        results.append(cv_recipe(name, dataset, args))
+        saved = json.loads(path.read_text()) if path.is_file() else []  # re-read: runs may share the file
+        path.write_text(json.dumps(saved + results[-1:], indent=2))
     shifts = shift_rows(dataset, args) if args.shift else []
     if shifts:
         (OUT / "quality-cv-shift.json").write_text(json.dumps(shifts, indent=2))
@@ -221,9 +225,11 @@ def main() -> None:
     parser.add_argument("--prepare-size", type=int, default=0, help="cv: stored size (default --size)")
     parser.add_argument("--shift", nargs="*", default=[], choices=["darkest", "colour"],
                         help="cv: camera-shift rows (a held-out quartile vs a random one)")
-    parser.add_argument("--extra", nargs="*", default=[], help="cv: more --key=value for every recipe")
+    parser.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="cv: more config values for every run (section.key=value, no leading --)")
     args = parser.parse_args()
     if args.dataset == "cv":
+        args.extra = [f"--{e.lstrip('-')}" for e in args.extra]
         cv_main(args)
         return
     dataset = prepared(args.dataset, args.size)

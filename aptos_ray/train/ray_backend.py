@@ -11,6 +11,7 @@ Choices for small machines (2 CPU cores), measured, see README "Ray on small mac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Iterator
@@ -48,15 +49,30 @@ from aptos_ray.train.checkpoint import (
 from aptos_ray.train.loop import DatasetInfo, fit
 
 
+@contextlib.contextmanager
+def rows_in_order(deterministic: bool) -> Iterator[None]:
+    """Ray Data keeps the rows' order in the datasets built inside the block (when ``deterministic``):
+    otherwise a filter or a read over several files emits its blocks in the order they finish, and a
+    seeded run would see its rows in another order each time (train.repeatable)."""
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = old or deterministic
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order = old
+
+
 def load_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
     # Ray Data's progress lines: ray_setup.quiet_ray_data (unless --verbose)
     if cfg.data.folds:
         return load_fold_datasets(cfg)
     datasets = {}
-    for split in ("train", "val"):
-        path = storage.join(storage.absolute(cfg.data.dataset), split)
-        ds = ray.data.read_parquet(path, columns=TRAIN_COLUMNS)
-        datasets[split] = ds.materialize() if cfg.data.materialize else ds
+    with rows_in_order(cfg.train.deterministic):
+        for split in ("train", "val"):
+            path = storage.join(storage.absolute(cfg.data.dataset), split)
+            ds = ray.data.read_parquet(path, columns=TRAIN_COLUMNS)
+            datasets[split] = ds.materialize() if cfg.data.materialize else ds
     return datasets
 
 
@@ -64,15 +80,21 @@ def load_fold_datasets(cfg: Config, pool: ray.data.Dataset | None = None) -> dic
     """Fold ``data.fold``'s train and val rows (``data.folds``), filtered from every split's rows
     (``pool``: those rows already read, e.g. once for all folds of a cross-validation)."""
     root = storage.absolute(cfg.data.dataset)
-    if pool is None:
-        paths = [storage.join(root, s) for s in SPLITS if storage.exists(storage.join(root, s))]
-        pool = ray.data.read_parquet(paths, columns=TRAIN_COLUMNS)
     train_ids, val_ids = fold_ids(root, cfg.data.folds, cfg.data.fold, cfg.data.fold_seed)
     datasets = {}
-    for part, ids in (("train", train_ids), ("val", val_ids)):
-        ds = pool.map_batches(keep_ids, batch_format="numpy", fn_kwargs={"ids": frozenset(ids)})
-        datasets[part] = ds.materialize() if cfg.data.materialize else ds
+    with rows_in_order(cfg.train.deterministic):
+        if pool is None:
+            pool = read_pool(root)
+        for part, ids in (("train", train_ids), ("val", val_ids)):
+            ds = pool.map_batches(keep_ids, batch_format="numpy", fn_kwargs={"ids": frozenset(ids)})
+            datasets[part] = ds.materialize() if cfg.data.materialize else ds
     return datasets
+
+
+def read_pool(dataset: str) -> ray.data.Dataset:
+    """Every split's rows (the training columns) of a prepared dataset, for its folds."""
+    paths = [storage.join(dataset, s) for s in SPLITS if storage.exists(storage.join(dataset, s))]
+    return ray.data.read_parquet(paths, columns=TRAIN_COLUMNS)
 
 
 class RayBackend:

@@ -82,20 +82,17 @@ def concurrent_folds(cfg: Config) -> int:
 def train_folds_ray(cfg: Config, cv_dir: str, manifest: dict) -> dict[int, dict]:
     import json
 
-    import ray
     from ray import tune as ray_tune
 
-    from aptos_ray.data.format import SPLITS, TRAIN_COLUMNS
     from aptos_ray.ray_setup import init_ray
     from aptos_ray.train.loop import DatasetInfo
-    from aptos_ray.train.ray_backend import check_cluster_fits, load_fold_datasets
+    from aptos_ray.train.ray_backend import check_cluster_fits, load_fold_datasets, read_pool, rows_in_order
     from aptos_ray.tune.search import TRIAL_DRIVER_MEMORY
 
     init_ray(cfg.scaling)
     check_cluster_fits(cfg)
-    root = cfg.data.dataset
-    paths = [storage.join(root, s) for s in SPLITS if storage.exists(storage.join(root, s))]
-    pool = ray.data.read_parquet(paths, columns=TRAIN_COLUMNS).materialize()
+    with rows_in_order(cfg.train.deterministic):  # every fold's rows in one fixed order (train.repeatable)
+        pool = read_pool(cfg.data.dataset).materialize()
     folds = range(cfg.data.folds)
     configs = {k: fold_config(cfg, k, cv_dir) for k in folds}
     datasets = {k: load_fold_datasets(configs[k], pool) for k in folds}
