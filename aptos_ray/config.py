@@ -166,8 +166,8 @@ class TrainConfig:
     # torch CPU threads per training process (0: torch's default, the machine's cores). Results are
     # repeatable only at a fixed count: the order of float sums depends on it
     threads: Count = 0
-    # CPU runs: torch.use_deterministic_algorithms (warn only where an op has none); GPU runs keep
-    # cuDNN's faster kernels, which are not bit-repeatable
+    # repeatable runs: Ray Data keeps the rows in order, and on the CPU torch.use_deterministic_algorithms
+    # (warn only where an op has none); GPU runs keep cuDNN's faster kernels, which are not bit-repeatable
     deterministic: bool = True
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -163,6 +164,22 @@ def cv_recipe(name: str, dataset: Path, args) -> dict:
             "minutes": round((time.perf_counter() - started) / 60, 1), **summary}
 
 
+def rescored(result: dict, tta: int) -> dict:
+    """The same fold models' out-of-fold predictions again with ``tta`` extra views (no training)."""
+    from aptos_ray.storage import read_text
+    from aptos_ray.tune.cv_results import oof_predictions, summarise
+
+    cv_dir = Path(result["models"][0]["run_dir"]).parent
+    cfg = config_from_dict(yaml.safe_load(read_text(str(cv_dir / "config.yaml"))))
+    cfg.cv.oof_tta = tta
+    started = time.perf_counter()
+    oof = oof_predictions(cfg, {m["fold"]: m["checkpoint"] for m in result["models"]})
+    seconds = {f["fold"]: f["seconds"] for f in result["per_fold"]}
+    summary, _ = summarise(oof, cfg.cv.target_sensitivity, seconds)
+    return {**result, **summary, "recipe": f"{result['recipe']} + TTA {tta}", "oof_tta": tta,
+            "oof_seconds": round(time.perf_counter() - started, 1)}
+
+
 def shift_rows(dataset: Path, args) -> list[dict]:
     """The default recipe trained without a held-out quartile, scored on it: shift vs random control."""
     from camera_shift import describe, shifted_dataset
@@ -194,8 +211,10 @@ def cv_main(args) -> None:
     results, path = [], OUT / "quality-cv.json"
     for name in args.recipes:
         results.append(cv_recipe(name, dataset, args))
+        if args.rescore_tta:
+            results.append(rescored(results[-1], args.rescore_tta))
         saved = json.loads(path.read_text()) if path.is_file() else []  # re-read: runs may share the file
-        path.write_text(json.dumps(saved + results[-1:], indent=2))
+        path.write_text(json.dumps(saved + results[-1 - bool(args.rescore_tta):], indent=2))
     shifts = shift_rows(dataset, args) if args.shift else []
     if shifts:
         (OUT / "quality-cv-shift.json").write_text(json.dumps(shifts, indent=2))
@@ -204,7 +223,8 @@ def cv_main(args) -> None:
           f"{'one process per fold, one after another (--local)' if args.local else 'folds as Ray Tune trials'}, "
           f"{args.threads} torch thread(s) per fold, out-of-fold TTA {args.tta}\n")
     for r in results:
-        print(f"**{r['recipe']}** ({r['minutes']} min in all; cut-points on all out-of-fold scores "
+        print(f"**{r['recipe']}** ({r['minutes']} min in all, out-of-fold predictions {r['oof_seconds']} s; "
+              f"cut-points on all out-of-fold scores "
               f"{r['cut_points']}, referral threshold {r['referral']['threshold']:.3f})\n")
         print(markdown(r, label=r["recipe"]) + "\n")
     if shifts:
@@ -222,6 +242,8 @@ def main() -> None:
     parser.add_argument("--local", action="store_true", help="cv: folds one after another in this process")
     parser.add_argument("--threads", type=int, default=1, help="cv: torch threads (Ray: CPUs) per fold")
     parser.add_argument("--tta", type=int, default=0, help="cv: extra views for the out-of-fold predictions")
+    parser.add_argument("--rescore-tta", type=int, default=0,
+                        help="cv: also score each recipe's fold models with this many extra views")
     parser.add_argument("--prepare-size", type=int, default=0, help="cv: stored size (default --size)")
     parser.add_argument("--shift", nargs="*", default=[], choices=["darkest", "colour"],
                         help="cv: camera-shift rows (a held-out quartile vs a random one)")

@@ -67,7 +67,17 @@ NOTES = {
                            "test split, ACC / AUC: ResNet-18 (28) 0.524 / 0.717, ResNet-50 (28) 0.528 / 0.726, "
                            "ResNet-50 (224) 0.511 / 0.716, Google AutoML Vision 0.531 / 0.750; MedMNIST+ up to "
                            "0.642 ACC. AUC is one-vs-rest on softmax probabilities, so only classification heads "
-                           "have it. Mean and spread over the seeds are in the last rows.",
+                           "have it. Mean and spread over the seeds are in the last rows. These rows were measured "
+                           "by the code of 2026-11-29 (commit 05c5554): a rerun of seed 0 on later code (issue 18: "
+                           "test QWK 0.519, not 0.584) is a different training run, not noise. Code at 05c5554 run "
+                           "twice gives the same epoch 0 (val QWK 0.5592, val loss 1.8372), and the code of "
+                           "2026-11-30 08:00 (9d45529) twice the same too (0.4330, 3.0512), but the two differ from "
+                           "epoch 0: commit 8d0c22e replaced the per-image torchvision augmentation by the batched "
+                           "device-side one (other random draws, one resampling instead of several), and issue 18's "
+                           "per-epoch seeding (train/repeatable.py) changes the draws again. The spread of such a "
+                           "change is the spread over seeds above (test QWK sd 0.036); these rows wait for a rerun "
+                           "on the current code (30 epochs x 3 seeds x 2 recipes, ~18 min idle; not done in the "
+                           "issue-18 session, the machine was shared at load 20-45).",
     "quality-cv": "Every image of the shared folder predicted once, by the model of the fold that did not train on "
                   "it (its last epoch). Each fold is graded with cut-points and a referral threshold chosen on the "
                   "other folds' out-of-fold predictions only; `pooled OOF` is all folds together. `referral`: score "
