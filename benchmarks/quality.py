@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--recipes", nargs="+", default=["seed", "default"], choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="*", default=["seed", "default"], choices=list(RECIPES))
     parser.add_argument("--folds", type=int, default=5, help="cv: number of folds")
     parser.add_argument("--local", action="store_true", help="cv: folds one after another in this process")
     parser.add_argument("--threads", type=int, default=1, help="cv: torch threads (Ray: CPUs) per fold")
