@@ -84,7 +84,12 @@ NOTES = {
                   ">= a threshold set for sensitivity 0.90 on the other folds. The issue's full setting (224 px, 10 "
                   "epochs; the seed at 50) is `quality.py cv --size 224 --epochs 10`, hours on 2 cores. Camera shift: "
                   "the default recipe trained without a held-out quartile (darkest, most colour-cast, or random as "
-                  "the control) and scored on it.",
+                  "the control) and scored on it. Repeatability (issue 18): two `--local` runs with the same seed give "
+                  "identical weights and figures (tests/test_cv.py); two Ray cross-validations (2 folds as concurrent "
+                  "Tune trials, 1 worker each, tiny model) gave identical out-of-fold scores once Ray Data kept the "
+                  "rows' order (before, a fold filter emitted its blocks as they finished and the two runs differed, "
+                  "AUC 0.43 vs 0.59). Runs with several DDP workers per fold split the rows in an order Ray Data "
+                  "does not fix; their spread was not measured.",
     "bn": "Same split, budget and global batch in every pair of rows; the DDP rows give each worker's BatchNorm "
           "half the batch. Frozen keeps the pretrained running statistics and affine (timm's FrozenBatchNorm). "
           "One seed: differences under ~0.02 QWK are noise.",
