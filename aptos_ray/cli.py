@@ -73,13 +73,23 @@ JOBS = {job.name: job for job in (
          "{prog} --config configs/tune_demo.yaml --data.dataset=data/prepared/aptos",
          "{prog} --tune.space=\"{'optim.lr': {'loguniform': [1e-4, 1e-2]}}\" --tune.num_samples=3",
          "{prog} --tune.name=NAME --tune.resume=true")),
+    Job("cv", "aptos_ray.tune.cv:run_cv",
+        "K-fold cross-validation: one training run per fold of data.folds (Ray Tune trials over data.fold, "
+        "or one after another with --local), every image predicted once by the model that did not train on "
+        "it, QWK cut-points and a referral threshold (cv.target_sensitivity) chosen on those predictions. "
+        "Writes cv.json, cv.md, oof.parquet and the fold runs under cv.output/cv.name; predict the fold "
+        "ensemble with --predict.checkpoint=<that folder>.",
+        (*TRAIN_SECTIONS, "cv"),
+        ("{prog} --config configs/quality.yaml --data.dataset=data/prepared/aptos",
+         "{prog} --local --data.folds=5 --data.dataset=data/prepared/aptos --train.epochs=3 --cv.name=quick")),
     Job("predict", "aptos_ray.infer.predict:predict",
         "Grade fundus photographs with a trained checkpoint (Ray Data actor pool): submission.csv, "
         "predictions.parquet, predict.json, and the evaluation report when the grades are known.",
         ("predict", "scaling"),
         ("{prog} --predict.checkpoint=runs/NAME --predict.images=data/prepared/aptos",
          "{prog} --predict.checkpoint=runs/NAME --predict.images=../shared/data/aptos2019-224 "
-         "--predict.tta=3 --predict.output=outputs/predict")),
+         "--predict.tta=3 --predict.output=outputs/predict",
+         "{prog} --predict.checkpoint=cv_runs/NAME --predict.images=../shared/data/aptos2019-224")),
     Job("evaluate", "aptos_ray.infer.report:evaluate",
         "Write the evaluation report of a prediction run (report.html, report.md, metrics.json, figures).",
         ("predict",),

@@ -96,6 +96,12 @@ class DataConfig:
     materialize: bool | Literal["auto"] = "auto"
     read_batch_size: PositiveInt = 256  # rows per block pulled from Ray Data before resampling
     prefetch_batches: Count = 2  # minibatches readied by a background thread while a step computes (0: none)
+    # K-fold cross-validation (jobs/cv.py trains every fold): 0 trains on the prepared train split and
+    # validates on val; K >= 2 pools every split, puts each image in one of K folds (stratified by grade,
+    # near-duplicates together, seeded by data.fold_seed), validates on fold data.fold, trains on the rest
+    folds: Annotated[int, Range(ge=2, zero=True)] = 0
+    fold: Count = 0  # the validation fold when data.folds >= 2: 0 .. data.folds - 1
+    fold_seed: int = 0  # fold assignment seed: the same seed and dataset give the same folds
 
 
 @dataclass
@@ -159,6 +165,12 @@ class TrainConfig:
     # (mlflow: params, per-epoch metrics, best checkpoint), or nothing (none)
     tracking: Literal["tensorboard", "mlflow", "none"] = "tensorboard"
     tracking_uri: str = ""  # MLflow tracking URI; empty -> a file store in <run dir>/mlruns
+    # torch CPU threads per training process (0: torch's default, the machine's cores). Results are
+    # repeatable only at a fixed count: the order of float sums depends on it
+    threads: Count = 0
+    # repeatable runs: Ray Data keeps the rows in order, and on the CPU torch.use_deterministic_algorithms
+    # (warn only where an op has none); GPU runs keep cuDNN's faster kernels, which are not bit-repeatable
+    deterministic: bool = True
 
 
 @dataclass
@@ -202,7 +214,10 @@ class TuneConfig:
 class PredictConfig:
     """Inference (jobs/predict.py), evaluation and export."""
 
-    checkpoint: str = ""  # run directory, checkpoint directory or model.pt (path or s3://, gs:// URI)
+    # run directory, checkpoint directory, model.pt, or a cross-validation folder (jobs/cv.py: its fold
+    # models ensembled, with the out-of-fold cut-points and referral point); several, comma-separated,
+    # are ensembled. Local paths or s3://, gs:// URIs
+    checkpoint: str = ""
     images: str = ""  # raw layout, image folder, or prepared dataset (path or s3://, gs:// URI)
     output: OutputPath = "outputs/predict"  # predictions, submission.csv and the report go here
     split: Literal["train", "val", "test"] = "test"  # which split of a prepared dataset to predict
@@ -210,6 +225,22 @@ class PredictConfig:
     batch_size: PositiveInt = 64  # images per model call
     num_actors: PositiveInt = 2  # Ray Data actors running the model
     explain: Count = 0  # Grad-CAM overlays of the N most confident referable, N most uncertain, N worst misses
+
+
+@dataclass
+class CVConfig:
+    """K-fold cross-validation (jobs/cv.py): one training run per fold of data.folds, out-of-fold
+    predictions, QWK cut-points and a referral operating point chosen on them."""
+
+    output: OutputPath = "cv_runs"  # cross-validations are created below this
+    name: str = ""  # cross-validation name; empty -> timestamped
+    # which checkpoint of each fold predicts its fold: last (no epoch chosen on the images it then
+    # scores) or best (highest validation QWK: a mildly optimistic out-of-fold figure)
+    oof_checkpoint: Literal["last", "best"] = "last"
+    oof_tta: Annotated[int, Range(ge=0, le=7)] = 0  # extra flipped views for the out-of-fold predictions
+    # referable DR (grade >= 2) sensitivity the referral threshold is set for, on the out-of-fold scores
+    target_sensitivity: Annotated[float, Range(gt=0, le=1)] = 0.9
+    max_concurrent_folds: Count = 0  # Ray: folds trained at once (0: as many as the CPUs fit); --local: one by one
 
 
 @dataclass
@@ -223,6 +254,7 @@ class Config:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    cv: CVConfig = field(default_factory=CVConfig)
 
     def to_dict(self) -> dict:
         return asdict(self)

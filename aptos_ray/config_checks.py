@@ -34,6 +34,8 @@ def check_rules(cfg: Any, sections: set[str]) -> None:
                           f"left), got {p.val_fraction} + {p.test_fraction}")
     if "model" in sections:
         check_model(cfg.model)
+    if "data" in sections:
+        check_folds(cfg)
     if "train" in sections and cfg.train.tracking == "mlflow" and not cfg.train.tracking_uri \
             and "://" in cfg.train.output:
         raise ConfigError(f"train.tracking=mlflow keeps a local file store in the run directory, but "
@@ -47,6 +49,23 @@ def check_rules(cfg: Any, sections: set[str]) -> None:
             _needs(f"{key}=mlflow", "mlflow", "aptos-ray[mlflow]")
         if choice == "tensorboard":
             _needs(f"{key}=tensorboard", "tensorboardX", "tensorboardX")
+
+
+def check_folds(cfg: Any) -> None:
+    """data.fold names one of data.folds; jobs/cv.py (which reads the cv section) needs folds."""
+    d = cfg.data
+    if d.folds and d.fold >= d.folds:
+        raise ConfigError(f"data.fold must be 0..{d.folds - 1} with data.folds={d.folds}, got {d.fold}")
+    if not d.folds and d.fold:
+        raise ConfigError(f"data.fold={d.fold} needs data.folds >= 2 (K-fold cross-validation)")
+
+
+def check_cv(cfg: Any) -> None:
+    """What jobs/cv.py needs besides the training keys (the job runs it: other jobs ignore cv)."""
+    if cfg.data.folds < 2:
+        raise ConfigError("jobs/cv.py needs --data.folds >= 2 (e.g. --data.folds=5): the folds it trains")
+    if cfg.train.resume:
+        raise ConfigError("jobs/cv.py trains new fold runs: train.resume is not supported, pick a new --cv.name")
 
 
 def _check_tune(cfg: Any) -> None:

@@ -64,3 +64,45 @@ def optimise_cut_points(scores, y_true, start=DEFAULT_CUT_POINTS, rounds: int = 
                 if value > best + 1e-12:
                     best, cuts = value, trial
     return [round(c, 4) for c in cuts]
+
+
+# --- referable DR: the operating point of a continuous score -------------------------------------
+
+REFERABLE_GRADE = 2  # moderate NPDR or worse: refer to an ophthalmologist
+
+
+def referral_threshold(scores, y_true, target_sensitivity: float) -> float | None:
+    """The highest threshold t at which ``score >= t`` flags at least ``target_sensitivity`` of the
+    referable images (true grade >= 2): the most specific point that still meets the target. None
+    without referable images."""
+    scores, referable = np.asarray(scores, dtype=float), np.asarray(y_true) >= REFERABLE_GRADE
+    positives = np.sort(scores[referable])[::-1]
+    if len(positives) == 0:
+        return None
+    needed = int(np.ceil(target_sensitivity * len(positives) - 1e-9))
+    return float(positives[max(needed, 1) - 1])
+
+
+def referral_rates(scores, y_true, threshold: float) -> dict:
+    """Sensitivity and specificity of ``score >= threshold`` for referable DR."""
+    flagged, referable = np.asarray(scores, dtype=float) >= threshold, np.asarray(y_true) >= REFERABLE_GRADE
+    sens = float(flagged[referable].mean()) if referable.any() else None
+    spec = float((~flagged[~referable]).mean()) if (~referable).any() else None
+    return {"threshold": float(threshold), "sensitivity": sens, "specificity": spec}
+
+
+def referable_calibration(scores, y_true) -> tuple[float, float] | None:
+    """(a, b) of P(referable | score) = 1 / (1 + exp(-(a * score + b))), fitted by logistic regression
+    (Platt scaling) on out-of-fold scores; None unless both classes are present."""
+    from sklearn.linear_model import LogisticRegression
+
+    scores, referable = np.asarray(scores, dtype=float).reshape(-1, 1), np.asarray(y_true) >= REFERABLE_GRADE
+    if referable.all() or not referable.any():
+        return None
+    fit = LogisticRegression(C=1e4).fit(scores, referable)
+    return float(fit.coef_[0, 0]), float(fit.intercept_[0])
+
+
+def p_referable(scores, calibration: tuple[float, float]) -> np.ndarray:
+    a, b = calibration
+    return 1.0 / (1.0 + np.exp(-(a * np.asarray(scores, dtype=float) + b)))

@@ -2,6 +2,13 @@
 
     python benchmarks/quality.py aptos --size 128 --epochs 6           # shared APTOS folder
     python benchmarks/quality.py retinamnist --size 64 --epochs 10 --seeds 0 1 2
+    python benchmarks/quality.py cv --size 224 --epochs 10 --folds 5 --recipes default seed --shift darkest
+
+``cv`` (issue 18): K-fold cross-validation on the shared APTOS folder (``jobs/cv.py``: every image
+predicted once by the model of the fold that did not train on it; cut-points and the referral threshold
+chosen on the other folds' out-of-fold predictions), every recipe on the same folds; per-fold rows,
+mean +- sd over folds, the pooled out-of-fold row and wall times. ``--shift`` adds camera-shift rows
+(benchmarks/camera_shift.py): a held-out quartile (darkest, most colour-cast) against a random one.
 
 Every recipe trains on the same prepared split with the same image size and number of epochs
 (``--local``: one process, the same loop Ray runs). The best epoch is picked on validation QWK;
@@ -19,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,9 +111,9 @@ def train_and_score(args: list[str], dataset: Path) -> dict:
     return result
 
 
-def run_recipe(name: str, dataset: Path, size: int, epochs: int, seed: int, tag: str) -> dict:
-    args = [*RECIPES[name], "--local", f"--data.dataset={dataset}", f"--data.image_size={size}",
-            f"--train.epochs={epochs}", f"--train.seed={seed}", f"--train.output={OUT / 'runs'}",
+def run_recipe(name: str, dataset: Path, size: int, epochs: int, seed: int, tag: str, extra: tuple = ()) -> dict:
+    args = [*RECIPES[name], *extra, "--local", "--train.tracking=none", f"--data.dataset={dataset}",
+            f"--data.image_size={size}", f"--train.epochs={epochs}", f"--train.seed={seed}", f"--train.output={OUT / 'runs'}",
             f"--train.name={tag}-{name}-s{seed}-{int(time.time())}", "--train.progress=false"]
     return {"recipe": name, "seed": seed, "epochs": epochs, "size": size, **train_and_score(args, dataset)}
 
@@ -138,14 +146,114 @@ def seed_summary(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cv_recipe(name: str, dataset: Path, args) -> dict:
+    """One recipe cross-validated on ``dataset``'s pooled rows; its cv.json summary."""
+    from aptos_ray.tune.cv import run_cv
+
+    tag = f"cv-{name}-{args.size}px-{args.epochs}ep-{int(time.time())}"
+    cfg = parse_args([*RECIPES[name], f"--data.dataset={dataset}", f"--data.image_size={args.size}",
+                      f"--train.epochs={args.epochs}", f"--data.folds={args.folds}", f"--train.seed={args.seeds[0]}",
+                      f"--cv.output={OUT / 'cv'}", f"--cv.name={tag}", "--train.progress=false",
+                      "--train.tracking=none", f"--cv.oof_tta={args.tta}", *args.extra,
+                      *(["--local", f"--train.threads={args.threads}"] if args.local else
+                        ["--scaling.num_workers=1", f"--scaling.cpus_per_worker={args.threads}"])],
+                     sections=None)
+    started = time.perf_counter()
+    summary = run_cv(cfg)
+    return {"recipe": name, "size": args.size, "epochs": args.epochs, "folds": args.folds,
+            "minutes": round((time.perf_counter() - started) / 60, 1), **summary}
+
+
+def rescored(result: dict, tta: int) -> dict:
+    """The same fold models' out-of-fold predictions again with ``tta`` extra views (no training)."""
+    from aptos_ray.storage import read_text
+    from aptos_ray.tune.cv_results import oof_predictions, summarise
+
+    cv_dir = Path(result["models"][0]["run_dir"]).parent
+    cfg = config_from_dict(yaml.safe_load(read_text(str(cv_dir / "config.yaml"))))
+    cfg.cv.oof_tta = tta
+    started = time.perf_counter()
+    oof = oof_predictions(cfg, {m["fold"]: m["checkpoint"] for m in result["models"]})
+    seconds = {f["fold"]: f["seconds"] for f in result["per_fold"]}
+    summary, _ = summarise(oof, cfg.cv.target_sensitivity, seconds)
+    return {**result, **summary, "recipe": f"{result['recipe']} + TTA {tta}", "oof_tta": tta,
+            "oof_seconds": round(time.perf_counter() - started, 1)}
+
+
+def shift_rows(dataset: Path, args) -> list[dict]:
+    """The default recipe trained without a held-out quartile, scored on it: shift vs random control."""
+    from camera_shift import describe, shifted_dataset
+
+    rows = []
+    for shift in ("random", *args.shift):
+        data = shifted_dataset(dataset, shift, OUT / f"{dataset.name}-shift-{shift}")
+        result = run_recipe("default", data, args.size, args.epochs, args.seeds[0], f"shift-{shift}",
+                            (*args.extra, f"--train.threads={args.threads}"))
+        rows.append({"shift": shift, "data": describe(data), **result})
+        print(f"shift {shift}: test QWK {result['test_qwk']:.3f}, acc {result['test_acc']:.3f} "
+              f"({result['minutes']} min)", flush=True)
+    return rows
+
+
+def shift_table(rows: list[dict]) -> str:
+    lines = ["| held-out quartile | images | test QWK | test acc | QWK - random | min |", "|---|---|---|---|---|---|"]
+    control = next(r for r in rows if r["shift"] == "random")["test_qwk"]
+    for r in rows:
+        lines.append(f"| {r['shift']} ({r['data']}) | {sum(map(sum, r['test_confusion']))} | "
+                     f"{r['test_qwk']:.3f} | {r['test_acc']:.3f} | {r['test_qwk'] - control:+.3f} | {r['minutes']} |")
+    return "\n".join(lines)
+
+
+def cv_main(args) -> None:
+    from aptos_ray.tune.cv_results import markdown
+
+    dataset = prepared("aptos", args.prepare_size or args.size)
+    results, path = [], OUT / "quality-cv.json"
+    for name in args.recipes:
+        results.append(cv_recipe(name, dataset, args))
+        if args.rescore_tta:
+            results.append(rescored(results[-1], args.rescore_tta))
+        saved = json.loads(path.read_text()) if path.is_file() else []  # re-read: runs may share the file
+        path.write_text(json.dumps(saved + results[-1 - bool(args.rescore_tta):], indent=2))
+    shifts = shift_rows(dataset, args) if args.shift else []
+    if shifts:
+        (OUT / "quality-cv-shift.json").write_text(json.dumps(shifts, indent=2))
+    print("\n## Results\n")  # benchmarks/run.py keeps what follows
+    print(f"{args.folds}-fold cross-validation, {args.size} px, {args.epochs} epochs, "
+          f"{'one process per fold, one after another (--local)' if args.local else 'folds as Ray Tune trials'}, "
+          f"{args.threads} torch thread(s) per fold, out-of-fold TTA {args.tta}\n")
+    for r in results:
+        print(f"**{r['recipe']}** ({r['minutes']} min in all, out-of-fold predictions {r['oof_seconds']} s; "
+              f"cut-points on all out-of-fold scores "
+              f"{r['cut_points']}, referral threshold {r['referral']['threshold']:.3f})\n")
+        print(markdown(r, label=r["recipe"]) + "\n")
+    if shifts:
+        print(shift_table(shifts))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=["aptos", "retinamnist"])
+    parser.add_argument("dataset", choices=["aptos", "retinamnist", "cv"], help="cv: cross-validation on aptos")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--recipes", nargs="+", default=["seed", "default"], choices=list(RECIPES))
+    parser.add_argument("--recipes", nargs="*", default=["seed", "default"], choices=list(RECIPES))
+    parser.add_argument("--folds", type=int, default=5, help="cv: number of folds")
+    parser.add_argument("--local", action="store_true", help="cv: folds one after another in this process")
+    parser.add_argument("--threads", type=int, default=1, help="cv: torch threads (Ray: CPUs) per fold")
+    parser.add_argument("--tta", type=int, default=0, help="cv: extra views for the out-of-fold predictions")
+    parser.add_argument("--rescore-tta", type=int, default=0,
+                        help="cv: also score each recipe's fold models with this many extra views")
+    parser.add_argument("--prepare-size", type=int, default=0, help="cv: stored size (default --size)")
+    parser.add_argument("--shift", nargs="*", default=[], choices=["darkest", "colour"],
+                        help="cv: camera-shift rows (a held-out quartile vs a random one)")
+    parser.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="cv: more config values for every run (section.key=value, no leading --)")
     args = parser.parse_args()
+    if args.dataset == "cv":
+        args.extra = [f"--{e.lstrip('-')}" for e in args.extra]
+        cv_main(args)
+        return
     dataset = prepared(args.dataset, args.size)
     manifest = read_manifest(str(dataset))
     print(f"{dataset}: {json.dumps(manifest['counts'])}")

@@ -37,12 +37,14 @@ def split_results(rows: pd.DataFrame, inputs: Inputs) -> tuple[pd.DataFrame, pd.
     good = rows[rows["reason"].astype(str) == ""]
     order = ["order"] if "order" in good else ["id"]  # prepared splits have no input order: by id
     good = good.sort_values(order, kind="stable").reset_index(drop=True)
-    keep = ["id", "grade", "predicted", "score", *[c for c in ("p_referable", *PROB_COLUMNS) if c in good],
+    keep = ["id", "grade", "predicted", "score", *[c for c in ("p_referable", "refer", *PROB_COLUMNS) if c in good],
             *[c for c in QUALITY_COLUMNS if c in good], *(["source"] if "source" in good else [])]
     predictions = good[keep].copy()
     predictions["id"] = predictions["id"].astype(str)
     predictions["grade"] = predictions["grade"].astype(np.int64)
     predictions["predicted"] = predictions["predicted"].astype(np.int64)
+    if "refer" in predictions:  # the referral operating point of a cross-validated ensemble
+        predictions["refer"] = predictions["refer"].astype(bool)
     if "gradable" in predictions:
         predictions["gradable"] = predictions["gradable"].astype(bool)
         predictions["quality_reason"] = predictions["quality_reason"].astype(str)

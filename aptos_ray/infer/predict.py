@@ -38,8 +38,9 @@ from aptos_ray.config import Config, ConfigError, PrepareConfig
 from aptos_ray.data.format import TRAIN_COLUMNS, decode_batch, encode_image
 from aptos_ray.data.preprocess import ImageError, preprocess
 from aptos_ray.data.sources import read_image, stop_on_driver_only_paths
-from aptos_ray.infer.checkpoint import Checkpoint, prepare_config, read_checkpoint
-from aptos_ray.infer.grader import Grader, check_tta
+from aptos_ray.infer.checkpoint import Checkpoint, prepare_config
+from aptos_ray.infer.ensemble import build_grader, checkpoint_for_driver, read_ensemble
+from aptos_ray.infer.grader import check_tta
 from aptos_ray.infer.inputs import Inputs, find_inputs, preprocessing_differences
 from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
 from aptos_ray.infer.quality import as_columns, assess, not_assessed
@@ -84,7 +85,7 @@ class GradePredictor:
 
     def __init__(self, checkpoint_path: str, tta: int, encoding: str):
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per actor
-        self.grader = Grader(read_checkpoint(checkpoint_path), device, tta)
+        self.grader = build_grader(checkpoint_path, device, tta)  # one checkpoint, or an ensemble
         self.encoding = encoding
         self.float_columns = self.grader.output_columns
 
@@ -195,12 +196,15 @@ def predict(cfg: Config) -> dict:
     check_tta(p.tta)
     if p.explain < 0:
         raise ConfigError(f"predict.explain must be >= 0 (images per group to explain), got {p.explain}")
-    checkpoint = read_checkpoint(p.checkpoint)
+    ensemble = read_ensemble(p.checkpoint)  # one checkpoint, several, or a cross-validation's fold models
+    checkpoint, for_actors = checkpoint_for_driver(ensemble)
     inputs = find_inputs(p.images, p.split)
     if inputs.kind != "prepared" and not inputs.items:
         reasons = sorted({u["reason"].split(":")[0] for u in inputs.unreadable})
         raise ConfigError(f"{inputs.path}: none of its {inputs.num_inputs} inputs can be read ({', '.join(reasons)})")
     prepare, prepare_from = prepare_config(checkpoint.config)
+    if for_actors is not checkpoint:
+        print(f"ensemble of {len(ensemble.members)} models: {ensemble.spec}")
     print(f"checkpoint: {checkpoint.path} (epoch {checkpoint.epoch}, {checkpoint.config.model.name}, "
           f"{checkpoint.config.model.head} head)")
     print(f"inputs: {inputs.kind} {inputs.path}: {inputs.num_inputs} images"
@@ -216,19 +220,20 @@ def predict(cfg: Config) -> dict:
     check_seen_by_every_node({"predict.checkpoint": checkpoint.path, "predict.images": p.images})
     started = time.perf_counter()
     with ray_progress():
-        ds = build_dataset(inputs, checkpoint, prepare, p.tta, p.batch_size, p.num_actors)
+        ds = build_dataset(inputs, for_actors, prepare, p.tta, p.batch_size, p.num_actors)
         rows = collect(ds, p.output)
     stop_on_driver_only_paths(rows.get("reason", []))  # no shared storage: no predictions
     seconds = time.perf_counter() - started
     predictions, unreadable = split_results(rows, inputs)
     summary = write_outputs(p.output, predictions, unreadable, {
         "checkpoint": checkpoint.path, "epoch": checkpoint.epoch, "model": checkpoint.config.model.name,
-        "head": checkpoint.config.model.head, "cut_points": checkpoint.cut_points, "tta": p.tta,
+        "head": checkpoint.config.model.head, "cut_points": for_actors.cut_points, "tta": p.tta,
         "input": {"kind": inputs.kind, "path": inputs.path, "split": inputs.split or None},
         "preprocessing": None if inputs.kind == "prepared" else {"from": prepare_from, **asdict(prepare)},
         "num_inputs": inputs.num_inputs, "seconds": round(seconds, 2),
         "images_per_s": round(len(predictions) / max(seconds, 1e-9), 2),
         "checkpoint_val_metrics": {k: v for k, v in checkpoint.metrics.items() if k.startswith("val_") and k != "val_confusion"},
+        **({"ensemble": ensemble.meta()} if for_actors is not checkpoint else {}),
     })
     screening_outputs(p, summary, predictions, inputs, checkpoint, prepare)
     print_summary(summary, unreadable, p.output)

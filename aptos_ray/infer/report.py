@@ -122,6 +122,21 @@ def referable_metrics(y_true: np.ndarray, y_pred: np.ndarray, score: np.ndarray,
     return out
 
 
+def referral_point(y_true: np.ndarray, labelled: pd.DataFrame, referral: dict | None) -> dict | None:
+    """Sensitivity and specificity of the ``refer`` column (a cross-validated ensemble's threshold on
+    the continuous score, ``infer.ensemble``), beside the grade-based operating point; None without it."""
+    if "refer" not in labelled:
+        return None
+    truth, flagged = y_true >= REFERABLE_GRADE, labelled["refer"].to_numpy(dtype=bool)
+    tp, fn = int((truth & flagged).sum()), int((truth & ~flagged).sum())
+    tn, fp = int((~truth & ~flagged).sum()), int((~truth & flagged).sum())
+    return {"operating_point": "score >= %.4g" % referral["threshold"] if referral else "refer",
+            "target_sensitivity": referral.get("target_sensitivity") if referral else None,
+            "tp": tp, "fn": fn, "tn": tn, "fp": fp,
+            "sensitivity": _ratio(tp, tp + fn), "sensitivity_ci95": wilson_interval(tp, tp + fn),
+            "specificity": _ratio(tn, tn + fp), "specificity_ci95": wilson_interval(tn, tn + fp)}
+
+
 def per_grade(y_true: np.ndarray, y_pred: np.ndarray) -> list[dict]:
     labels = list(range(NUM_GRADES))
     precision, recall, _, support = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
@@ -138,7 +153,8 @@ def referable_score(predictions: pd.DataFrame) -> tuple[np.ndarray, str]:
     return predictions["score"].to_numpy(dtype=float), "continuous grade score"
 
 
-def compute_metrics(predictions: pd.DataFrame, resamples: int = RESAMPLES, seed: int = SEED) -> dict:
+def compute_metrics(predictions: pd.DataFrame, resamples: int = RESAMPLES, seed: int = SEED,
+                    referral: dict | None = None) -> dict:
     """Everything metrics.json holds, from the labelled rows of ``predictions``."""
     labelled = predictions[predictions["grade"] >= 0]
     if labelled.empty:
@@ -159,7 +175,8 @@ def compute_metrics(predictions: pd.DataFrame, resamples: int = RESAMPLES, seed:
         "cohen_kappa": base["kappa"],
         "per_grade": per_grade(y_true, y_pred),
         "confusion": base["confusion"],
-        "referable": referable_metrics(y_true, y_pred, score, score_name),
+        "referable": {**referable_metrics(y_true, y_pred, score, score_name),
+                      "referral": referral_point(y_true, labelled, referral)},
         "true_grade_counts": np.bincount(y_true, minlength=NUM_GRADES)[:NUM_GRADES].tolist(),
         "predicted_grade_counts": np.bincount(y_pred, minlength=NUM_GRADES)[:NUM_GRADES].tolist(),
         "baseline": SEED_BASELINE,
@@ -218,7 +235,8 @@ def write_report(output: str, predictions: pd.DataFrame, context: dict | None = 
                  resamples: int = RESAMPLES, seed: int = SEED) -> dict:
     """metrics.json, report.md, report.html and the PNG figures in ``output``; returns the metrics."""
     context = context or {}
-    metrics = compute_metrics(predictions, resamples, seed)
+    referral = (context.get("ensemble") or {}).get("referral")  # a cross-validated ensemble's threshold
+    metrics = compute_metrics(predictions, resamples, seed, referral)
     metrics["quality"] = quality_metrics(predictions, resamples, seed)
     figs = figures(metrics)
     screening = screening_files(output)
@@ -249,4 +267,7 @@ def summary_text(m: dict) -> str:
     return (f"{m['n']} labelled images: QWK {_qwk_text(m)}, accuracy {m['accuracy']:.3f}, "
             f"Cohen kappa {m['cohen_kappa']:.3f}\n"
             f"referable DR (grade >= 2): sensitivity {_pct(r['sensitivity'])}, specificity "
-            f"{_pct(r['specificity'])}, AUC {_f(r['auc'])}")
+            f"{_pct(r['specificity'])}, AUC {_f(r['auc'])}"
+            + (f"\nreferral point ({r['referral']['operating_point']}): sensitivity "
+               f"{_pct(r['referral']['sensitivity'])}, specificity {_pct(r['referral']['specificity'])}"
+               if r.get("referral") else ""))

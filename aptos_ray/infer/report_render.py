@@ -34,6 +34,10 @@ def roc_figure(referable: dict) -> bytes:
     if referable["sensitivity"] is not None and referable["specificity"] is not None:
         ax.plot(1 - referable["specificity"], referable["sensitivity"], "o", ms=9, color="crimson",
                 label=f"operating point ({referable['operating_point']})")
+    referral = referable.get("referral") or {}
+    if referral.get("sensitivity") is not None and referral.get("specificity") is not None:
+        ax.plot(1 - referral["specificity"], referral["sensitivity"], "s", ms=8, color="darkgreen",
+                label=f"referral point ({referral['operating_point']})")
     ax.set(xlabel="1 - specificity (false-positive rate)", ylabel="sensitivity (true-positive rate)",
            title="Referable DR (grade >= 2)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
     ax.grid(alpha=0.3)
@@ -182,7 +186,18 @@ def referable_rows(m: dict) -> list[tuple[str, str]]:
             ("Specificity", f"{_pct(r['specificity'], r['specificity_ci95'])}, {r['tn']} of {r['negatives']}"),
             ("Positive predictive value", _pct(r["ppv"])),
             ("Negative predictive value", _pct(r["npv"])),
-            ("ROC AUC", f"{_f(r['auc'])} ({r['score']})")]
+            ("ROC AUC", f"{_f(r['auc'])} ({r['score']})"), *referral_rows(r.get("referral"))]
+
+
+def referral_rows(x: dict | None) -> list[tuple[str, str]]:
+    """The referral operating point (a threshold on the score chosen on out-of-fold predictions)."""
+    if not x:
+        return []
+    target = f", chosen for sensitivity >= {x['target_sensitivity']:.2f}" if x.get("target_sensitivity") else ""
+    return [(f"Referral point ({x['operating_point']}{target}): sensitivity",
+             f"{_pct(x['sensitivity'], x['sensitivity_ci95'])}, {x['tp']} of {x['tp'] + x['fn']}"),
+            ("Referral point: specificity", f"{_pct(x['specificity'], x['specificity_ci95'])}, "
+             f"{x['tn']} of {x['tn'] + x['fp']}")]
 
 
 # --------------------------------------------------------------------------- screening: quality and heatmaps

@@ -73,11 +73,12 @@ def train(cfg: Config) -> dict:
     if not cfg.train.local:
         check_sync_bn_device(cfg.model.batch_norm, cfg.scaling.num_workers, cfg.scaling.use_gpu)
     manifest = ensure_dataset(cfg)
-    check_validation_split(cfg, manifest)
+    if not cfg.data.folds:  # with folds, validation is a fold of the pooled rows
+        check_validation_split(cfg, manifest)
     # Checkpoints carry the preprocessing the data really had, so predict can repeat it on raw images.
     cfg.prepare = dataclasses.replace(cfg.prepare, **{k: v for k, v in manifest.get("config", {}).items()
                                                       if hasattr(cfg.prepare, k)})
-    info = DatasetInfo.from_manifest(manifest)
+    info = DatasetInfo.for_data(cfg.data, manifest)
     cfg.data.dataset = storage.absolute(cfg.data.dataset)
     print(cfg.summary())
     print(f"Run directory: {run_dir}")

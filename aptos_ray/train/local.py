@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from aptos_ray import storage
 from aptos_ray.config import Config
-from aptos_ray.data.format import read_split, table_batches
+from aptos_ray.data.folds import training_tables
+from aptos_ray.data.format import table_batches
 from aptos_ray.train.checkpoint import (
     CorruptCheckpointError,
     best_key,
@@ -41,8 +42,7 @@ class LocalBackend:
         self.device = torch.device("cuda" if cfg.scaling.use_gpu and torch.cuda.is_available() else "cpu")
         # Scores of the kept checkpoints, for pruning (a resumed run starts with those it kept).
         self.scores = {h["epoch"]: h for h in self._kept_history()}
-        self.train_table = read_split(cfg.data.dataset, "train")
-        self.val_table = read_split(cfg.data.dataset, "val")
+        self.train_table, self.val_table = training_tables(cfg.data)  # the prepared splits, or a fold's
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device)

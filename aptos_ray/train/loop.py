@@ -32,7 +32,9 @@ from aptos_ray.model.factory import (
 )
 from aptos_ray.model.heads import Head, get_head
 from aptos_ray.model.weights import unwrap
+from aptos_ray.data.folds import fold_counts
 from aptos_ray.train.checkpoint import load_weights, save_checkpoint
+from aptos_ray.train.repeatable import epoch_seed, repeatable
 from aptos_ray.train.sampling import repeat_rates, resample_batches
 from aptos_ray.train.augment import GradeTransforms
 from aptos_ray.train.tracking import Tracker
@@ -65,6 +67,14 @@ class DatasetInfo:
             num_val=sum(int(n) for n in counts.get("val", {}).values()),
             encoding=manifest.get("encoding", "raw"),
         )
+
+    @classmethod
+    def for_data(cls, data, manifest: dict) -> "DatasetInfo":
+        """The prepared train/val splits, or with ``data.folds`` the training folds and fold ``data.fold``."""
+        if not data.folds:
+            return cls.from_manifest(manifest)
+        counts, num_val = fold_counts(data.dataset, data.folds, data.fold, data.fold_seed)
+        return cls(train_counts=counts, num_val=num_val, encoding=manifest.get("encoding", "raw"))
 
 
 class Backend(Protocol):
@@ -189,6 +199,11 @@ def validate(model, backend: Backend, transforms, head: Head, loss_fn, cfg: Conf
 
 def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     """Train ``cfg.train.epochs`` epochs; returns the last epoch's metrics."""
+    with repeatable(cfg.train.threads, cfg.train.deterministic, backend.device):
+        return _fit(cfg, backend, info)
+
+
+def _fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     rank, device = backend.rank, backend.device
     is_main = rank == 0
     torch.manual_seed(cfg.train.seed + rank)
@@ -238,6 +253,7 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     tracker = Tracker(cfg, run_dir(cfg), history) if is_main else None
     for epoch in range(start_epoch, cfg.train.epochs):
         started = time.perf_counter()
+        torch.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))  # augmentation, dropout: see train.repeatable
         rows = resample_batches(backend.train_rows(epoch), rates, cfg.train.seed, epoch)
         batches = fixed_step_minibatches(
             rows, cfg.train.batch_size, steps, seed=cfg.train.seed * 100003 + epoch * 101 + rank,

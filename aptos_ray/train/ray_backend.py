@@ -12,6 +12,7 @@ Choices for small machines (2 CPU cores), measured, see README "Ray on small mac
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Iterator
@@ -36,7 +37,8 @@ from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
-from aptos_ray.data.format import TRAIN_COLUMNS, split_bytes
+from aptos_ray.data.folds import fold_ids, keep_ids
+from aptos_ray.data.format import SPLITS, TRAIN_COLUMNS, split_bytes
 from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError
 from aptos_ray.ray_setup import check_seen_by_every_node, init_ray, ray_train_log_level
 from aptos_ray.train.checkpoint import (
@@ -53,18 +55,41 @@ from aptos_ray.train.loop import DatasetInfo, fit
 MATERIALIZE_SHARE = 0.5
 
 
+@contextlib.contextmanager
+def rows_in_order(deterministic: bool) -> Iterator[None]:
+    """Ray Data keeps the rows' order in the datasets built inside the block (when ``deterministic``):
+    otherwise a filter or a read over several files emits its blocks in the order they finish, and a
+    seeded run would see its rows in another order each time (train.repeatable)."""
+    ctx = ray.data.DataContext.get_current()
+    old = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = old or deterministic
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order = old
+
+
 def load_datasets(cfg: Config) -> dict[str, ray.data.Dataset]:
     # Ray Data's progress lines: ray_setup.quiet_ray_data (unless --verbose)
+    if cfg.data.folds:
+        return load_fold_datasets(cfg)
     dataset, splits = storage.absolute(cfg.data.dataset), ("train", "val")
+    materialize = should_materialize(cfg, dataset, splits)
+    datasets = {}
+    with rows_in_order(cfg.train.deterministic):
+        for split in splits:
+            ds = ray.data.read_parquet(**storage.ray_data_source(storage.join(dataset, split)), columns=TRAIN_COLUMNS)
+            datasets[split] = ds.materialize() if materialize else ds
+    return datasets
+
+
+def should_materialize(cfg: Config, dataset: str, splits: tuple[str, ...]) -> bool:
+    """``data.materialize`` decided (and said why) for the rows of ``splits``."""
     size = sum(split_bytes(dataset, split) for split in splits) if cfg.data.materialize == "auto" else 0
     materialize, why = materialize_decision(cfg.data.materialize, size,
                                             ray.cluster_resources().get("object_store_memory", 0))
     print(f"data: {why}")
-    datasets = {}
-    for split in splits:
-        ds = ray.data.read_parquet(**storage.ray_data_source(storage.join(dataset, split)), columns=TRAIN_COLUMNS)
-        datasets[split] = ds.materialize() if materialize else ds
-    return datasets
+    return materialize
 
 
 def materialize_decision(setting: bool | str, size: int, store: float) -> tuple[bool, str]:
@@ -77,6 +102,31 @@ def materialize_decision(setting: bool | str, size: int, store: float) -> tuple[
     return fits, (f"{'materialised in' if fits else 'streamed from Parquet: too big for'} the object store "
                   f"({size / 2**30:.2f} GiB of splits, {budget / 2**30:.2f} GiB = {MATERIALIZE_SHARE:.0%} of "
                   f"{store / 2**30:.2f} GiB; data.materialize=auto)")
+
+
+def load_fold_datasets(cfg: Config, pool: ray.data.Dataset | None = None) -> dict[str, ray.data.Dataset]:
+    """Fold ``data.fold``'s train and val rows (``data.folds``), filtered from every split's rows
+    (``pool``: those rows already read, e.g. once for all folds of a cross-validation)."""
+    root = storage.absolute(cfg.data.dataset)
+    train_ids, val_ids = fold_ids(root, cfg.data.folds, cfg.data.fold, cfg.data.fold_seed)
+    materialize = should_materialize(cfg, root, SPLITS)
+    datasets = {}
+    with rows_in_order(cfg.train.deterministic):
+        if pool is None:
+            pool = read_pool(root)
+        for part, ids in (("train", train_ids), ("val", val_ids)):
+            ds = pool.map_batches(keep_ids, batch_format="numpy", fn_kwargs={"ids": frozenset(ids)})
+            datasets[part] = ds.materialize() if materialize else ds
+    return datasets
+
+
+def read_pool(dataset: str) -> ray.data.Dataset:
+    """Every split's rows (the training columns) of a prepared dataset, for its folds."""
+    paths = [storage.join(dataset, s) for s in SPLITS if storage.exists(storage.join(dataset, s))]
+    if storage.is_local(dataset):
+        return ray.data.read_parquet(paths, columns=TRAIN_COLUMNS)
+    fs, _ = storage.filesystem(dataset)  # one bucket: one filesystem for every split's prefix
+    return ray.data.read_parquet([storage.filesystem(p)[1] for p in paths], filesystem=fs, columns=TRAIN_COLUMNS)
 
 
 def checkpoint_at(path: str) -> ray.train.Checkpoint:
@@ -239,8 +289,17 @@ def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict, callbacks: lis
             callbacks=[StopOnUserError(), *(callbacks or [])],
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # in order: a run with one worker then reads its rows as a repeatable sequence (train.repeatable)
+        dataset_config=DataConfig(datasets_to_split=["train"],
+                                  execution_options=execution_options(cfg.train.deterministic)),
     )
+
+
+def execution_options(deterministic: bool):
+    """Ray Data's options for the training datasets: rows in a fixed order when deterministic."""
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = deterministic
+    return options
 
 
 def check_cluster_fits(cfg: Config, resources: dict | None = None) -> None:

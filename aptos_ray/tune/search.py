@@ -246,8 +246,9 @@ def run_search(cfg: Config) -> dict:
     params = list(check_tune_space(cfg))
     runs_dir = storage.join(exp_dir, "runs")
     manifest = ensure_dataset(cfg)
-    check_validation_split(cfg, manifest)
-    info = DatasetInfo.from_manifest(manifest)
+    if not cfg.data.folds:
+        check_validation_split(cfg, manifest)
+    info = DatasetInfo.for_data(cfg.data, manifest)
     print(cfg.summary())
     print(f"Search directory: {exp_dir}")
 

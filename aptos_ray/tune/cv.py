@@ -1,0 +1,161 @@
+"""The cross-validation job (jobs/cv.py): one training run per fold, then out-of-fold predictions.
+
+With Ray the folds are Ray Tune trials over the key ``data.fold`` (a grid, no early stopping: every
+fold trains its full schedule), each a TorchTrainer run as in ``tune.search``, as many at once as the
+cluster's CPUs fit (``cv.max_concurrent_folds``). Every split's rows are read and materialised once by
+this driver and each fold's train/val rows filtered from them before the trials start (a trial that
+read data itself would wait for CPUs the other trials' workers hold). With ``--local`` the folds train
+one after another in this process. The out-of-fold predictions, cut-points and referral operating point
+are then ``tune.cv_results``'.
+
+Layout of ``<cv.output>/<cv.name>/``: ``config.yaml`` (the config every fold starts from),
+``folds.csv`` (id, grade, dup_group, fold), ``fold_K/`` (each a normal run directory), ``tune/``
+(Ray Tune's state, Ray runs only), ``oof.parquet``, ``cv.json`` (the deployed cut-points and
+referral point, per-fold and pooled figures) and ``cv.md`` (the table).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from datetime import datetime
+
+from aptos_ray import storage
+from aptos_ray.config import Config, config_from_dict
+from aptos_ray.config_checks import check_cv
+from aptos_ray.data.embedded import ensure_dataset
+from aptos_ray.data.folds import fold_table
+from aptos_ray.errors import ExistingFileError
+from aptos_ray.tune.cv_results import (
+    CV_FILE,
+    fold_name,
+    markdown,
+    oof_predictions,
+    summarise,
+    write_results,
+)
+
+
+def fold_config(cfg: Config, fold: int, cv_dir: str) -> Config:
+    """The config of fold ``fold``: validated on it, its run at ``<cv_dir>/fold_K``."""
+    out = copy.deepcopy(cfg)
+    out.data.fold = fold
+    out.train.output = cv_dir
+    out.train.name = fold_name(fold)
+    return out
+
+
+# --- the folds, in this process or as Ray Tune trials ---------------------------------------------
+
+
+def train_folds_local(cfg: Config, cv_dir: str) -> dict[int, dict]:
+    from aptos_ray.train.driver import train
+
+    return {fold: train(fold_config(cfg, fold, cv_dir)) for fold in range(cfg.data.folds)}
+
+
+def run_fold(params: dict, *, base: dict, infos: dict, datasets: dict, cv_dir: str) -> None:
+    """Ray Tune's function trainable: fold ``params['data.fold']`` as a TorchTrainer run; its run files
+    (summary.json, metrics.jsonl, plots) are written here, by the run's driver, when it ends."""
+    from aptos_ray.train.checkpoint import record_from_result, write_run_files
+    from aptos_ray.train.loop import DatasetInfo
+    from aptos_ray.train.ray_backend import build_trainer
+
+    fold = int(params["data.fold"])
+    cfg = fold_config(config_from_dict(base), fold, cv_dir)
+    run_dir = storage.join(cv_dir, cfg.train.name)
+    cfg.save(storage.join(run_dir, "config.yaml"))
+    started = time.perf_counter()
+    result = build_trainer(cfg, DatasetInfo(**infos[fold]), datasets[fold]).fit()
+    write_run_files(record_from_result(result, run_dir), time.perf_counter() - started)
+
+
+def concurrent_folds(cfg: Config) -> int:
+    import ray
+
+    if cfg.cv.max_concurrent_folds:
+        return cfg.cv.max_concurrent_folds
+    per_fold = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_fold))
+
+
+def train_folds_ray(cfg: Config, cv_dir: str, manifest: dict) -> dict[int, dict]:
+    import json
+
+    from ray import tune as ray_tune
+
+    from aptos_ray.ray_setup import init_ray
+    from aptos_ray.train.loop import DatasetInfo
+    from aptos_ray.train.ray_backend import check_cluster_fits, load_fold_datasets, read_pool, rows_in_order
+    from aptos_ray.tune.search import TRIAL_DRIVER_MEMORY
+
+    init_ray(cfg.scaling)
+    check_cluster_fits(cfg)
+    with rows_in_order(cfg.train.deterministic):  # every fold's rows in one fixed order (train.repeatable)
+        pool = read_pool(cfg.data.dataset).materialize()
+    folds = range(cfg.data.folds)
+    configs = {k: fold_config(cfg, k, cv_dir) for k in folds}
+    datasets = {k: load_fold_datasets(configs[k], pool) for k in folds}
+    infos = {k: DatasetInfo.for_data(configs[k].data, manifest).__dict__ for k in folds}
+    trainable = ray_tune.with_parameters(run_fold, base=cfg.to_dict(), infos=infos, datasets=datasets,
+                                         cv_dir=cv_dir)
+    # The trial's driver only waits on its TorchTrainer: no CPU (as in tune.search.make_trainable).
+    trainable = ray_tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    at_once = concurrent_folds(cfg)
+    print(f"{cfg.data.folds} folds, at most {at_once} at a time, {cfg.scaling.num_workers} worker(s) each")
+    tuner = ray_tune.Tuner(
+        trainable,
+        param_space={"data.fold": ray_tune.grid_search(list(folds))},
+        tune_config=ray_tune.TuneConfig(num_samples=1, max_concurrent_trials=at_once),
+        run_config=ray_tune.RunConfig(name="tune", storage_path=cv_dir,
+                                      failure_config=ray_tune.FailureConfig(max_failures=0)),
+    )
+    results = tuner.fit()
+    if results.errors:
+        raise RuntimeError(f"{len(results.errors)} fold(s) failed: {results.errors[0]}")
+    return {k: json.loads(storage.read_text(storage.join(cv_dir, fold_name(k), "summary.json"))) for k in folds}
+
+
+# --- the job ---------------------------------------------------------------------------------------
+
+
+def run_cv(cfg: Config) -> dict:
+    """Train every fold of ``data.folds``, predict each image with its own fold's model, choose the
+    cut-points and referral point on those predictions; returns the summary (cv.json)."""
+    check_cv(cfg)
+    cfg.cv.name = cfg.cv.name or datetime.now().strftime("cv-%Y%m%d-%H%M%S")
+    cv_dir = storage.join(storage.absolute(cfg.cv.output), cfg.cv.name)
+    if storage.exists(storage.join(cv_dir, "config.yaml")):
+        raise ExistingFileError(f"{cv_dir} already holds a cross-validation: pick another --cv.name")
+    manifest = ensure_dataset(cfg)
+    cfg.data.dataset = storage.absolute(cfg.data.dataset)
+    folds = fold_table(cfg.data.dataset, cfg.data.folds, cfg.data.fold_seed)
+    storage.write_text(storage.join(cv_dir, "folds.csv"), folds.to_pandas().to_csv(index=False))
+    cfg.save(storage.join(cv_dir, "config.yaml"))
+    print(cfg.summary())
+    print(f"Cross-validation: {cv_dir}\n{folds.num_rows} images in {cfg.data.folds} folds of "
+          f"{', '.join(str(n) for n in folds.to_pandas()['fold'].value_counts().sort_index())}")
+    started = time.perf_counter()
+    runs = train_folds_local(cfg, cv_dir) if cfg.train.local else train_folds_ray(cfg, cv_dir, manifest)
+    trained = time.perf_counter()
+    key = f"{cfg.cv.oof_checkpoint}_checkpoint"
+    checkpoints = {k: run[key] for k, run in runs.items()}
+    oof = oof_predictions(cfg, checkpoints)
+    summary, scored = summarise(oof, cfg.cv.target_sensitivity, {k: run["wall_seconds"] for k, run in runs.items()})
+    summary.update({
+        "folds": cfg.data.folds, "fold_seed": cfg.data.fold_seed, "dataset": cfg.data.dataset,
+        "oof_checkpoint": cfg.cv.oof_checkpoint, "oof_tta": cfg.cv.oof_tta,
+        "models": [{"fold": k, "checkpoint": checkpoints[k], "run_dir": runs[k]["run_dir"]} for k in sorted(runs)],
+        "config_changes": cfg.changes(),
+        "train_seconds": round(trained - started, 1),
+        "oof_seconds": round(time.perf_counter() - trained, 1),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    })
+    write_results(cv_dir, summary, scored)
+    print("\n" + markdown(summary))
+    r = summary["referral"]
+    print(f"\ncut-points (all out-of-fold scores): {summary['cut_points']}; referral threshold "
+          f"{r['threshold']} for sensitivity >= {r['target_sensitivity']}")
+    print(f"wrote {storage.join(cv_dir, CV_FILE)}; predict with the fold ensemble: python jobs/predict.py "
+          f"--predict.checkpoint={cv_dir} --predict.images=...")
+    return summary
