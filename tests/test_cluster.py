@@ -304,6 +304,7 @@ def random_dataset(out: Path, per_grade: int = 8, size: int = 32) -> Path:
     return out
 
 
+@pytest.mark.slow  # CI's budget: tests/test_uri.py's end-to-end run trains from and into an S3 bucket
 @pytest.mark.ray
 def test_ray_training_reads_and_writes_uris(tmp_path, ray_session):
     """Data and runs as file:// URIs (what s3:// or gs:// would be on a cluster) through Ray Train."""
