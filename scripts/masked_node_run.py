@@ -150,6 +150,23 @@ def run_job(cluster, name, args, expect_ok, masked_node, options=()) -> dict:
             "seconds": round(seconds), **where}
 
 
+def three_jobs(cluster: TwoNodeCluster, label: str, masked: str, expect_ok: bool, raw, prepared_out, dataset,
+               runs, name: str, checkpoint, predict_out) -> list[dict]:
+    """prepare, train (2 workers: one on each node) and predict, with their inputs and outputs at
+    the given locations: local paths (expected to fail clearly) or bucket URIs (expected to work)."""
+    return [
+        run_job(cluster, f"masked-prepare-{label}", ["jobs/prepare.py", f"--prepare.input={raw}",
+                f"--prepare.output={prepared_out}", "--prepare.image_size=32", "--prepare.card=false"],
+                expect_ok, masked, ON_MASKED_NODE),
+        run_job(cluster, f"masked-train-{label}", ["jobs/train.py", *TINY, f"--data.dataset={dataset}",
+                f"--train.output={runs}", f"--train.name={name}", "--scaling.num_workers=2",
+                "--scaling.cpus_per_worker=2"], expect_ok, masked),
+        run_job(cluster, f"masked-predict-{label}", ["jobs/predict.py", f"--predict.checkpoint={checkpoint}",
+                f"--predict.images={raw}", f"--predict.output={predict_out}", "--predict.batch_size=16"],
+                expect_ok, masked, ON_MASKED_NODE),
+    ]
+
+
 def local_half(cluster: TwoNodeCluster, root: Path, raw: Path, masked: str) -> list[dict]:
     sys.path.insert(0, str(REPO / "tests"))
     from helpers import aptos_subset
@@ -159,32 +176,17 @@ def local_half(cluster: TwoNodeCluster, root: Path, raw: Path, masked: str) -> l
     subprocess.run([sys.executable, "jobs/train.py", "--local", *TINY, f"--data.dataset={prepared}",
                     f"--train.output={root / 'runs'}", "--train.name=laptop"], cwd=REPO, check=True,
                    capture_output=True, env=cluster.env)
-    return [
-        run_job(cluster, "masked-prepare-local", ["jobs/prepare.py", f"--prepare.input={raw}",
-                f"--prepare.output={root / 'data' / 'prepared-on-cluster'}", "--prepare.image_size=32",
-                "--prepare.card=false"], False, masked, ON_MASKED_NODE),
-        run_job(cluster, "masked-train-local", ["jobs/train.py", *TINY, f"--data.dataset={prepared}",
-                f"--train.output={root / 'runs'}", "--train.name=cluster", "--scaling.num_workers=2",
-                "--scaling.cpus_per_worker=2"], False, masked),
-        run_job(cluster, "masked-predict-local", ["jobs/predict.py", f"--predict.checkpoint={root / 'runs' / 'laptop'}",
-                f"--predict.images={raw}", f"--predict.output={root / 'outputs' / 'predict'}",
-                "--predict.batch_size=16"], False, masked, ON_MASKED_NODE),
-    ]
+    return three_jobs(cluster, "local", masked, expect_ok=False, raw=raw,
+                      prepared_out=root / "data" / "prepared-on-cluster", dataset=prepared,
+                      runs=root / "runs", name="cluster", checkpoint=root / "runs" / "laptop",
+                      predict_out=root / "outputs" / "predict")
 
 
 def uri_half(cluster: TwoNodeCluster, s3, bucket: str, raw: Path, masked: str) -> list[dict]:
     s3.upload(raw, f"{bucket}/raw")
-    results = [
-        run_job(cluster, "masked-prepare-s3", ["jobs/prepare.py", f"--prepare.input={bucket}/raw",
-                f"--prepare.output={bucket}/prepared", "--prepare.image_size=32", "--prepare.card=false"],
-                True, masked, ON_MASKED_NODE),
-        run_job(cluster, "masked-train-s3", ["jobs/train.py", *TINY, f"--data.dataset={bucket}/prepared",
-                f"--train.output={bucket}/runs", "--train.name=masked", "--scaling.num_workers=2",
-                "--scaling.cpus_per_worker=2"], True, masked),
-        run_job(cluster, "masked-predict-s3", ["jobs/predict.py", f"--predict.checkpoint={bucket}/runs/masked",
-                f"--predict.images={bucket}/raw", f"--predict.output={bucket}/predict",
-                "--predict.batch_size=16"], True, masked, ON_MASKED_NODE),
-    ]
+    results = three_jobs(cluster, "s3", masked, expect_ok=True, raw=f"{bucket}/raw",
+                         prepared_out=f"{bucket}/prepared", dataset=f"{bucket}/prepared", runs=f"{bucket}/runs",
+                         name="masked", checkpoint=f"{bucket}/runs/masked", predict_out=f"{bucket}/predict")
     train = next(r for r in results if r["job"] == "masked-train-s3")
     if train["ok"]:
         nodes = cluster.train_worker_nodes("masked-train-s3")
