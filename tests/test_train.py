@@ -189,3 +189,15 @@ def test_materialize_is_decided_by_size_against_the_object_store(aptos_small):
     assert parse_args([]).data.materialize == "auto"
     with pytest.raises(Exception, match="must be one of true, false, auto"):
         parse_args(["--data.materialize=sometimes"])
+
+
+def test_training_data_options_keep_order_and_raise_no_deprecation_warning():
+    """The ingest options set the row order (train.deterministic) without touching Ray's deprecated
+    ``exclude_resources``, whose copy in ``DataConfig.default_ingest_options`` warned in every run."""
+    import warnings
+
+    ray.data.DataContext.get_current()  # its own construction warns about other deprecated keys
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        assert ray_backend.execution_options(True).preserve_order is True
+        assert ray_backend.execution_options(False).preserve_order is False

@@ -295,11 +295,13 @@ def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict, callbacks: lis
     )
 
 
-def execution_options(deterministic: bool):
-    """Ray Data's options for the training datasets: rows in a fixed order when deterministic."""
-    options = DataConfig.default_ingest_options()
-    options.preserve_order = deterministic
-    return options
+def execution_options(deterministic: bool) -> ray.data.ExecutionOptions:
+    """Ray Data's options for the training datasets: rows in a fixed order when deterministic.
+    Built here rather than from ``DataConfig.default_ingest_options()``, which copies the deprecated
+    ``exclude_resources`` and so prints a RayDeprecationWarning in every run (Ray 2.60)."""
+    current = ray.data.DataContext.get_current().execution_options
+    return ray.data.ExecutionOptions(resource_limits=current.resource_limits, preserve_order=deterministic,
+                                     verbose_progress=current.verbose_progress)
 
 
 def check_cluster_fits(cfg: Config, resources: dict | None = None) -> None:
