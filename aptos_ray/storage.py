@@ -192,7 +192,7 @@ def publish_dir(target: str) -> Iterator[Path]:
         return
     final = Path(target).absolute()
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_leftovers(final)
+    remove_dead_leftovers(final)
     staging = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     staging.mkdir()
     try:
@@ -235,7 +235,7 @@ def publish_location(target: str) -> Iterator[str]:
         fs.delete_dir(inner)
 
 
-def _remove_dead_leftovers(final: Path) -> None:
+def remove_dead_leftovers(final: Path) -> None:
     """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` siblings whose writer process no longer runs."""
     for kind in ("tmp", "old"):
         for leftover in final.parent.glob(f".{final.name}.{kind}-*"):

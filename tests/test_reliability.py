@@ -125,8 +125,11 @@ def test_case01_kill_while_writing_leaves_no_half_checkpoint(p60, two_epochs, tm
         train(parse_args(args))
     monkeypatch.undo()
     assert not (run / "checkpoint_epoch_0002").exists() and sorted(checkpoint_folders(str(run))) == [0, 1]
+    killed_elsewhere = run / ".checkpoint_epoch_0002.tmp-999999999"  # a process that no longer runs
+    (run / f".checkpoint_epoch_0002.tmp-{os.getpid()}").rename(killed_elsewhere)
     train(parse_args(args))
     assert history(run) == [0, 1, 2]
+    assert not killed_elsewhere.exists() and not list(run.glob(".checkpoint_*"))  # no hidden leftovers
 
 
 def test_case02_tied_qwk_best_checkpoint_exists_and_predicts(p60, two_epochs, tmp_path):

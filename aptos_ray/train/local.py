@@ -71,6 +71,7 @@ class LocalBackend:
             return
         target = Path(self.run_dir) / checkpoint_name(epoch)
         aside = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        storage.remove_dead_leftovers(target)  # the aside folder of a killed run that wrote this epoch
         shutil.rmtree(aside, ignore_errors=True)
         shutil.copytree(checkpoint_dir, aside)
         shutil.rmtree(target, ignore_errors=True)
