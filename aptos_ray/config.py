@@ -91,6 +91,7 @@ class DataConfig:
     # class balancing of the training stream: none, inverse (the seed's WeightedRandomSampler), sqrt
     sampling: Literal["none", "inverse", "sqrt"] = "sqrt"
     augment: bool = True  # random flips, rotation and colour jitter on training images
+    colour: Literal["exposure", "camera"] = "exposure"  # jitter: brightness+contrast, or also gain+gamma
     # materialise the splits in Ray's object store before fit (streaming on 2 cores can stall, see
     # README), or stream them from Parquet; auto: materialise when they fit in a share of the store
     materialize: bool | Literal["auto"] = "auto"

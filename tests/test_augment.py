@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from aptos_ray.train.augment import GradeTransforms, prefetch_to_device
+from aptos_ray.train.augment import CAMERA, GradeTransforms, prefetch_to_device
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -122,3 +122,29 @@ def test_prefetch_raises_the_readers_error_in_the_training_thread():
     next(feed)
     with pytest.raises(OSError, match="parquet read failed"):
         next(feed)
+
+
+def test_camera_colour_jitter_varies_white_balance_and_keeps_black(fundus):
+    """data.colour=camera: the same photograph comes out with many colour casts (the fundus's
+    chromaticity spread far wider than brightness and contrast alone give), black stays black
+    before the contrast blend, and every pixel stays in [0, 255]."""
+    x = torch.from_numpy(np.repeat(fundus[:1], 64, axis=0)).permute(0, 3, 1, 2).float()
+    x[:, :, :20, :20] = 0  # a black corner (the photographs' backgrounds are nearly, not exactly, 0)
+    inside = torch.from_numpy(fundus[0].max(axis=2) > 40)
+
+    def shares(tf: GradeTransforms) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.manual_seed(0)
+        out = tf.random_colour(x.clone())
+        rgb = out[:, :, inside].mean(2)
+        return rgb / rgb.sum(1, keepdim=True), out
+
+    exposure, _ = shares(GradeTransforms(224, MEAN, STD))
+    camera, out = shares(GradeTransforms(224, MEAN, STD, **CAMERA))
+    # brightness and contrast alone barely move green's share (contrast blends towards grey, which
+    # moves red's and blue's); per-channel gains move every channel's
+    assert camera[:, 1].std() > 3 * exposure[:, 1].std()
+    red_green = [(c[:, 0] / c[:, 1]).std() for c in (exposure, camera)]
+    assert red_green[1] > 2 * red_green[0]
+    assert out.min() >= 0 and out.max() <= 255
+    _, camera_only = shares(GradeTransforms(224, MEAN, STD, brightness=0, contrast=0, **CAMERA))
+    assert (camera_only[:, :, :20, :20] == 0).all() and camera_only.std(0).mean() > 1

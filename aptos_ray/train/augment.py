@@ -26,6 +26,10 @@ import torch
 import torch.nn.functional as F
 
 GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's adjust_contrast uses
+# data.colour=camera: the extra colour jitter for photographs from other cameras (issue 18: another
+# clinic's images lost grade-0 recall to a colour/exposure shift); ranges of common fundus cameras'
+# differences in white balance and exposure curve, not tuned on a split
+CAMERA = {"channel_gain": 0.1, "gamma": 0.3}
 
 
 def to_device(images: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -107,18 +111,20 @@ class GradeTransforms:
     Size, mean and std come from the model (``model.factory.model_data_config``). Augmentation is drawn
     per image: fundus photos have no canonical orientation, so any rotation and both flips are
     fair; a mild zoom/crop (RandomResizedCrop's scale and ratio) and brightness/contrast cover
-    camera and exposure variation. Everything outside the rotated image is black, like the
-    fundus background.
+    camera and exposure variation (``CAMERA`` adds colour response and white balance). Everything
+    outside the rotated image is black, like the fundus background.
     """
 
     def __init__(self, size: int, mean, std, augment: bool = True, scale=(0.85, 1.0), ratio=(0.9, 1.1),
-                 degrees: float = 180.0, brightness: float = 0.2, contrast: float = 0.2):
+                 degrees: float = 180.0, brightness: float = 0.2, contrast: float = 0.2,
+                 channel_gain: float = 0.0, gamma: float = 0.0):
         self.size = size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         self.augment = augment
         self.scale, self.ratio, self.degrees = scale, ratio, degrees
         self.brightness, self.contrast = brightness, contrast
+        self.channel_gain, self.gamma = channel_gain, gamma
 
     # --- the two entry points -----------------------------------------------------------------
 
@@ -166,10 +172,20 @@ class GradeTransforms:
 
     def random_colour(self, x: torch.Tensor) -> torch.Tensor:
         """Brightness then contrast, one factor each per image (ColorJitter's ranges), kept in [0, 255].
+        With ``gamma`` / ``channel_gain`` (data.colour=camera) first another camera's response: an
+        exposure curve 255 (x / 255) ** g, g log-uniform in [1 / (1 + gamma), 1 + gamma], and a gain
+        per channel (white balance, sensor) in 1 +- channel_gain. Black stays black.
 
         In place: on the CPU every pass over a batch of 224 px floats costs as much as the warp.
         """
         n = x.shape[0]
+        if self.gamma:
+            log_g = math.log(1 + self.gamma)
+            g = torch.empty(n, 1, 1, 1).uniform_(-log_g, log_g).exp().to(x.device)
+            x = x.div_(255).pow_(g).mul_(255)
+        if self.channel_gain:
+            gain = torch.empty(n, 3, 1, 1).uniform_(1 - self.channel_gain, 1 + self.channel_gain).to(x.device)
+            x = x.mul_(gain).clamp_(0, 255)
         b = torch.empty(n, 1, 1, 1).uniform_(1 - self.brightness, 1 + self.brightness).to(x.device)
         c = torch.empty(n, 1, 1, 1).uniform_(1 - self.contrast, 1 + self.contrast).to(x.device)
         x = x.mul_(b).clamp_(0, 255)

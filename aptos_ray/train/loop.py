@@ -36,7 +36,7 @@ from aptos_ray.data.folds import fold_counts
 from aptos_ray.train.checkpoint import load_weights, save_checkpoint
 from aptos_ray.train.repeatable import epoch_seed, repeatable
 from aptos_ray.train.sampling import repeat_rates, resample_batches
-from aptos_ray.train.augment import GradeTransforms
+from aptos_ray.train.augment import CAMERA, GradeTransforms
 from aptos_ray.train.tracking import Tracker
 from aptos_ray.train.step import (
     fixed_step_minibatches,
@@ -218,7 +218,8 @@ def _fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
         load_weights(model, restored, cfg, restored.get("path", "the restored checkpoint"))
     data_cfg = model_data_config(model)
     size = cfg.data.image_size or data_cfg["input_size"][-1]
-    transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=cfg.data.augment)
+    transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=cfg.data.augment,
+                                 **(CAMERA if cfg.data.colour == "camera" else {}))
     head = get_head(cfg.model.head, cfg.model.num_classes)
     steps = steps_per_epoch(cfg, info.num_train, backend.world_size)
     precision = resolve_precision(cfg.train.precision, device, cfg.train.amp)
