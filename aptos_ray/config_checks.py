@@ -64,8 +64,8 @@ def check_cv(cfg: Any) -> None:
     """What jobs/cv.py needs besides the training keys (the job runs it: other jobs ignore cv)."""
     if cfg.data.folds < 2:
         raise ConfigError("jobs/cv.py needs --data.folds >= 2 (e.g. --data.folds=5): the folds it trains")
-    if cfg.train.resume:
-        raise ConfigError("jobs/cv.py trains new fold runs: train.resume is not supported, pick a new --cv.name")
+    if cfg.train.resume and not cfg.cv.name:
+        raise ConfigError("jobs/cv.py --resume finishes one cross-validation: name it with --cv.name")
 
 
 def _check_tune(cfg: Any) -> None:

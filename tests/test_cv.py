@@ -4,6 +4,7 @@ referral point, the fold ensemble at predict time. Small: 40 APTOS images at 32 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,12 @@ from helpers import aptos_subset
 from aptos_ray.config import parse_args
 from aptos_ray.data.folds import assign_folds, fold_table, training_tables
 from aptos_ray.data.format import decode_batch, read_manifest, table_batches
-from aptos_ray.errors import ConfigError
+from aptos_ray.errors import ConfigError, ExistingFileError, MissingFileError
 from aptos_ray.infer.checkpoint import read_checkpoint
 from aptos_ray.infer.ensemble import EnsembleGrader, build_grader, read_ensemble
 from aptos_ray.metrics import optimise_cut_points, quadratic_weighted_kappa, referral_rates, referral_threshold
 from aptos_ray.train.driver import train
+from aptos_ray.train.local import LocalBackend
 from aptos_ray.train.loop import DatasetInfo
 from aptos_ray.tune.cv import run_cv
 from aptos_ray.tune.cv_results import cross_fitted, decisions
@@ -160,3 +162,41 @@ def test_ensemble_is_the_mean_of_its_members_with_the_oof_decisions(cv_dir, tiny
     assert isinstance(listed, EnsembleGrader) and "refer" not in listed.output_columns
     assert listed.cut_points == pytest.approx(np.mean([sorted(g.cut_points) for g in grader.graders], axis=0),
                                               abs=1e-4)
+
+
+def test_a_stopped_cv_resumes_its_unfinished_folds_only(tiny_aptos, tmp_path, monkeypatch):
+    """Killed in fold 1 after its first epoch (fold 0 done): --resume keeps fold 0 as it is, continues
+    fold 1 from its checkpoint, and ends with the out-of-fold scores of a run that was never stopped."""
+    args = [*TINY, f"--data.dataset={tiny_aptos}", "--data.folds=2", "--train.epochs=2", f"--cv.output={tmp_path}"]
+    run_cv(parse_args([*args, "--cv.name=whole"]))
+
+    class Killed(BaseException):
+        pass
+
+    report = LocalBackend.report
+
+    def dying_report(self, metrics, checkpoint_dir, epoch):
+        report(self, metrics, checkpoint_dir, epoch)
+        if str(self.run_dir).endswith("fold_1") and epoch == 0:
+            raise Killed
+
+    monkeypatch.setattr(LocalBackend, "report", dying_report)
+    with pytest.raises(Killed):
+        run_cv(parse_args([*args, "--cv.name=stopped"]))
+    monkeypatch.undo()
+    stopped = tmp_path / "stopped"
+    fold_0 = (stopped / "fold_0" / "summary.json").stat().st_mtime_ns
+
+    with pytest.raises(ExistingFileError, match="pass --resume"):
+        run_cv(parse_args([*args, "--cv.name=stopped"]))
+    with pytest.raises(ConfigError, match="train.epochs=3"):
+        run_cv(parse_args([*args, "--cv.name=stopped", "--train.epochs=3", "--resume"]))
+    with pytest.raises(MissingFileError, match="holds no cross-validation"):
+        run_cv(parse_args([*args, "--cv.name=never", "--resume"]))
+    run_cv(parse_args([*args, "--cv.name=stopped", "--resume"]))
+
+    assert (stopped / "fold_0" / "summary.json").stat().st_mtime_ns == fold_0  # not trained again
+    epochs = [json.loads(line)["epoch"] for line in (stopped / "fold_1" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1]
+    oof = [pd.read_parquet(tmp_path / name / "oof.parquet").sort_values("id") for name in ("whole", "stopped")]
+    assert np.array_equal(oof[0]["id"], oof[1]["id"]) and np.allclose(oof[0]["score"], oof[1]["score"], atol=1e-6)

@@ -12,20 +12,26 @@ Layout of ``<cv.output>/<cv.name>/``: ``config.yaml`` (the config every fold sta
 ``folds.csv`` (id, grade, dup_group, fold), ``fold_K/`` (each a normal run directory), ``tune/``
 (Ray Tune's state, Ray runs only), ``oof.parquet``, ``cv.json`` (the deployed cut-points and
 referral point, per-fold and pooled figures) and ``cv.md`` (the table).
+
+A stopped cross-validation (killed, a power cut) continues with ``--resume --cv.name=NAME`` and the
+same config: folds that finished are kept, the fold in progress continues from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from datetime import datetime
+
+import yaml
 
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.config_checks import check_cv
 from aptos_ray.data.embedded import ensure_dataset
 from aptos_ray.data.folds import fold_table
-from aptos_ray.errors import ExistingFileError
+from aptos_ray.errors import ConfigError, ExistingFileError, MissingFileError
 from aptos_ray.tune.cv_results import (
     CV_FILE,
     fold_name,
@@ -37,21 +43,49 @@ from aptos_ray.tune.cv_results import (
 
 
 def fold_config(cfg: Config, fold: int, cv_dir: str) -> Config:
-    """The config of fold ``fold``: validated on it, its run at ``<cv_dir>/fold_K``."""
+    """The config of fold ``fold``: validated on it, its run at ``<cv_dir>/fold_K``, continued from
+    its last checkpoint when an earlier, stopped cross-validation got that far (--resume)."""
+    from aptos_ray.train.driver import has_checkpoints
+
     out = copy.deepcopy(cfg)
     out.data.fold = fold
     out.train.output = cv_dir
     out.train.name = fold_name(fold)
+    out.train.resume = cfg.train.resume and has_checkpoints(storage.join(cv_dir, out.train.name))
     return out
+
+
+def finished_folds(cv_dir: str, n_folds: int) -> dict[int, dict]:
+    """The folds whose run ended (its summary.json is written last): fold -> summary."""
+    done = {k: storage.join(cv_dir, fold_name(k), "summary.json") for k in range(n_folds)}
+    return {k: json.loads(storage.read_text(path)) for k, path in done.items() if storage.exists(path)}
+
+
+def check_cv_dir(cfg: Config, cv_dir: str) -> None:
+    """A new cross-validation needs a free name; --resume needs the one it continues, with the same config
+    (other folds, epochs or data would mix two experiments in one table)."""
+    saved = storage.join(cv_dir, "config.yaml")
+    if not cfg.train.resume:
+        if storage.exists(saved):
+            raise ExistingFileError(f"{cv_dir} already holds a cross-validation: pass --resume to finish it "
+                                    "or pick another --cv.name")
+        return
+    if not storage.exists(saved):
+        raise MissingFileError(f"--resume: {cv_dir} holds no cross-validation (no config.yaml)")
+    before = config_from_dict(yaml.safe_load(storage.read_text(saved)))
+    before.train.resume, before.train.local = cfg.train.resume, cfg.train.local  # how it runs, not what
+    differ = sorted(set(before.changes()) ^ set(cfg.changes()))
+    if differ:
+        raise ConfigError(f"--resume: the config differs from the one {saved} started with: {', '.join(differ)}")
 
 
 # --- the folds, in this process or as Ray Tune trials ---------------------------------------------
 
 
-def train_folds_local(cfg: Config, cv_dir: str) -> dict[int, dict]:
+def train_folds_local(cfg: Config, cv_dir: str, done: dict[int, dict]) -> dict[int, dict]:
     from aptos_ray.train.driver import train
 
-    return {fold: train(fold_config(cfg, fold, cv_dir)) for fold in range(cfg.data.folds)}
+    return {**done, **{k: train(fold_config(cfg, k, cv_dir)) for k in range(cfg.data.folds) if k not in done}}
 
 
 def run_fold(params: dict, *, base: dict, infos: dict, datasets: dict, cv_dir: str) -> None:
@@ -79,9 +113,7 @@ def concurrent_folds(cfg: Config) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1) // per_fold))
 
 
-def train_folds_ray(cfg: Config, cv_dir: str, manifest: dict) -> dict[int, dict]:
-    import json
-
+def train_folds_ray(cfg: Config, cv_dir: str, manifest: dict, done: dict[int, dict]) -> dict[int, dict]:
     from ray import tune as ray_tune
 
     from aptos_ray.ray_setup import init_ray
@@ -93,7 +125,7 @@ def train_folds_ray(cfg: Config, cv_dir: str, manifest: dict) -> dict[int, dict]
     check_cluster_fits(cfg)
     with rows_in_order(cfg.train.deterministic):  # every fold's rows in one fixed order (train.repeatable)
         pool = read_pool(cfg.data.dataset).materialize()
-    folds = range(cfg.data.folds)
+    folds = [k for k in range(cfg.data.folds) if k not in done]
     configs = {k: fold_config(cfg, k, cv_dir) for k in folds}
     datasets = {k: load_fold_datasets(configs[k], pool) for k in folds}
     infos = {k: DatasetInfo.for_data(configs[k].data, manifest).__dict__ for k in folds}
@@ -102,10 +134,10 @@ def train_folds_ray(cfg: Config, cv_dir: str, manifest: dict) -> dict[int, dict]
     # The trial's driver only waits on its TorchTrainer: no CPU (as in tune.search.make_trainable).
     trainable = ray_tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     at_once = concurrent_folds(cfg)
-    print(f"{cfg.data.folds} folds, at most {at_once} at a time, {cfg.scaling.num_workers} worker(s) each")
+    print(f"{len(folds)} folds to train, at most {at_once} at a time, {cfg.scaling.num_workers} worker(s) each")
     tuner = ray_tune.Tuner(
         trainable,
-        param_space={"data.fold": ray_tune.grid_search(list(folds))},
+        param_space={"data.fold": ray_tune.grid_search(folds)},
         tune_config=ray_tune.TuneConfig(num_samples=1, max_concurrent_trials=at_once),
         run_config=ray_tune.RunConfig(name="tune", storage_path=cv_dir,
                                       failure_config=ray_tune.FailureConfig(max_failures=0)),
@@ -113,7 +145,7 @@ def train_folds_ray(cfg: Config, cv_dir: str, manifest: dict) -> dict[int, dict]
     results = tuner.fit()
     if results.errors:
         raise RuntimeError(f"{len(results.errors)} fold(s) failed: {results.errors[0]}")
-    return {k: json.loads(storage.read_text(storage.join(cv_dir, fold_name(k), "summary.json"))) for k in folds}
+    return {**done, **finished_folds(cv_dir, cfg.data.folds)}
 
 
 # --- the job ---------------------------------------------------------------------------------------
@@ -125,18 +157,21 @@ def run_cv(cfg: Config) -> dict:
     check_cv(cfg)
     cfg.cv.name = cfg.cv.name or datetime.now().strftime("cv-%Y%m%d-%H%M%S")
     cv_dir = storage.join(storage.absolute(cfg.cv.output), cfg.cv.name)
-    if storage.exists(storage.join(cv_dir, "config.yaml")):
-        raise ExistingFileError(f"{cv_dir} already holds a cross-validation: pick another --cv.name")
     manifest = ensure_dataset(cfg)
     cfg.data.dataset = storage.absolute(cfg.data.dataset)
+    check_cv_dir(cfg, cv_dir)
     folds = fold_table(cfg.data.dataset, cfg.data.folds, cfg.data.fold_seed)
     storage.write_text(storage.join(cv_dir, "folds.csv"), folds.to_pandas().to_csv(index=False))
-    cfg.save(storage.join(cv_dir, "config.yaml"))
+    if not cfg.train.resume:
+        cfg.save(storage.join(cv_dir, "config.yaml"))
     print(cfg.summary())
     print(f"Cross-validation: {cv_dir}\n{folds.num_rows} images in {cfg.data.folds} folds of "
           f"{', '.join(str(n) for n in folds.to_pandas()['fold'].value_counts().sort_index())}")
+    done = finished_folds(cv_dir, cfg.data.folds) if cfg.train.resume else {}
+    if done:
+        print(f"--resume: fold(s) {', '.join(map(str, sorted(done)))} already trained")
     started = time.perf_counter()
-    runs = train_folds_local(cfg, cv_dir) if cfg.train.local else train_folds_ray(cfg, cv_dir, manifest)
+    runs = train_folds_local(cfg, cv_dir, done) if cfg.train.local else train_folds_ray(cfg, cv_dir, manifest, done)
     trained = time.perf_counter()
     key = f"{cfg.cv.oof_checkpoint}_checkpoint"
     checkpoints = {k: run[key] for k, run in runs.items()}
