@@ -83,7 +83,7 @@ JOBS = {job.name: job for job in (
         ("{prog} --config configs/quality.yaml --data.dataset=data/prepared/aptos",
          "{prog} --local --data.folds=5 --data.dataset=data/prepared/aptos --train.epochs=3 --cv.name=quick",
          "{prog} --local --data.folds=5 --data.dataset=data/prepared/aptos --train.epochs=3 --cv.name=quick "
-         "--resume   # after a stop")),
+         "--resume")),
     Job("predict", "aptos_ray.infer.predict:predict",
         "Grade fundus photographs with a trained checkpoint (Ray Data actor pool): submission.csv, "
         "predictions.parquet, predict.json, and the evaluation report when the grades are known.",
