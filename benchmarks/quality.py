@@ -219,15 +219,18 @@ def cv_main(args) -> None:
     if shifts:
         (OUT / "quality-cv-shift.json").write_text(json.dumps(shifts, indent=2))
     print("\n## Results\n")  # benchmarks/run.py keeps what follows
-    print(f"{args.folds}-fold cross-validation, {args.size} px, {args.epochs} epochs, "
-          f"{'one process per fold, one after another (--local)' if args.local else 'folds as Ray Tune trials'}, "
-          f"{args.threads} torch thread(s) per fold, out-of-fold TTA {args.tta}\n")
+    if results:
+        print(f"{args.folds}-fold cross-validation, {args.size} px, {args.epochs} epochs, "
+              f"{'one process per fold, one after another (--local)' if args.local else 'folds as Ray Tune trials'}, "
+              f"{args.threads} torch thread(s) per fold, out-of-fold TTA {args.tta}\n")
     for r in results:
         print(f"**{r['recipe']}** ({r['minutes']} min in all, out-of-fold predictions {r['oof_seconds']} s; "
               f"cut-points on all out-of-fold scores "
               f"{r['cut_points']}, referral threshold {r['referral']['threshold']:.3f})\n")
         print(markdown(r, label=r["recipe"]) + "\n")
     if shifts:
+        print(f"Camera shift: the default recipe, one process, {args.size} px, {args.epochs} epochs, "
+              f"{args.threads} torch thread(s){', ' + ' '.join(args.extra) if args.extra else ''}\n")
         print(shift_table(shifts))
 
 
