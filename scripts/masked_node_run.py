@@ -44,7 +44,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from two_node_run import ANSI, BIN, REPO, SHARED_APTOS, TINY, TwoNodeCluster, log  # noqa: E402
+from two_node_run import ANSI, BIN, REPO, SHARED_APTOS, TINY, TwoNodeCluster, finish, log  # noqa: E402
 
 SHARED_DATA = SHARED_APTOS.parent
 # Prepare and predict: the driver takes the head's 2 CPUs, so their tasks and actors go to node 2.
@@ -245,10 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         cluster.stop()
         server.stop()
-        print(f"  total {time.perf_counter() - started:.0f}s; {'all as expected' if ok else 'NOT all as expected'}; "
-              + (f"logs kept in {root}" if args.keep else "logs removed"))
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+        finish(root, args.keep, started, f"{'all as expected' if ok else 'NOT all as expected'}; "
+               + (f"logs kept in {root}" if args.keep else "logs removed"))
     return 0 if ok else 1
 
 

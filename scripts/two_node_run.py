@@ -264,11 +264,15 @@ def main(argv: list[str] | None = None) -> int:
         ok = spread
     finally:
         cluster.stop()
-        print(f"  total {time.perf_counter() - started:.0f}s; logs and runs "
-              + (f"kept in {root}" if args.keep else "removed"))
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
+        finish(root, args.keep, started, "logs and runs " + (f"kept in {root}" if args.keep else "removed"))
     return 0 if ok else 1
+
+
+def finish(root: Path, keep: bool, started: float, what: str) -> None:
+    """The last line of a run (its total time and ``what``); the run's folder removed unless ``keep``."""
+    print(f"  total {time.perf_counter() - started:.0f}s; {what}")
+    if not keep:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
