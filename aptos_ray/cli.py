@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from aptos_ray.config import HELP_FLAGS, Config, parse_args, wants_help
 from aptos_ray.config_help import help_text
-from aptos_ray.errors import ExportError, SearchFailed, SearchInterrupted, UserError
+from aptos_ray import storage
+from aptos_ray.errors import ExportError, SearchFailed, SearchInterrupted, UserError, storage_failure
 
 # (exception, exit status): besides UserError's 2
 OTHER_EXITS = ((SearchInterrupted, 130), (SearchFailed, 1), (ExportError, 1))
@@ -34,6 +35,7 @@ class Job:
     summary: str
     sections: tuple[str, ...]  # what --help lists
     examples: tuple[str, ...]  # "{prog}" is replaced by how the job was started
+    outputs: tuple[str, ...] = ()  # the keys of the folders it writes: checked writable before it starts
 
     def function(self) -> Callable[[Config], object]:
         module, function = self.target.split(":")
@@ -55,7 +57,8 @@ JOBS = {job.name: job for job in (
         ("{prog} --prepare.input=../shared/data/aptos2019-224 --prepare.output=data/prepared/aptos",
          "{prog} --prepare.input=../shared/data/aptos2019-224 --prepare.output=data/prepared/aptos-128 "
          "--prepare.image_size=128 --prepare.limit=600",
-         "{prog} --card-only --prepare.output=data/prepared/aptos")),
+         "{prog} --card-only --prepare.output=data/prepared/aptos"),
+        outputs=("prepare.output",)),
     Job("train", "aptos_ray.train.driver:train",
         "Train a DR grader with Ray Train (DDP over scaling.num_workers workers) or --local in one process. "
         "With no --data.dataset it trains on the embedded synthetic default, generated on first use.",
@@ -63,7 +66,8 @@ JOBS = {job.name: job for job in (
         ("{prog} --config configs/demo.yaml",
          "{prog} --local --data.dataset=data/prepared/aptos --train.epochs=3",
          "{prog} --config configs/seed_baseline.yaml --data.dataset=data/prepared/aptos",
-         "{prog} --resume --train.name=NAME")),
+         "{prog} --resume --train.name=NAME"),
+        outputs=("train.output",)),
     Job("tune", "aptos_ray.tune.search:run_search",
         "Search hyperparameters with Ray Tune + ASHA; every trial is a Ray Train run. Writes trials.csv, "
         "trials.md, best_config.yaml and qwk_per_epoch.png under tune.output/tune.name. Ctrl+C stops the "
@@ -72,7 +76,8 @@ JOBS = {job.name: job for job in (
         ("{prog} --tune.num_samples=4 --train.epochs=4",
          "{prog} --config configs/tune_demo.yaml --data.dataset=data/prepared/aptos",
          "{prog} --tune.space=\"{'optim.lr': {'loguniform': [1e-4, 1e-2]}}\" --tune.num_samples=3",
-         "{prog} --tune.name=NAME --tune.resume=true")),
+         "{prog} --tune.name=NAME --tune.resume=true"),
+        outputs=("tune.output",)),
     Job("cv", "aptos_ray.tune.cv:run_cv",
         "K-fold cross-validation: one training run per fold of data.folds (Ray Tune trials over data.fold, "
         "or one after another with --local), every image predicted once by the model that did not train on "
@@ -83,7 +88,8 @@ JOBS = {job.name: job for job in (
         ("{prog} --config configs/quality.yaml --data.dataset=data/prepared/aptos",
          "{prog} --local --data.folds=5 --data.dataset=data/prepared/aptos --train.epochs=3 --cv.name=quick",
          "{prog} --local --data.folds=5 --data.dataset=data/prepared/aptos --train.epochs=3 --cv.name=quick "
-         "--resume")),
+         "--resume"),
+        outputs=("cv.output",)),
     Job("predict", "aptos_ray.infer.predict:predict",
         "Grade fundus photographs with a trained checkpoint (Ray Data actor pool): submission.csv, "
         "predictions.parquet, predict.json, and the evaluation report when the grades are known.",
@@ -91,16 +97,19 @@ JOBS = {job.name: job for job in (
         ("{prog} --predict.checkpoint=runs/NAME --predict.images=data/prepared/aptos",
          "{prog} --predict.checkpoint=runs/NAME --predict.images=../shared/data/aptos2019-224 "
          "--predict.tta=3 --predict.output=outputs/predict",
-         "{prog} --predict.checkpoint=cv_runs/NAME --predict.images=../shared/data/aptos2019-224")),
+         "{prog} --predict.checkpoint=cv_runs/NAME --predict.images=../shared/data/aptos2019-224"),
+        outputs=("predict.output",)),
     Job("evaluate", "aptos_ray.infer.report:evaluate",
         "Write the evaluation report of a prediction run (report.html, report.md, metrics.json, figures).",
         ("predict",),
-        ("{prog} --predict.output=outputs/predict",)),
+        ("{prog} --predict.output=outputs/predict",),
+        outputs=("predict.output",)),
     Job("export", "aptos_ray.infer.export:export",
         "Export a checkpoint to ONNX (dynamic batch), checked against PyTorch with onnxruntime; "
         "exit status 1 when the outputs differ.",
         ("predict",),
-        ("{prog} --predict.checkpoint=runs/NAME --predict.output=outputs/export",)),
+        ("{prog} --predict.checkpoint=runs/NAME --predict.output=outputs/export",),
+        outputs=("predict.output",)),
 )}
 
 
@@ -141,6 +150,7 @@ def run_job(name: str, argv: list[str] | None = None, prog: str | None = None) -
         from aptos_ray.ray_setup import set_ray_env
 
         set_ray_env(cfg.scaling.verbose)  # before the job imports Ray
+        check_outputs(job, cfg)
         job.function()(cfg)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -148,6 +158,19 @@ def run_job(name: str, argv: list[str] | None = None, prog: str | None = None) -
     except tuple(error for error, _ in OTHER_EXITS) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(next(status for error, status in OTHER_EXITS if isinstance(e, error)))
+    except Exception as e:  # a full or read-only disk, an unreachable endpoint: one line, else a bug's traceback
+        failure = storage_failure(e)
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_outputs(job: Job, cfg: Config) -> None:
+    """Each folder the job writes can be written (``storage.check_writable``), before any work."""
+    for key in job.outputs:
+        section, name = key.split(".")
+        storage.check_writable(getattr(getattr(cfg, section), name), key)
 
 
 def main(argv: list[str] | None = None) -> None:

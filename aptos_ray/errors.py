@@ -8,6 +8,9 @@ catch FileNotFoundError / FileExistsError.
 
 from __future__ import annotations
 
+import errno
+import re
+
 
 class UserError(Exception):
     """Base of the errors a job reports as one line (exit status 2)."""
@@ -47,6 +50,48 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class ExistingFileError(UserError, FileExistsError):
     """The output the user named already holds something that must not be overwritten."""
+
+
+class StorageError(UserError, OSError):
+    """An output that cannot be written or a store that cannot be reached: the disk is full,
+    read-only or not ours, or the S3 endpoint does not answer. The next try fails the same way."""
+
+
+# Causes that no retry changes, said plainly; the OS's own text follows in brackets.
+STORAGE_CAUSES = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+# pyarrow's S3 client reports an endpoint that does not answer with these words, and no errno.
+UNREACHABLE = ("NETWORK_CONNECTION", "Could not connect", "Couldn't connect", "Could not resolve host")
+DETAIL_CHARS = 200  # of the OS's or client's own text
+# The errno inside the text of errors that lost it: pyarrow's "Detail: [errno 28] ...", and
+# shutil.copytree's shutil.Error, which lists "[Errno 28] No space left on device: ..." per file.
+ERRNO_IN_TEXT = re.compile(r"\[errno (\d+)\]", re.IGNORECASE)
+
+
+def storage_failure(error: BaseException | None, path: str = "") -> StorageError | None:
+    """The one-line ``StorageError`` for an error that fails the same way every try (disk full,
+    read-only, no permission, endpoint unreachable), naming ``path`` (else the error's own file);
+    None for any other error. Ray wraps a task's error (``cause``, ``__cause__``): those are searched."""
+    for _ in range(6):  # wrappers nest a few levels at most
+        if error is None or isinstance(error, StorageError):
+            return error
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            text = str(error.strerror if error.errno in STORAGE_CAUSES and error.strerror else error)
+            found = ERRNO_IN_TEXT.search(text)
+            cause = STORAGE_CAUSES.get(error.errno or (int(found.group(1)) if found else None))
+            if cause is None and any(words in text for words in UNREACHABLE):
+                cause = "storage endpoint unreachable"
+            if cause is not None:
+                where = path or error.filename or "an output"
+                detail = " ".join(text.split())[:DETAIL_CHARS]
+                return StorageError(f"{where}: {cause} ({detail})")
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
 
 
 # Failures of a job that ran: each has its own exit status (jobs/export.py, jobs/tune.py).

@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def init_ray(scaling: ScalingConfig) -> None:
         ray.init(address=address, **options)
     else:
         private_default_token()
+        loopback_only()
+        end_with_this_process()
         ray.init(**options, **local_ray_options())
     if not scaling.verbose:
         quiet_ray_data()
@@ -167,3 +170,34 @@ def local_ray_options() -> dict:
         "dashboard_port": port,
         "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
     }
+
+
+def loopback_only() -> None:
+    """Every port of a local Ray instance on 127.0.0.1: GCS, raylet, workers, the agents and the
+    Prometheus metrics endpoints (dashboard, autoscaler, node metrics), which otherwise listen on
+    all interfaces and answer anyone who can reach the machine, without a token.
+
+    Ray (2.60) binds to the node's IP, and turns 127.0.0.1 given as ``_node_ip_address`` back into
+    the machine's address (``services.resolve_ip_for_localhost``). Its switch for single-machine
+    platforms, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, makes the node IP the loopback address: the
+    processes Ray starts read it from the environment, this one from the constant it was read into.
+    Only for an instance started here: a driver joining a cluster must be reachable from it.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+_REAPER: subprocess.Popen | None = None  # kept referenced: its stdin must stay open while we live
+
+
+def end_with_this_process() -> None:
+    """Start ``process_reaper`` (once): when this process ends, however (``kill -9`` included), the
+    Ray processes it started end within about a second, not a minute or more later."""
+    global _REAPER
+    if _REAPER is not None or not sys.platform.startswith("linux"):
+        return
+    script = Path(__file__).with_name("process_reaper.py")
+    _REAPER = subprocess.Popen([sys.executable, str(script), str(os.getpid())], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, start_new_session=True)

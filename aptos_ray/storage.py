@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-from aptos_ray.errors import MissingFileError
+from aptos_ray.errors import MissingFileError, StorageError, storage_failure
 
 
 def is_uri(path: str) -> bool:
@@ -56,18 +56,33 @@ def _bucket_filesystem(scheme: str, bucket: str, query: str) -> pafs.FileSystem:
     return pafs.FileSystem.from_uri(f"{scheme}://{bucket}" + (f"?{query}" if query else ""))[0]
 
 
+@contextmanager
+def named(path: str) -> Iterator[None]:
+    """Turn a failure no retry changes (disk full, read-only, no permission, endpoint unreachable)
+    into one ``StorageError`` line naming ``path``; other errors pass unchanged."""
+    try:
+        yield
+    except OSError as e:
+        failure = storage_failure(e, str(path))
+        if failure is None or failure is e:
+            raise
+        raise failure from None
+
+
 def file_type(path: str) -> str:
     """'File', 'Directory' or 'NotFound' for a local path or URI (links followed)."""
-    fs, inner = filesystem(path)
-    return fs.get_file_info(inner).type.name
+    with named(path):
+        fs, inner = filesystem(path)
+        return fs.get_file_info(inner).type.name
 
 
 def list_dir(path: str) -> list[tuple[str, str]]:
     """[(name, 'File' | 'Directory')] of a folder's entries, sorted by name; hidden ones left out.
 
     Local symlinks count as what they point to (as ``os.path.isdir`` does)."""
-    fs, inner = filesystem(path)
-    infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
+    with named(path):
+        fs, inner = filesystem(path)
+        infos = fs.get_file_info(pafs.FileSelector(inner, allow_not_found=True))
     return sorted((i.base_name, i.type.name) for i in infos if not i.base_name.startswith("."))
 
 
@@ -106,15 +121,15 @@ def absolute(path: str) -> str:
 
 
 def exists(path: str) -> bool:
-    fs, inner = filesystem(path)
-    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+    return file_type(path) != "NotFound"
 
 
 def open_input(path: str):
-    fs, inner = filesystem(path)
-    if fs.get_file_info(inner).type == pafs.FileType.NotFound:
-        raise MissingFileError(path)
-    return fs.open_input_stream(inner)
+    with named(path):
+        fs, inner = filesystem(path)
+        if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+            raise MissingFileError(path)
+        return fs.open_input_stream(inner)
 
 
 def read_bytes(path: str) -> bytes:
@@ -128,10 +143,7 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    fs, inner = filesystem(path)
-    fs.create_dir(os.path.dirname(inner), recursive=True)
-    with fs.open_output_stream(inner) as f:
-        f.write(text.encode())
+    write_bytes(path, text.encode())
 
 
 def upload_dir(local_dir: str | Path, target: str) -> None:
@@ -142,10 +154,57 @@ def upload_dir(local_dir: str | Path, target: str) -> None:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    fs, inner = filesystem(path)
-    fs.create_dir(os.path.dirname(inner), recursive=True)
-    with fs.open_output_stream(inner) as f:
-        f.write(data)
+    """Write a whole file. Local files are written aside and renamed into place, so a full disk or a
+    kill leaves the old file or the new one, never half of one (object stores publish whole objects)."""
+    with named(path):
+        fs, inner = filesystem(path)
+        fs.create_dir(os.path.dirname(inner), recursive=True)
+        if not is_local(path):
+            with fs.open_output_stream(inner) as f:
+                f.write(data)
+            return
+        aside = os.path.join(os.path.dirname(inner), f".{os.path.basename(inner)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(aside, "wb") as f:
+                f.write(data)
+            os.replace(aside, inner)
+        finally:
+            if os.path.exists(aside):
+                os.remove(aside)
+
+
+PROBE_BYTES = 64 * 1024  # written and flushed to disk: a full disk refuses it, where an empty file may pass
+
+
+def check_writable(path: str, key: str) -> None:
+    """Refuse, before any work, an output folder this job cannot write: a file in its place, a
+    read-only or full disk, no permission, an S3 endpoint that does not answer. A small file is
+    written to the folder (or, when the folder does not exist yet, to the nearest existing parent:
+    nothing is created) and removed again."""
+    where = f"--{key}={path}"
+    if not is_local(path):
+        probe = join(path, f".aptos-write-probe-{uuid.uuid4().hex[:8]}")
+        with named(where):
+            fs, inner = filesystem(probe)
+            with fs.open_output_stream(inner) as f:
+                f.write(b"probe")
+            fs.delete_file(inner)
+        return
+    folder = Path(filesystem(path)[1])
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise StorageError(f"{where}: cannot write there: {folder} is a file, not a folder")
+    probe = folder / f".aptos-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with named(where):
+        try:
+            with open(probe, "wb") as f:
+                f.write(b"\0" * PROBE_BYTES)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            if probe.exists():
+                probe.unlink()
 
 
 def join(base: str, *parts: str) -> str:

@@ -65,6 +65,9 @@ class Reading:
     input_key: str  # the option that names the input, for messages
     images: str = ""  # the image folder when not beside the CSV (prepare.images)
     ignored_csv: tuple[str, ...] = ()  # prefixes of CSVs that are no ids list (Kaggle's sample_submission)
+    # Links out of the input folder are followed (a subset made of links into one image store) and
+    # recorded by the path they resolve to; False quarantines them, for inputs from an untrusted source.
+    follow_symlinks: bool = True
 
 
 def reason_kind(reason: str) -> str:
@@ -114,7 +117,7 @@ def _read_folder(path: str, how: Reading) -> Source:
     if csv is not None:
         return read_csv_layout(csv, _images_dir(csv, how), how)
     if _class_folder_root(entries) or _split_class_roots(path, entries):
-        return read_class_folders(path, entries)
+        return read_class_folders(path, entries, how.follow_symlinks)
     npzs = [n for n, kind in entries if kind == "File" and n.lower().endswith(".npz")]
     if len(npzs) == 1:
         return read_npz(storage.join(path, npzs[0]))
@@ -192,8 +195,10 @@ def parse_split(value) -> tuple[str | None, str]:
     return SPLIT_ALIASES[text], ""
 
 
-def resolve_image(images: str, id_: str, listing: set[str]) -> tuple[str | None, str]:
-    """(path, "") or (None, reason) for an id: without extension (tries .png/.jpg/.jpeg) or with one."""
+def resolve_image(images: str, id_: str, listing: set[str], folded: dict[str, str] | None = None) -> tuple[str | None, str]:
+    """(path, "") or (None, reason) for an id: without extension (tries .png/.jpg/.jpeg) or with one.
+    ``folded`` (lower-cased name -> name of the listing) lets a missing file name the file whose
+    name differs only in case (``x.png`` asked, ``x.PNG`` there)."""
     if id_ == "" or id_.startswith("/") or "\\" in id_:
         return None, "id escapes the image folder" if id_ else "empty id"
     inside = posixpath.normpath(id_)
@@ -204,11 +209,20 @@ def resolve_image(images: str, id_: str, listing: set[str]) -> tuple[str | None,
         for name in (inside, *(inside + ext for ext in extensions)):
             if name in listing:
                 return storage.join(images, name), ""
-        return None, "missing file"
+        return None, "missing file" + _case_hint(inside, folded or {})
     for candidate in (inside, *(inside + ext for ext in IMAGE_EXTENSIONS)):
         if storage.file_type(storage.join(images, candidate)) == "File":
             return storage.join(images, candidate), ""
     return None, "missing file"
+
+
+def _case_hint(name: str, folded: dict[str, str]) -> str:
+    """': x.PNG exists (the name differs only in case)' when the folder holds such a file, else ''."""
+    for candidate in (name, *(name + ext for ext in IMAGE_EXTENSIONS)):
+        found = folded.get(candidate.lower())
+        if found is not None:
+            return f": {found} exists (the name differs only in case)"
+    return ""
 
 
 # ---------------------------------------------------------------- layouts
@@ -239,10 +253,11 @@ def read_csv_layout(csv: str, images: str, how: Reading) -> Source:
                            "images": images, "rows": int(len(table)), "split_column": split_col is not None,
                            "unusable_grades": 0})
     first_line: dict[str, int] = {}
+    listed = _Listing(listing, {n.lower(): n for n in listing}, {})
     labels = table[label_col].tolist() if label_col else [None] * len(table)
     splits = table[split_col].tolist() if split_col else [None] * len(table)
     for line, (id_, label, split) in enumerate(zip(table[id_col], labels, splits), start=2):  # 1: header
-        _add_csv_row(src, images, listing, str(id_).strip(), label, split, line, first_line, how)
+        _add_csv_row(src, images, listed, str(id_).strip(), label, split, line, first_line, how)
     # images with no CSV row: not data we can use (no label), but worth a line in the manifest
     src.info["unlisted_images"] = sum(
         1 for n in listing if is_image_name(n) and n not in first_line and os.path.splitext(n)[0] not in first_line
@@ -260,7 +275,16 @@ def _read_table(csv: str) -> pd.DataFrame:
         raise DataError(f"{csv}: cannot parse the CSV ({e})") from None
 
 
-def _add_csv_row(src, images, listing, id_, label, split_value, line, first_line, how: Reading) -> None:
+@dataclass
+class _Listing:
+    """An image folder's file names, lower-cased for hints, and the files already taken by an id."""
+
+    names: set[str]
+    folded: dict[str, str]  # lower-cased name -> name
+    taken: dict[str, tuple[str, int]]  # file (links resolved) -> (id, CSV line) of its first row
+
+
+def _add_csv_row(src, images, listed: _Listing, id_, label, split_value, line, first_line, how: Reading) -> None:
     source = storage.join(images, id_) if id_ else f"{images}:line {line}"
     if id_ in first_line:
         src.quarantine(id_, source, f"duplicate id: first on line {first_line[id_]}")
@@ -274,12 +298,17 @@ def _add_csv_row(src, images, listing, id_, label, split_value, line, first_line
     if not reason:
         split, reason = parse_split(split_value)
     if not reason:
-        path, reason = resolve_image(images, id_, listing)
+        path, reason = resolve_image(images, id_, listed.names, listed.folded)
     if not reason and _local(path):
-        reason = escape_reason(path, images)
+        reason = "" if how.follow_symlinks else escape_reason(path, images)
+        path = os.path.realpath(path)
+    if not reason and path in listed.taken:  # "a8" and "a8.png": one photograph, one row
+        first_id, first = listed.taken[path]
+        reason = f"duplicate file: same file as id {first_id!r} on line {first}"
     if reason:
         src.quarantine(id_, source, reason)
         return
+    listed.taken[path] = (id_, line)
     src.records.append({"id": id_, "grade": grade, "source": path, "split": split})
 
 
@@ -300,12 +329,13 @@ def _split_class_roots(folder: str, entries: list[tuple[str, str]]) -> dict[str,
     return roots
 
 
-def read_class_folders(folder: str, entries: list[tuple[str, str]] | None = None) -> Source:
+def read_class_folders(folder: str, entries: list[tuple[str, str]] | None = None,
+                       follow_symlinks: bool = True) -> Source:
     """``<folder>/<class>/*.png`` (or ``<folder>/<split>/<class>/*.png``); the id is the file stem."""
     entries = storage.list_dir(folder) if entries is None else entries
     roots = _split_class_roots(folder, entries) or {None: folder}
     src = Source([], info={"layout": "class_folders", "images": _real(folder), "splits": sorted(k for k in roots if k)})
-    seen: dict[str, str] = {}
+    seen: dict = {}  # id -> file, and ("file", file with links resolved) -> its first path
     skipped: list[str] = []
     for split, root in sorted(roots.items(), key=lambda kv: SPLITS.index(kv[0]) if kv[0] else 0):
         subs = storage.list_dir(root)
@@ -316,7 +346,7 @@ def read_class_folders(folder: str, entries: list[tuple[str, str]] | None = None
                                         and _class_folder_root(storage.list_dir(sub))):
                 continue  # a split folder; handled through _split_class_roots
             for file in input_files(sub, skipped):
-                _add_class_file(src, file, classes.get(name), name, split, seen, folder)
+                _add_class_file(src, file, classes.get(name), name, split, seen, folder, follow_symlinks)
     if skipped:
         src.info["skipped_own_outputs"] = skipped
         print(f"note: skipped {len(skipped)} folder(s) written by prepare itself: {', '.join(skipped)}")
@@ -344,10 +374,12 @@ def input_files(folder: str, skipped: list[str]) -> list[str]:
     return sorted(files)
 
 
-def _add_class_file(src: Source, file: str, grade: int | None, folder_name: str, split, seen, top: str) -> None:
+def _add_class_file(src: Source, file: str, grade: int | None, folder_name: str, split, seen, top: str,
+                    follow_symlinks: bool) -> None:
     name = storage.name(file)
     id_ = os.path.splitext(name)[0]
-    escapes = escape_reason(file, top) if _local(file) else ""
+    escapes = escape_reason(file, top) if _local(file) and not follow_symlinks else ""
+    real = _real(file)
     if escapes:
         src.quarantine(id_, file, escapes)
     elif grade is None:
@@ -356,9 +388,11 @@ def _add_class_file(src: Source, file: str, grade: int | None, folder_name: str,
         src.quarantine(id_, file, f"unsupported file type: {os.path.splitext(name)[1] or 'none'}")
     elif id_ in seen:
         src.quarantine(id_, file, f"duplicate id: also {seen[id_]}")
+    elif ("file", real) in seen:  # two links to one photograph, maybe in two class folders
+        src.quarantine(id_, file, f"duplicate file: same file as {seen['file', real]}")
     else:
-        seen[id_] = file
-        src.records.append({"id": id_, "grade": grade, "source": _real(file), "split": split})
+        seen[id_], seen["file", real] = file, file
+        src.records.append({"id": id_, "grade": grade, "source": real, "split": split})
 
 
 def read_image_folder(folder: str, entries: list[tuple[str, str]]) -> Source:

@@ -46,11 +46,14 @@ def read_source(cfg: PrepareConfig) -> Source:
     """Read ``cfg.input`` (a local path or URI) in whichever layout it has; ``DataError`` when it is unusable."""
     try:
         found = storage.file_type(cfg.input) != "NotFound"
+    except StorageError:  # already one line naming the input: an endpoint that does not answer
+        raise
     except OSError as e:  # a bucket that does not exist, no credentials, ...
         raise DataError(f"{cfg.input}: cannot read the input ({e})") from None
     if not found:
         raise DataError(f"{cfg.input}: input not found; set --prepare.input to a dataset folder, labels CSV or .npz")
-    src = read_layout(cfg.input, Reading(**{**PREPARE_READING.__dict__, "images": cfg.images}))
+    src = read_layout(cfg.input, Reading(**{**PREPARE_READING.__dict__, "images": cfg.images,
+                                            "follow_symlinks": cfg.follow_symlinks}))
     check_usable(src, cfg.input)
     return src
 

@@ -17,6 +17,7 @@ runs. Nothing is rewritten afterwards, and a resumed run continues the history i
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import re
@@ -59,10 +60,15 @@ def best_of(history: list[dict]) -> dict:
 
 def save_checkpoint(directory: Path, state: dict, cfg: Config, history: list[dict]) -> Path:
     """model.pt (loadable with ``torch.load(weights_only=True)``), config.yaml and history.json."""
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(state, directory / CHECKPOINT_FILE)
-    cfg.save(directory / "config.yaml")
-    (directory / HISTORY_FILE).write_text(json.dumps(history))
+    with storage.named(str(directory)):  # a full or read-only disk: one line naming the folder
+        directory.mkdir(parents=True, exist_ok=True)
+        # Serialised in memory, then written: torch.save reports a full disk as a RuntimeError
+        # ("unexpected pos ..."), a plain write as the OSError it is.
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        (directory / CHECKPOINT_FILE).write_bytes(buffer.getbuffer())
+        cfg.save(directory / "config.yaml")
+        (directory / HISTORY_FILE).write_text(json.dumps(history))
     return directory
 
 

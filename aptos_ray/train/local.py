@@ -73,7 +73,12 @@ class LocalBackend:
         aside = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         storage.remove_dead_leftovers(target)  # the aside folder of a killed run that wrote this epoch
         shutil.rmtree(aside, ignore_errors=True)
-        shutil.copytree(checkpoint_dir, aside)
+        try:
+            with storage.named(str(target)):
+                shutil.copytree(checkpoint_dir, aside)
+        except BaseException:  # a full disk leaves no half copy behind, not even a hidden one
+            shutil.rmtree(aside, ignore_errors=True)
+            raise
         shutil.rmtree(target, ignore_errors=True)
         aside.rename(target)  # a kill before this line leaves only a hidden folder, never a half checkpoint
         self.scores[epoch] = metrics

@@ -39,7 +39,7 @@ from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.data.folds import fold_ids, keep_ids
 from aptos_ray.data.format import SPLITS, TRAIN_COLUMNS, split_bytes
-from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError
+from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError, storage_failure
 from aptos_ray.ray_setup import check_seen_by_every_node, init_ray, ray_train_log_level
 from aptos_ray.train.checkpoint import (
     CHECKPOINT_DIR,
@@ -238,10 +238,14 @@ def worker_resources(scaling) -> dict:
 
 def _user_error(error: BaseException | None) -> UserError | None:
     """The ``UserError`` a worker raised, inside Ray Train's wrappers (``UserExceptionWithTraceback``
-    keeps it as ``_base_exc``; a ``ControllerError`` as ``controller_failure``); else None."""
+    keeps it as ``_base_exc``; a ``ControllerError`` as ``controller_failure``), or the one an I/O
+    error that no retry changes stands for (a full or read-only disk, an unreachable endpoint:
+    ``errors.storage_failure``); else None."""
     for _ in range(4):  # the wrappers nest at most a few levels deep
         if error is None or isinstance(error, UserError):
             return error
+        if isinstance(error, OSError):
+            return storage_failure(error)
         if isinstance(error, WorkerGroupError):
             found = [e for e in map(_user_error, error.worker_failures.values()) if e is not None]
             return found[0] if found else None
@@ -250,7 +254,8 @@ def _user_error(error: BaseException | None) -> UserError | None:
 
 
 class StopOnUserError(UserCallback):
-    """A ``UserError`` in a worker (bad value, weights or checkpoint) fails the same way every try:
+    """A ``UserError`` in a worker (bad value, weights or checkpoint), like a full or read-only disk,
+    fails the same way every try:
     end the run at once instead of letting ``FailureConfig`` retry it ``max_failures`` times.
 
     Ray Train's failure policy retries every worker error and takes no hook; an exception raised by
