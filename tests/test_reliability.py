@@ -10,7 +10,7 @@ whole table of the issue (52 cases) with the numbers.
 | 2 | validation QWK ties (lr 0, frozen BatchNorm) | summary's best checkpoint is kept; predict from the run dir works | correct (test_case02_*) |
 | 3 | Ray worker SIGKILLed right after an epoch's report | the run continues from that epoch | correct (test_case03_*, slow) |
 | 4 | prepare SIGKILLed mid-run, then rerun | no `.NAME.tmp-*` left behind | correct (test_case04_*, slow + fast) |
-| 5 | symlink to a PNG outside the input folder | quarantined "path escapes the input folder" | quarantined (test_case05_*) |
+| 5 | symlink to a PNG outside the input folder | followed, the resolved file recorded; with prepare.follow_symlinks=false quarantined "path escapes the input folder" | correct (test_case05_*) |
 | 6 | prepare.output inside prepare.input; our own outputs in a class folder | one-line DataError; outputs skipped with a note | one-line error (test_case06_*) |
 | 7 | all-black 10000x10000 PNG; uniform grey image | quarantined before decoding / as blank | quarantined (test_case07_*) |
 | 8 | tune resume of a folder with a planted tuner.pkl; auth token mode | refused before unpickling; token 0600 | one-line error (test_case08_*) |
@@ -171,20 +171,34 @@ def test_case04_leftovers_of_dead_writers_are_removed(tmp_path):
 # ---------------------------------------------------------------- 5, 6, 7: foreign data
 
 
-def test_case05_symlink_out_of_the_input_is_quarantined(aptos_dir, tmp_path):
+def test_case05_symlink_out_of_the_input_is_followed_or_quarantined_on_request(aptos_dir, tmp_path):
+    """Links into an image store elsewhere are followed by default (the resolved file is recorded);
+    ``prepare.follow_symlinks=false`` (untrusted inputs) quarantines them."""
     raw = class_folders(aptos_dir, tmp_path / "raw")
     elsewhere = tmp_path / "elsewhere.png"
     shutil.copy(next((raw / "1").iterdir()), elsewhere)
-    (raw / "0" / "intruder.png").symlink_to(elsewhere)
-    (raw / "0" / "inside.png").symlink_to(next((raw / "1").iterdir()))  # a link within the input is fine
+    (raw / "0" / "outside.png").symlink_to(elsewhere)
+    src = read_source(PrepareConfig(input=str(raw)))
+    assert {r["id"]: r["source"] for r in src.records}["outside"] == str(elsewhere)
+    assert "outside" not in {q["id"] for q in src.quarantined}
+    src = read_source(PrepareConfig(input=str(raw), follow_symlinks=False))
+    reasons = {q["id"]: q["reason"] for q in src.quarantined}
+    assert reasons["outside"].startswith("path escapes the input folder: ")
+    assert str(elsewhere) in reasons["outside"]
+    assert "outside" not in {r["id"] for r in src.records}
+
+
+def test_case05_a_link_inside_the_input_to_a_file_it_holds_is_a_duplicate(aptos_dir, tmp_path):
+    raw = class_folders(aptos_dir, tmp_path / "raw")
+    target = min((raw / "1").iterdir())
+    (raw / "0" / "inside.png").symlink_to(target)  # one photograph, two grades
     src = read_source(PrepareConfig(input=str(raw)))
     reasons = {q["id"]: q["reason"] for q in src.quarantined}
-    assert reasons["intruder"].startswith("path escapes the input folder: ")
-    assert str(elsewhere) in reasons["intruder"]
-    assert "intruder" not in {r["id"] for r in src.records} and "inside" in {r["id"] for r in src.records}
+    first, later = sorted(["inside", target.stem], key=lambda i: "0" if i == "inside" else "1")
+    assert reason_kind(reasons[later]) == "duplicate file" and first in {r["id"] for r in src.records}
 
 
-def test_case05_csv_layout_symlink_is_quarantined(aptos_dir, tmp_path):
+def test_case05_csv_layout_symlink_is_followed_or_quarantined_on_request(aptos_dir, tmp_path):
     raw = class_folders(aptos_dir, tmp_path / "raw")
     images = tmp_path / "kaggle" / "train_images"
     images.mkdir(parents=True)
@@ -196,6 +210,9 @@ def test_case05_csv_layout_symlink_is_quarantined(aptos_dir, tmp_path):
     (images / "link.png").symlink_to(tmp_path / "raw" / "0" / min(os.listdir(raw / "0")))
     (images.parent / "train.csv").write_text("id_code,diagnosis\n" + "\n".join([*rows, "link,2"]) + "\n")
     src = read_source(PrepareConfig(input=str(images.parent)))
+    link = {r["id"]: r["source"] for r in src.records}["link"]
+    assert link == str((tmp_path / "raw" / "0" / min(os.listdir(raw / "0"))).resolve())
+    src = read_source(PrepareConfig(input=str(images.parent), follow_symlinks=False))
     assert reason_kind({q["id"]: q["reason"] for q in src.quarantined}["link"]) == "path escapes the input folder"
 
 

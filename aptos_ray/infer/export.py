@@ -11,6 +11,7 @@ PyTorch's by more than ``TOLERANCE`` (relative to the outputs' magnitude) or any
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import warnings
@@ -120,6 +121,22 @@ def metadata(grader: Grader, checkpoint, exporter: str, parity: dict, prepare: d
     }
 
 
+def publish(folder: Path, target: str, names: tuple[str, ...]) -> None:
+    """Copy ``names`` from ``folder`` to ``target`` (a path or URI), each file whole; when one fails
+    (a full disk), those already copied are removed: no model.onnx beside another model's model.json."""
+    done = []
+    try:
+        for name in names:
+            storage.write_bytes(storage.join(target, name), (folder / name).read_bytes())
+            done.append(name)
+    except BaseException:
+        for name in done:
+            with contextlib.suppress(OSError):
+                fs, inner = storage.filesystem(storage.join(target, name))
+                fs.delete_file(inner)
+        raise
+
+
 def export(cfg: Config) -> dict:
     """The export job: ``predict.checkpoint`` -> ``<predict.output>/model.onnx`` + ``model.json``
     (a local folder or a URI: built in a temporary folder, then uploaded)."""
@@ -132,7 +149,7 @@ def export(cfg: Config) -> dict:
     grader = Grader(checkpoint, "cpu")
     target = cfg.predict.output
     with tempfile.TemporaryDirectory(prefix="aptos-export-") as tmp:
-        out = Path(tmp) if storage.is_uri(target) else Path(target)
+        out = Path(tmp)  # built aside, then published: a full disk leaves no half model.onnx in the output
         path = out / "model.onnx"
         exporter = export_onnx(grader.model, grader.size, path)
         parity = check_parity(grader, path)
@@ -140,9 +157,7 @@ def export(cfg: Config) -> dict:
         meta = metadata(grader, checkpoint, exporter, parity, asdict(prepare), prepare_from)
         (out / "model.json").write_text(json.dumps(meta, indent=2))
         size = path.stat().st_size
-        if storage.is_uri(target):
-            for name in ("model.onnx", "model.json"):
-                storage.write_bytes(storage.join(target, name), (out / name).read_bytes())
+        publish(out, target, ("model.onnx", "model.json"))
     print(f"exported {checkpoint.path} -> {storage.join(target, 'model.onnx')} ({size / 1e6:.1f} MB, {exporter}, "
           f"opset {OPSET})")
     print(f"parity with PyTorch: max diff {parity['max_abs_diff']:.2e} (tolerance {TOLERANCE:.0e}) at batch sizes "

@@ -56,6 +56,9 @@ def write_outputs(output: str, predictions: pd.DataFrame, unreadable: pd.DataFra
     if len(predictions) + len(unreadable) != meta["num_inputs"]:  # a bug, never a data problem
         raise RuntimeError(f"predict lost rows: {meta['num_inputs']} inputs != {len(predictions)} predicted "
                            f"+ {len(unreadable)} unreadable")
+    # predict.json, written last, marks a complete folder: an older one must not vouch for files
+    # half replaced when a full disk stops this run
+    remove_stale_report(output, ("predict.json",))
     submission = pd.DataFrame({"id_code": predictions["id"], "diagnosis": predictions["predicted"]})
     storage.write_text(storage.join(output, "submission.csv"), submission.to_csv(index=False))
     buf = io.BytesIO()
@@ -78,9 +81,9 @@ def write_outputs(output: str, predictions: pd.DataFrame, unreadable: pd.DataFra
     return summary
 
 
-def remove_stale_report(output: str) -> None:
+def remove_stale_report(output: str, names: tuple[str, ...] = ()) -> None:
     """A report left by an earlier run in the same folder must not pass for this run's."""
-    for name in (*REPORT_FILES, *FIGURES.values(), QUALITY_SHEET, EXPLAIN_INDEX):
+    for name in names or (*REPORT_FILES, *FIGURES.values(), QUALITY_SHEET, EXPLAIN_INDEX):
         fs, inner = storage.filesystem(storage.join(output, name))
         if fs.get_file_info(inner).type.name == "File":
             fs.delete_file(inner)
