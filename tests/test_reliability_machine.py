@@ -121,7 +121,8 @@ def job_args(job: str, out: Path, p60: Path, run: Path | None, aptos_dir: Path) 
         "prepare": [f"--prepare.input={aptos_dir}", f"--prepare.output={out / 'prepared'}", "--prepare.limit=20"],
         "train": [*TINY, f"--data.dataset={p60}", f"--train.output={out / 'runs'}", "--train.name=x",
                   "--train.epochs=1"],
-        "predict": [f"--predict.checkpoint={run}", f"--predict.images={p60}", f"--predict.output={out / 'pred'}"],
+        "predict": [f"--predict.checkpoint={run}", f"--predict.images={p60}", "--predict.split=val",
+                    f"--predict.output={out / 'pred'}"],
         "export": [f"--predict.checkpoint={run}", f"--predict.output={out / 'export'}"],
     }[job]
 
