@@ -10,7 +10,7 @@ callback (no Ray started); the local Ray's processes and ports in a subprocess.
 |---|---|---|---|
 | 13 | output folder on a full disk (prepare, train, predict, export) | one line naming the key and path, "disk full", exit 2, before Ray starts | test_case13_* |
 | 14 | --local checkpoint write that fills the disk | one line naming the checkpoint folder, exit 2, no checkpoint folder (not even hidden) left | test_case14_* |
-| 15 | full disk in a Ray Train worker | not retried: the one-line error ends the run | test_case15_* |
+| 15 | full disk in a Ray Train worker | not retried: the one-line error naming the checkpoint folder ends the run, no partial folder left | test_case15_* (one slow) |
 | 16 | read-only output folder (predict, export, train) | one line "read-only file system", exit 2, before Ray starts | test_case16_* |
 | 17 | S3 endpoint that does not answer (train output, prepare input) | one line "storage endpoint unreachable" naming the URI, exit 2 | test_case17_* |
 | 18 | one file under two ids (`a8`, `a8.png`) | the later row quarantined "duplicate file" | test_case18_* |
@@ -160,6 +160,23 @@ def test_case15_full_disk_in_a_ray_worker_is_not_retried():
         StopOnUserError().after_exception(None, {0: UserExceptionWithTraceback(
             OSError("Failed to write. Detail: [errno 28] No space left on device"), "")})
     StopOnUserError().after_exception(None, {0: UserExceptionWithTraceback(OSError("connection reset"), "")})
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_case15_ray_training_that_fills_the_disk_ends_in_one_attempt(disk, p60):
+    """The real thing: Ray Train's checkpoint upload fills the disk. One attempt, the one-line
+    error naming the checkpoint folder, and no partial checkpoint folder left for a resume."""
+    fill(disk, leave=256 * 1024)
+    run = subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *TINY[1:], f"--data.dataset={p60}",
+                          f"--train.output={disk}", "--train.name=ray", "--train.epochs=2",
+                          "--scaling.num_workers=1", "--model.head=classification"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 2, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "checkpoint_epoch_0000: disk full" in last, last
+    assert (run.stdout + run.stderr).count("epoch   0 |") == 1  # trained once: not retried
+    assert not [p.name for p in (disk / "ray").iterdir() if p.name.startswith("checkpoint_epoch")]
 
 
 # ---------------------------------------------------------------- 16: read-only

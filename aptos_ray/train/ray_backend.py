@@ -194,7 +194,22 @@ class RayBackend:
     def report(self, metrics: dict, checkpoint_dir: Path | None, epoch: int) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(scalars, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(epoch))
+        target = storage.join(self.run_dir, checkpoint_name(epoch))
+        try:
+            ray.train.report(scalars, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(epoch))
+        except OSError as e:  # the upload: pyarrow's error names no file
+            failure = storage_failure(e, target)
+            if failure is None or checkpoint is None:
+                raise
+            remove_partial_upload(target)
+            raise failure from None
+
+
+def remove_partial_upload(folder: str) -> None:
+    """A checkpoint folder cut short by a full disk goes: a later run must not find a truncated model.pt."""
+    with contextlib.suppress(OSError):
+        fs, inner = storage.filesystem(folder)
+        fs.delete_dir(inner)
 
 
 def quiet_ray_train_worker(cfg: Config) -> None:
