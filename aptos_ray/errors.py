@@ -80,6 +80,9 @@ def storage_failure(error: BaseException | None, path: str = "") -> StorageError
     for _ in range(6):  # wrappers nest a few levels at most
         if error is None or isinstance(error, StorageError):
             return error
+        if isinstance(getattr(error, "cause", None), BaseException):  # Ray's RayTaskError: the task's own error
+            error = error.cause
+            continue
         if isinstance(error, OSError) and not isinstance(error, UserError):
             text = str(error.strerror if error.errno in STORAGE_CAUSES and error.strerror else error)
             found = ERRNO_IN_TEXT.search(text)

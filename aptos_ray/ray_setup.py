@@ -96,6 +96,10 @@ class _NotThis(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+RAY_DATA_FAILURE_LOGS = ("An exception was raised from a task of operator", "Full stack trace:",
+                         "Exception occurred in Ray Data or Ray Core internal code")
+
+
 def quiet_ray_data() -> None:
     """Ray Data in this process (the driver): no per-operator progress bars drawn by the driver
     for the workers (use_ray_tqdm), progress logged at INFO instead (hidden), and not the warning
@@ -107,6 +111,10 @@ def quiet_ray_data() -> None:
     data_logger.setLevel(logging.WARNING)
     for handler in data_logger.handlers:
         handler.addFilter(_NotThis("Progress bars disabled"))
+        # A failed task's traceback, logged before the same error is raised here and reported by
+        # the job (one line for a full disk, its traceback for a bug); --verbose shows them.
+        for prefix in RAY_DATA_FAILURE_LOGS:
+            handler.addFilter(_NotThis(prefix))
 
 
 @contextlib.contextmanager

@@ -62,7 +62,7 @@ def named(path: str) -> Iterator[None]:
     into one ``StorageError`` line naming ``path``; other errors pass unchanged."""
     try:
         yield
-    except OSError as e:
+    except Exception as e:  # also Ray's wrappers of a task's OSError, which need not be OSErrors
         failure = storage_failure(e, str(path))
         if failure is None or failure is e:
             raise

@@ -179,6 +179,23 @@ def test_case15_ray_training_that_fills_the_disk_ends_in_one_attempt(disk, p60):
     assert not [p.name for p in (disk / "ray").iterdir() if p.name.startswith("checkpoint_epoch")]
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_case13_prepare_that_fills_the_disk_is_one_line(disk, aptos_dir):
+    """The disk fills while Ray Data's tasks write the Parquet: the error line names the output,
+    Ray Data's logged copies of the traceback are not shown, nothing is left on the disk."""
+    fill(disk, leave=300 * 1024)  # the probe passes; 100 images at 128 px do not fit
+    run = subprocess.run([sys.executable, str(REPO / "jobs" / "prepare.py"), f"--prepare.input={aptos_dir}",
+                          f"--prepare.output={disk / 'prepared'}", "--prepare.limit=100", "--prepare.image_size=128"],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 2, run.stderr[-2000:]
+    lines = run.stderr.strip().splitlines()
+    assert lines[-1] == f"error: {disk / 'prepared'}: disk full (Error writing bytes to file. Detail: [errno 28] " \
+                        "No space left on device)", lines[-1]
+    assert "Traceback" not in run.stderr, run.stderr[-2000:]
+    assert sorted(p.name for p in disk.iterdir()) == [".filler"]
+
+
 # ---------------------------------------------------------------- 16: read-only
 
 

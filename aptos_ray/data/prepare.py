@@ -125,7 +125,7 @@ def prepare(cfg: Config) -> Path | str:
     init_ray(cfg.scaling)
     check_seen_by_every_node({"prepare.input": p.input, "prepare.images": p.images})
 
-    with storage.publish_location(p.output) as out:
+    with storage.named(p.output), storage.publish_location(p.output) as out:  # a full disk: one line
         manifest = build_dataset(records, src, p, out)
     print(summary_table(manifest))
     if p.card:

@@ -76,7 +76,7 @@ class LocalBackend:
         try:
             with storage.named(str(target)):
                 shutil.copytree(checkpoint_dir, aside)
-        except BaseException:  # a full disk leaves no half copy behind, not even a hidden one
+        except Exception:  # a full disk leaves no half copy behind, not even a hidden one (a kill's the next run removes)
             shutil.rmtree(aside, ignore_errors=True)
             raise
         shutil.rmtree(target, ignore_errors=True)
