@@ -77,9 +77,7 @@ class PrepareConfig:
     dedup_max_distance: Count = 4  # perceptual-hash Hamming distance that counts as a near-duplicate
     min_image_side: PositiveInt = 32  # smaller images are quarantined
     max_pixels: PositiveInt = 50_000_000  # larger images (read from the header, before decoding) are quarantined
-    # follow links out of the input folder (subsets made of links into one image store), recording the
-    # file they point to; false quarantines them ("path escapes the input folder"): untrusted inputs
-    follow_symlinks: bool = True
+    follow_symlinks: bool = True  # follow links out of the input, recording their target; false quarantines them
     limit: Count = 0  # use a stratified subset of this many images (0 = all)
     card: bool = True  # write the data card beside the dataset
     card_only: bool = False  # regenerate the card of an existing dataset and stop

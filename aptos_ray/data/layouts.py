@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import os
-import posixpath
 import re
 from dataclasses import dataclass, field
 
@@ -29,11 +28,10 @@ import numpy as np
 import pandas as pd
 
 from aptos_ray import storage
-from aptos_ray.data.files import escape_reason, is_own_output
+from aptos_ray.data.files import IMAGE_EXTENSIONS, escape_reason, is_own_output, resolve_image  # noqa: F401
 from aptos_ray.data.format import GRADES, SPLITS
 from aptos_ray.errors import DataError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 ID_COLUMNS = ("id_code", "id", "image", "image_id")  # Kaggle 2019, generic, Kaggle 2015
 LABEL_COLUMNS = ("diagnosis", "grade", "level", "label")
 CLASS_FOLDERS = {
@@ -193,36 +191,6 @@ def parse_split(value) -> tuple[str | None, str]:
     if text not in SPLIT_ALIASES:
         return None, f"unknown split: {value!r} (expected train/val/test)"
     return SPLIT_ALIASES[text], ""
-
-
-def resolve_image(images: str, id_: str, listing: set[str], folded: dict[str, str] | None = None) -> tuple[str | None, str]:
-    """(path, "") or (None, reason) for an id: without extension (tries .png/.jpg/.jpeg) or with one.
-    ``folded`` (lower-cased name -> name of the listing) lets a missing file name the file whose
-    name differs only in case (``x.png`` asked, ``x.PNG`` there)."""
-    if id_ == "" or id_.startswith("/") or "\\" in id_:
-        return None, "id escapes the image folder" if id_ else "empty id"
-    inside = posixpath.normpath(id_)
-    if inside == ".." or inside.startswith("../"):
-        return None, "id escapes the image folder"
-    if "/" not in inside:  # the common case: a directory listing instead of a request per candidate
-        extensions = (*IMAGE_EXTENSIONS, *(ext.upper() for ext in IMAGE_EXTENSIONS))
-        for name in (inside, *(inside + ext for ext in extensions)):
-            if name in listing:
-                return storage.join(images, name), ""
-        return None, "missing file" + _case_hint(inside, folded or {})
-    for candidate in (inside, *(inside + ext for ext in IMAGE_EXTENSIONS)):
-        if storage.file_type(storage.join(images, candidate)) == "File":
-            return storage.join(images, candidate), ""
-    return None, "missing file"
-
-
-def _case_hint(name: str, folded: dict[str, str]) -> str:
-    """': x.PNG exists (the name differs only in case)' when the folder holds such a file, else ''."""
-    for candidate in (name, *(name + ext for ext in IMAGE_EXTENSIONS)):
-        found = folded.get(candidate.lower())
-        if found is not None:
-            return f": {found} exists (the name differs only in case)"
-    return ""
 
 
 # ---------------------------------------------------------------- layouts
