@@ -351,16 +351,7 @@ def apply_dict(cfg: Config, data: dict, source: str = "config") -> Config:
 
 
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = ct.yaml_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return data or {}
+    return ct.read_yaml_file(path)
 
 
 def wants_help(argv: list[str]) -> bool:

@@ -458,3 +458,50 @@ def test_case04_sigkilled_prepare_leaves_nothing_after_a_rerun(aptos_dir, tmp_pa
     subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
     assert (out / "manifest.json").is_file()
     assert not list(tmp_path.glob(".prepared.*")), "a leftover of the killed writer"
+
+
+# === issue 26 (config and run ownership): one writer per run, resume that keeps the run's own config,
+# predict that keeps the model's preprocessing, YAML that cannot lie or explode, mixed ensembles ===
+
+
+def test_issue26_yaml_duplicate_key_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  epochs: 3\n  name: a\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'epochs' on line 4, first on line 2"):
+        parse_args(["--config", str(path)])
+    path.write_text("train: {epochs: 3}\ntrain: {name: a}\n")  # a whole section twice
+    with pytest.raises(ConfigError, match=r"duplicate key 'train' on line 2"):
+        parse_args(["--config", str(path)])
+    # a merge key may still be overridden by the mapping that merges it
+    path.write_text("train:\n  <<: {epochs: 3, batch_size: 4}\n  epochs: 5\n")
+    cfg = parse_args(["--config", str(path)])
+    assert (cfg.train.epochs, cfg.train.batch_size) == (5, 4)
+
+
+def test_issue26_yaml_alias_bomb_is_refused_quickly_in_one_short_line(tmp_path):
+    levels = ["&a [lol,lol,lol,lol,lol,lol,lol,lol,lol]"]
+    for prev, name in zip("abcdef", "bcdefg"):
+        levels.append(f"&{name} [{','.join([f'*{prev}'] * 9)}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"train:\n  name: [{', '.join(levels)}]\n")  # 9**7 values in a few hundred bytes
+    assert path.stat().st_size < 400
+    with pytest.raises(ConfigError, match="alias bomb") as e:
+        parse_args(["--config", str(path)])
+    assert len(str(e.value)) < 300
+    # a long or nested value is cut in the error
+    with pytest.raises(ConfigError) as e:
+        parse_args([f"--train.epochs=[{','.join(['x' * 500] * 500)}]"])
+    assert "train.epochs" in str(e.value) and len(str(e.value)) < 300
+
+
+def test_issue26_config_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a YAML file"):
+        parse_args(["--config", str(tmp_path)])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: {name: " + "[" * 3000 + "]" * 3000 + "}\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_args(["--config", str(deep)])
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        parse_args(["--config", str(binary)])
