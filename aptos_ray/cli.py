@@ -34,6 +34,7 @@ class Job:
     summary: str
     sections: tuple[str, ...]  # what --help lists
     examples: tuple[str, ...]  # "{prog}" is replaced by how the job was started
+    resumes: bool = False  # --resume continues a run from its saved config (train.resume)
 
     def function(self) -> Callable[[Config], object]:
         module, function = self.target.split(":")
@@ -63,7 +64,7 @@ JOBS = {job.name: job for job in (
         ("{prog} --config configs/demo.yaml",
          "{prog} --local --data.dataset=data/prepared/aptos --train.epochs=3",
          "{prog} --config configs/seed_baseline.yaml --data.dataset=data/prepared/aptos",
-         "{prog} --resume --train.name=NAME")),
+         "{prog} --resume --train.name=NAME"), resumes=True),
     Job("tune", "aptos_ray.tune.search:run_search",
         "Search hyperparameters with Ray Tune + ASHA; every trial is a Ray Train run. Writes trials.csv, "
         "trials.md, best_config.yaml and qwk_per_epoch.png under tune.output/tune.name. Ctrl+C stops the "
@@ -83,7 +84,7 @@ JOBS = {job.name: job for job in (
         ("{prog} --config configs/quality.yaml --data.dataset=data/prepared/aptos",
          "{prog} --local --data.folds=5 --data.dataset=data/prepared/aptos --train.epochs=3 --cv.name=quick",
          "{prog} --local --data.folds=5 --data.dataset=data/prepared/aptos --train.epochs=3 --cv.name=quick "
-         "--resume")),
+         "--resume"), resumes=True),
     Job("predict", "aptos_ray.infer.predict:predict",
         "Grade fundus photographs with a trained checkpoint (Ray Data actor pool): submission.csv, "
         "predictions.parquet, predict.json, and the evaluation report when the grades are known.",
@@ -136,6 +137,10 @@ def run_job(name: str, argv: list[str] | None = None, prog: str | None = None) -
         return
     try:
         cfg = parse_args(argv, sections=job.sections)
+        if job.resumes and cfg.train.resume:
+            from aptos_ray.train.resume import resumed_config
+
+            cfg = resumed_config(cfg, argv, job.sections)
         if not (sys.stdout.isatty() or cfg.scaling.verbose):
             cfg.train.progress = False  # a bar repaints line by line in a file, CI or `ray job logs`
         from aptos_ray.ray_setup import set_ray_env

@@ -81,12 +81,40 @@ def read_ensemble(spec: str) -> Ensemble:
     return Ensemble(spec, members, None, None)
 
 
+# What every member of an ensemble must share: its outputs are averaged, and the driver preprocesses
+# the photographs once for all of them (each member then resizes to its own input size).
+PIXEL_KEYS = ("image_size", "crop_border", "circle_mask", "ben_graham", "ben_graham_sigma")
+
+
+def check_heads(heads: dict[str, str]) -> None:
+    """ConfigError when the members ({model.pt: head}) do not share one head."""
+    if len(set(heads.values())) > 1:
+        each = ", ".join(f"{path} {head}" for path, head in heads.items())
+        raise ConfigError(f"predict.checkpoint: the ensemble mixes heads ({each}); its outputs cannot be averaged")
+
+
+def check_members(checkpoints: list[Checkpoint]) -> None:
+    """Members that cannot be one model: other heads or grade counts, other preprocessing of the
+    photographs (where the checkpoints say). Run by the driver, before Ray starts."""
+    check_heads({c.path: f"{c.config.model.head} head" for c in checkpoints})
+    check_heads({c.path: f"{c.config.model.num_classes} classes" for c in checkpoints})
+    known = [c for c in checkpoints if c.preprocessing is not None]
+    looks = {c.path: tuple(c.preprocessing.get(k) for k in PIXEL_KEYS) for c in known}
+    if len(set(looks.values())) > 1:
+        each = "; ".join(f"{path}: {', '.join(f'{k}={v}' for k, v in zip(PIXEL_KEYS, look))}"
+                         for path, look in looks.items())
+        raise ConfigError(f"predict.checkpoint: the ensemble's models were trained on images preprocessed "
+                          f"differently ({each}); predict them separately")
+
+
 def checkpoint_for_driver(ensemble: Ensemble) -> tuple[Checkpoint, Checkpoint]:
     """(the first member, that member carrying the ensemble's spec as its path): predict's driver
-    reads the config and preprocessing of the first one and hands the spec to its actors."""
+    reads the config and preprocessing of the first one and hands the spec to its actors, once
+    ``check_members`` found the members fit together."""
     first = read_checkpoint(ensemble.members[0])
     if len(ensemble.members) == 1 and ensemble.cv_dir is None:
         return first, first
+    check_members([first, *(read_checkpoint(m) for m in ensemble.members[1:])])
     return first, dataclasses.replace(first, path=ensemble.spec, cut_points=ensemble.cut_points)
 
 
@@ -97,10 +125,7 @@ class EnsembleGrader:
                  cut_points: list[float] | None = None, referral: dict | None = None):
         check_tta(tta)
         self.graders = [Grader(c, device, tta) for c in checkpoints]
-        heads = {g.head.name for g in self.graders}
-        if len(heads) > 1:
-            raise ConfigError(f"predict.checkpoint: the ensemble mixes heads ({', '.join(sorted(heads))}); "
-                              "its outputs cannot be averaged")
+        check_heads({c.path: f"{g.head.name} head" for c, g in zip(checkpoints, self.graders)})
         self.head = self.graders[0].head
         own = [g.cut_points for g in self.graders]
         if cut_points is None and all(c is not None for c in own):
