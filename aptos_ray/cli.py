@@ -136,11 +136,14 @@ def run_job(name: str, argv: list[str] | None = None, prog: str | None = None) -
         print(job_help(job, prog), end="")
         return
     try:
-        cfg = parse_args(argv, sections=job.sections)
+        # A resume's values are the run's saved config with argv on top: validated once rebuilt.
+        cfg = parse_args(argv, sections=job.sections, validate=not job.resumes)
         if job.resumes and cfg.train.resume:
             from aptos_ray.train.resume import resumed_config
 
             cfg = resumed_config(cfg, argv, job.sections)
+        elif job.resumes:
+            cfg.validate(job.sections)
         if not (sys.stdout.isatty() or cfg.scaling.verbose):
             cfg.train.progress = False  # a bar repaints line by line in a file, CI or `ray job logs`
         from aptos_ray.ray_setup import set_ray_env

@@ -359,9 +359,9 @@ def wants_help(argv: list[str]) -> bool:
 
 
 def parse_args(argv: list[str] | None = None, base: Config | None = None,
-               sections: typing.Iterable[str] | None = None) -> Config:
-    """Defaults, then ``--config FILE`` (may repeat), then ``--key=value`` overrides; validated
-    (``Config.validate(sections)``)."""
+               sections: typing.Iterable[str] | None = None, validate: bool = True) -> Config:
+    """Defaults (or ``base``), then ``--config FILE`` (may repeat), then ``--key=value`` overrides;
+    validated (``Config.validate(sections)``) unless ``validate`` is false (a resume validates its run's)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = base or Config()
     overrides: list[tuple[str, Any]] = []
@@ -386,7 +386,10 @@ def parse_args(argv: list[str] | None = None, base: Config | None = None,
             # A text key takes the text as typed: YAML would turn --train.name=off into False
             # and 1e3 into 1000.0.
             text = _field_type(section, name) is str
-            overrides.append((f"{section}.{name}", raw if text else ct.override_value(raw)))
+            try:
+                overrides.append((f"{section}.{name}", raw if text else ct.override_value(raw)))
+            except ConfigError as e:  # a duplicate key or an alias bomb in the value
+                raise ConfigError(f"--{section}.{name}: {e}") from None
         elif body in SHORTCUTS:
             overrides.append((SHORTCUTS[body], True))
         else:
@@ -394,7 +397,7 @@ def parse_args(argv: list[str] | None = None, base: Config | None = None,
         i += 1
     for key, value in overrides:
         set_value(cfg, key, value)
-    return cfg.validate(sections)
+    return cfg.validate(sections) if validate else cfg
 
 
 # Keys that earlier versions saved into checkpoints and that no longer exist: ignored when a saved

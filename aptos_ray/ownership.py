@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 
 from aptos_ray import storage
-from aptos_ray.errors import ExistingFileError
+from aptos_ray.errors import ExistingFileError, UserError
 
 LOCK_FILE = ".owner.lock"
 
@@ -41,9 +41,12 @@ def claimed(folder: str, what: str, hint: str) -> Iterator[None]:
         yield
         return
     check_is_folder(folder)
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    # Not O_TRUNC: a refused writer must not erase the owner's line before reading it.
-    fd = os.open(Path(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        # Not O_TRUNC: a refused writer must not erase the owner's line before reading it.
+        fd = os.open(Path(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot be written ({e.strerror or e})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -66,17 +69,17 @@ def fresh_name(output: str, prefix: str) -> str:
     ``output``: two jobs started in the same second get their own folders. Locally the folder is
     created here, exclusively (``mkdir`` fails for the second process), so the name is this job's."""
     stamp = datetime.now().strftime(f"{prefix}-%Y%m%d-%H%M%S")
-    for n in itertools.count(1):
-        name = stamp if n == 1 else f"{stamp}-{n}"
-        folder = storage.join(output, name)
-        if storage.is_uri(folder):
-            if not storage.exists(folder):
-                return name
-            continue
+    names = (stamp if n == 1 else f"{stamp}-{n}" for n in itertools.count(1))
+    if storage.is_uri(output):  # no exclusive create on an object store: the first name not listed
+        return next(name for name in names if not storage.exists(storage.join(output, name)))
+    try:
         Path(output).mkdir(parents=True, exist_ok=True)
-        try:
-            os.mkdir(folder)
-            return name
-        except FileExistsError:
-            continue
-    raise AssertionError("unreachable")
+        for name in names:
+            try:
+                os.mkdir(Path(output, name))
+                return name
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise UserError(f"{output}: cannot be written ({e.strerror or e})") from None
+    raise AssertionError("names is endless")
