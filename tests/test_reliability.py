@@ -632,7 +632,8 @@ def test_issue26_predict_preprocesses_as_the_checkpoint_was_trained(p60, tmp_pat
     (data / "manifest.json").write_text(json.dumps({**manifest, "config": again}))
     prepare, source = prepare_config(read_checkpoint(str(run)))
     assert (prepare.image_size, prepare.ben_graham, source) == (64, False, "the checkpoint")
-    with pytest.raises(ConfigError, match=r"prepared again since the run started \(prepare.image_size: 64 -> 128"):
+    again_line = r"prepared again since the run's checkpoints were trained \(prepare.image_size: 64 -> 128"
+    with pytest.raises(ConfigError, match=again_line):
         train(parse_args(run_args(data, tmp_path / "runs", "m", 2, "--resume")))
 
 
@@ -649,7 +650,8 @@ def test_issue26_old_checkpoint_without_preprocessing_falls_back_with_a_note(p60
     prepare, source = prepare_config(checkpoint)
     assert (prepare.image_size, prepare.ben_graham, source) == (64, True, f"{data}/manifest.json")
     note = capsys.readouterr().err.strip()
-    assert "\n" not in note and note.startswith("note: ") and "predates checkpoints that carry their preprocessing" in note
+    assert "\n" not in note and note.startswith("note: ")
+    assert "predates checkpoints that carry their preprocessing" in note
 
 
 def test_issue26_mixed_head_ensemble_is_refused_before_ray(two_epochs, tmp_path, monkeypatch):

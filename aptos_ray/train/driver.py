@@ -14,6 +14,7 @@ from aptos_ray.ownership import check_is_folder, claimed
 from aptos_ray.train.checkpoint import (
     RunRecord,
     checkpoint_folders,
+    latest_preprocessing,
     record_from_folders,
     record_from_result,
     summary_text,
@@ -72,7 +73,7 @@ def train_claimed(cfg: Config, run_dir: str) -> dict:
         check_resume(saved, cfg, run_dir)
     manifest = ensure_dataset(cfg)
     if saved is not None:
-        check_same_preprocessing(saved, manifest, cfg.data.dataset)
+        check_same_preprocessing(latest_preprocessing(run_dir), manifest, cfg.data.dataset)
     if not cfg.data.folds:  # with folds, validation is a fold of the pooled rows
         check_validation_split(cfg, manifest)
     record_preprocessing(cfg, manifest)

@@ -92,14 +92,15 @@ def check_resume(saved: Config, cfg: Config, where: str, may_grow: tuple[str, ..
                           f"{'; '.join(refused)}{grow}. Start a new run to change them")
 
 
-def check_same_preprocessing(saved: Config, manifest: dict, dataset: str) -> None:
-    """A resume refuses a dataset prepared again, with other pixels, since the run started."""
+def check_same_preprocessing(trained: dict | None, manifest: dict, dataset: str) -> None:
+    """A resume refuses a dataset prepared again, with other pixels, since its checkpoints were trained
+    (``trained``: the newest checkpoint's preprocessing; None, unknown: not checked)."""
     now = manifest.get("config") or {}
-    differ = [f"prepare.{k}: {getattr(saved.prepare, k)!r} -> {now[k]!r}" for k in PIXEL_KEYS
-              if k in now and now[k] != getattr(saved.prepare, k)]
+    differ = [f"prepare.{k}: {trained[k]!r} -> {now[k]!r}" for k in PIXEL_KEYS
+              if trained is not None and k in now and k in trained and now[k] != trained[k]]
     if differ:
-        raise ConfigError(f"--resume: {dataset} was prepared again since the run started ({'; '.join(differ)}); "
-                          "its checkpoints were trained on the images as they were")
+        raise ConfigError(f"--resume: {dataset} was prepared again since the run's checkpoints were trained "
+                          f"({'; '.join(differ)})")
 
 
 def resumed_config(cfg: Config, argv: list[str], sections: tuple[str, ...]) -> Config:
