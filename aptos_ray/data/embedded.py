@@ -49,6 +49,10 @@ def build_default_dataset(cfg: Config) -> None:
     prepare(cfg)
 
 
+# What decides how a prepared image looks; the split, quality and encoding settings do not.
+LOOK_KEYS = ("crop_border", "circle_mask", "ben_graham", "ben_graham_sigma", "image_size")
+
+
 def dataset_preprocessing(manifest: dict) -> dict | None:
     """How a prepared dataset's images were made: its manifest's prepare settings (``PrepareConfig``
     keys only), which predict repeats on new photographs; None when the manifest does not say."""

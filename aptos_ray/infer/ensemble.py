@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from aptos_ray import storage
+from aptos_ray.data.embedded import LOOK_KEYS
 from aptos_ray.errors import ConfigError, MissingFileError
 from aptos_ray.infer.checkpoint import Checkpoint, read_checkpoint, resolve_checkpoint
 from aptos_ray.infer.grader import PROB_COLUMNS, Grader, check_tta
@@ -81,11 +82,6 @@ def read_ensemble(spec: str) -> Ensemble:
     return Ensemble(spec, members, None, None)
 
 
-# What every member of an ensemble must share: its outputs are averaged, and the driver preprocesses
-# the photographs once for all of them (each member then resizes to its own input size).
-PIXEL_KEYS = ("image_size", "crop_border", "circle_mask", "ben_graham", "ben_graham_sigma")
-
-
 def check_heads(heads: dict[str, str]) -> None:
     """ConfigError when the members ({model.pt: head}) do not share one head."""
     if len(set(heads.values())) > 1:
@@ -95,13 +91,14 @@ def check_heads(heads: dict[str, str]) -> None:
 
 def check_members(checkpoints: list[Checkpoint]) -> None:
     """Members that cannot be one model: other heads or grade counts, other preprocessing of the
-    photographs (where the checkpoints say). Run by the driver, before Ray starts."""
+    photographs (where the checkpoints say: the driver preprocesses them once for every member, each then
+    resizes to its own input size). Run by the driver, before Ray starts."""
     check_heads({c.path: f"{c.config.model.head} head" for c in checkpoints})
     check_heads({c.path: f"{c.config.model.num_classes} classes" for c in checkpoints})
     known = [c for c in checkpoints if c.preprocessing is not None]
-    looks = {c.path: tuple(c.preprocessing.get(k) for k in PIXEL_KEYS) for c in known}
+    looks = {c.path: tuple(c.preprocessing.get(k) for k in LOOK_KEYS) for c in known}
     if len(set(looks.values())) > 1:
-        each = "; ".join(f"{path}: {', '.join(f'{k}={v}' for k, v in zip(PIXEL_KEYS, look))}"
+        each = "; ".join(f"{path}: {', '.join(f'{k}={v}' for k, v in zip(LOOK_KEYS, look))}"
                          for path, look in looks.items())
         raise ConfigError(f"predict.checkpoint: the ensemble's models were trained on images preprocessed "
                           f"differently ({each}); predict them separately")

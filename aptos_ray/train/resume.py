@@ -14,6 +14,7 @@ import yaml
 from aptos_ray import config_types as ct
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict, parse_args
+from aptos_ray.data.embedded import LOOK_KEYS
 from aptos_ray.errors import ConfigError, MissingFileError
 from aptos_ray.ownership import fresh_name
 
@@ -24,7 +25,7 @@ CONFIG_FILE = "config.yaml"
 HOW_SECTIONS = ("scaling", "predict", "tune")
 HOW_KEYS = frozenset({
     "train.local", "train.resume", "train.progress", "train.keep_checkpoints", "train.eval_batch_size",
-    "train.tracking", "train.tracking_uri", "train.threads",
+    "train.tracking", "train.tracking_uri", "train.threads", "train.deterministic", "train.channels_last",
     "data.read_batch_size", "data.prefetch_batches", "data.materialize", "cv.max_concurrent_folds",
     # where the run is: found by them, so the same folder even when it was moved since
     "train.output", "train.name", "cv.output", "cv.name",
@@ -32,8 +33,6 @@ HOW_KEYS = frozenset({
 # How to make a dataset that is missing: training takes the preprocessing from the dataset's manifest
 # (a re-prepared dataset is caught there, ``check_same_preprocessing``), so these change nothing.
 IGNORED_SECTIONS = ("synthetic", "prepare")
-# What the pixels of a prepared image depend on (the split, quality and encoding settings do not).
-PIXEL_KEYS = ("image_size", "crop_border", "circle_mask", "ben_graham", "ben_graham_sigma")
 
 
 def run_name(cfg: Config) -> str:
@@ -96,7 +95,7 @@ def check_same_preprocessing(trained: dict | None, manifest: dict, dataset: str)
     """A resume refuses a dataset prepared again, with other pixels, since its checkpoints were trained
     (``trained``: the newest checkpoint's preprocessing; None, unknown: not checked)."""
     now = manifest.get("config") or {}
-    differ = [f"prepare.{k}: {trained[k]!r} -> {now[k]!r}" for k in PIXEL_KEYS
+    differ = [f"prepare.{k}: {trained[k]!r} -> {now[k]!r}" for k in LOOK_KEYS
               if trained is not None and k in now and k in trained and now[k] != trained[k]]
     if differ:
         raise ConfigError(f"--resume: {dataset} was prepared again since the run's checkpoints were trained "
