@@ -6,7 +6,8 @@ drops it when the process ends, however it ends (``kill -9``, a power cut of the
 owner never leaves a stale claim to clean up, and the file itself may stay. The file holds the
 owner's host, pid and start time for the message the next writer gets. On NFS, ``flock`` is an NFS
 lock (Linux maps it onto POSIX locks since 2.6.12), so drivers on two nodes sharing the folder exclude
-each other too. Object stores (s3://, gs://) have no locks: such folders are not claimed.
+each other too (``file://`` URIs are paths). Object stores (s3://, gs://) have no locks: such
+folders are not claimed, and a default name there is the first ``-N`` not listed.
 """
 
 from __future__ import annotations
@@ -37,14 +38,15 @@ def claimed(folder: str, what: str, hint: str) -> Iterator[None]:
     """Hold ``folder`` (created if missing) for this process while the block runs; ExistingFileError
     naming the owner when another live process holds it. ``what``: "run", "search", ...; ``hint``:
     what to do instead, for the message."""
-    if storage.is_uri(folder):
+    if not storage.is_local(folder):
         yield
         return
     check_is_folder(folder)
+    path = Path(storage.filesystem(folder)[1])  # file:// URIs too
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True)
         # Not O_TRUNC: a refused writer must not erase the owner's line before reading it.
-        fd = os.open(Path(folder, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise UserError(f"{folder}: cannot be written ({e.strerror or e})") from None
     try:
@@ -70,13 +72,14 @@ def fresh_name(output: str, prefix: str) -> str:
     created here, exclusively (``mkdir`` fails for the second process), so the name is this job's."""
     stamp = datetime.now().strftime(f"{prefix}-%Y%m%d-%H%M%S")
     names = (stamp if n == 1 else f"{stamp}-{n}" for n in itertools.count(1))
-    if storage.is_uri(output):  # no exclusive create on an object store: the first name not listed
+    if not storage.is_local(output):  # no exclusive create on an object store: the first name not listed
         return next(name for name in names if not storage.exists(storage.join(output, name)))
+    local = Path(storage.filesystem(output)[1])  # file:// URIs too
     try:
-        Path(output).mkdir(parents=True, exist_ok=True)
+        local.mkdir(parents=True, exist_ok=True)
         for name in names:
             try:
-                os.mkdir(Path(output, name))
+                os.mkdir(local / name)
                 return name
             except FileExistsError:
                 continue
