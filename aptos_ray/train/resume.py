@@ -56,7 +56,7 @@ def read_saved_config(path: str, what: str = "run") -> Config:
     if not storage.exists(path):
         raise MissingFileError(f"--resume: {storage.parent(path)} holds no {what} to resume (no {CONFIG_FILE})")
     try:
-        return config_from_dict(yaml.safe_load(storage.read_text(path)))
+        return config_from_dict(ct.yaml_load(storage.read_text(path)))  # the loader that refuses alias bombs
     except (yaml.YAMLError, ConfigError, AttributeError) as e:
         raise ConfigError(f"--resume: {path} cannot be read back ({ct.cut(str(e).splitlines()[0])})") from None
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray
-import yaml
 from ray import tune as ray_tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -40,6 +39,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict, set_value
 from aptos_ray.config_checks import check_tune_space
+from aptos_ray.config_types import yaml_load
 from aptos_ray.data.embedded import check_validation_split, ensure_dataset, record_preprocessing
 from aptos_ray.errors import ExistingFileError, MissingFileError, SearchInterrupted
 from aptos_ray.ownership import claimed, fresh_name
@@ -225,7 +225,7 @@ def search_config(cfg: Config, exp_dir: str) -> Config:
         return cfg
     if not storage.exists(path):
         raise MissingFileError(f"tune.resume: {path} not found (the search was not started by jobs/tune.py)")
-    saved = config_from_dict(yaml.safe_load(storage.read_text(path)))
+    saved = config_from_dict(yaml_load(storage.read_text(path)))  # the loader that refuses alias bombs
     saved.tune.resume = True
     print(f"Resuming with the search's saved config {path}")
     return saved
