@@ -682,3 +682,16 @@ def test_issue26_mixed_head_ensemble_is_refused_before_ray(two_epochs, tmp_path,
     torch.save(state, members["b"] / "model.pt")
     with pytest.raises(ConfigError, match="preprocessed differently"):
         predict_module.predict(cfg)
+
+
+def test_issue26_resume_of_a_planted_or_broken_config_is_one_line(tmp_path, monkeypatch, capsys):
+    """A run's config.yaml is read back with the config loader: a bomb or junk there is one line."""
+    monkeypatch.chdir(tmp_path)
+    levels = (f"&{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcde", "bcdef"))
+    bomb = ", ".join(["&a [x,x,x,x,x,x,x,x,x]", *levels])
+    for name, text in (("bomb", f"tune:\n  space: [{bomb}]\n"), ("junk", "train: [unclosed\n"), ("list", "- 1\n")):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "config.yaml").write_text(text)
+        line = run_job_line("train", ["--resume", f"--train.name={name}"], capsys)
+        assert f"runs/{name}/config.yaml cannot be read back" in line and len(line) < 300
+    assert not (tmp_path / "data").exists()
