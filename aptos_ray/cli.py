@@ -36,6 +36,7 @@ class Job:
     sections: tuple[str, ...]  # what --help lists
     examples: tuple[str, ...]  # "{prog}" is replaced by how the job was started
     outputs: tuple[str, ...] = ()  # the keys of the folders it writes: checked writable before it starts
+    resumes: bool = False  # --resume continues a run from its saved config (train.resume)
 
     def function(self) -> Callable[[Config], object]:
         module, function = self.target.split(":")
@@ -67,7 +68,7 @@ JOBS = {job.name: job for job in (
          "{prog} --local --data.dataset=data/prepared/aptos --train.epochs=3",
          "{prog} --config configs/seed_baseline.yaml --data.dataset=data/prepared/aptos",
          "{prog} --resume --train.name=NAME"),
-        outputs=("train.output",)),
+        outputs=("train.output",), resumes=True),
     Job("tune", "aptos_ray.tune.search:run_search",
         "Search hyperparameters with Ray Tune + ASHA; every trial is a Ray Train run. Writes trials.csv, "
         "trials.md, best_config.yaml and qwk_per_epoch.png under tune.output/tune.name. Ctrl+C stops the "
@@ -89,7 +90,7 @@ JOBS = {job.name: job for job in (
          "{prog} --local --data.folds=5 --data.dataset=data/prepared/aptos --train.epochs=3 --cv.name=quick",
          "{prog} --local --data.folds=5 --data.dataset=data/prepared/aptos --train.epochs=3 --cv.name=quick "
          "--resume"),
-        outputs=("cv.output",)),
+        outputs=("cv.output",), resumes=True),
     Job("predict", "aptos_ray.infer.predict:predict",
         "Grade fundus photographs with a trained checkpoint (Ray Data actor pool): submission.csv, "
         "predictions.parquet, predict.json, and the evaluation report when the grades are known.",
@@ -144,7 +145,14 @@ def run_job(name: str, argv: list[str] | None = None, prog: str | None = None) -
         print(job_help(job, prog), end="")
         return
     try:
-        cfg = parse_args(argv, sections=job.sections)
+        # A resume's values are the run's saved config with argv on top: validated once rebuilt.
+        cfg = parse_args(argv, sections=job.sections, validate=not job.resumes)
+        if job.resumes and cfg.train.resume:
+            from aptos_ray.train.resume import resumed_config
+
+            cfg = resumed_config(cfg, argv, job.sections)
+        elif job.resumes:
+            cfg.validate(job.sections)
         if not (sys.stdout.isatty() or cfg.scaling.verbose):
             cfg.train.progress = False  # a bar repaints line by line in a file, CI or `ray job logs`
         from aptos_ray.ray_setup import set_ray_env

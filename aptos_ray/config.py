@@ -352,16 +352,7 @@ def apply_dict(cfg: Config, data: dict, source: str = "config") -> Config:
 
 
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = ct.yaml_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return data or {}
+    return ct.read_yaml_file(path)
 
 
 def wants_help(argv: list[str]) -> bool:
@@ -369,9 +360,9 @@ def wants_help(argv: list[str]) -> bool:
 
 
 def parse_args(argv: list[str] | None = None, base: Config | None = None,
-               sections: typing.Iterable[str] | None = None) -> Config:
-    """Defaults, then ``--config FILE`` (may repeat), then ``--key=value`` overrides; validated
-    (``Config.validate(sections)``)."""
+               sections: typing.Iterable[str] | None = None, validate: bool = True) -> Config:
+    """Defaults (or ``base``), then ``--config FILE`` (may repeat), then ``--key=value`` overrides;
+    validated (``Config.validate(sections)``) unless ``validate`` is false (a resume validates its run's)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = base or Config()
     overrides: list[tuple[str, Any]] = []
@@ -396,7 +387,10 @@ def parse_args(argv: list[str] | None = None, base: Config | None = None,
             # A text key takes the text as typed: YAML would turn --train.name=off into False
             # and 1e3 into 1000.0.
             text = _field_type(section, name) is str
-            overrides.append((f"{section}.{name}", raw if text else ct.override_value(raw)))
+            try:
+                overrides.append((f"{section}.{name}", raw if text else ct.override_value(raw)))
+            except ConfigError as e:  # a duplicate key or an alias bomb in the value
+                raise ConfigError(f"--{section}.{name}: {e}") from None
         elif body in SHORTCUTS:
             overrides.append((SHORTCUTS[body], True))
         else:
@@ -404,7 +398,7 @@ def parse_args(argv: list[str] | None = None, base: Config | None = None,
         i += 1
     for key, value in overrides:
         set_value(cfg, key, value)
-    return cfg.validate(sections)
+    return cfg.validate(sections) if validate else cfg
 
 
 # Keys that earlier versions saved into checkpoints and that no longer exist: ignored when a saved

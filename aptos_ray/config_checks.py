@@ -139,26 +139,26 @@ def check_space_spec(sections: dict[str, type], key: str, spec: Any) -> tuple[st
     """One ``{kind: args}`` spec checked against the key's type and range -> (kind, args)."""
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPEC_KINDS:
         raise ConfigError(f"tune.space['{key}'] must be one of {{kind: args}} with kind in "
-                          f"{', '.join(SPEC_KINDS)}; got {spec!r}")
+                          f"{', '.join(SPEC_KINDS)}; got {ct.shown(spec)}")
     kind, args = next(iter(spec.items()))
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
-            raise ConfigError(f"tune.space['{key}']: {kind} needs a non-empty list, got {args!r}")
+            raise ConfigError(f"tune.space['{key}']: {kind} needs a non-empty list, got {ct.shown(args)}")
         _check_values(sections, key, args)
         return kind, args
     if isinstance(args, list):  # '1e-4' from a YAML 1.1 reader: a number all the same
         args = [_number(a) for a in args]
     if not (isinstance(args, list) and len(args) == 2
             and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
-        raise ConfigError(f"tune.space['{key}']: {kind} needs [low, high], got {args!r}")
+        raise ConfigError(f"tune.space['{key}']: {kind} needs [low, high], got {ct.shown(args)}")
     low, high = args
     if not low < high:
-        raise ConfigError(f"tune.space['{key}']: {kind} needs low < high, got {args!r}")
+        raise ConfigError(f"tune.space['{key}']: {kind} needs low < high, got {ct.shown(args)}")
     if kind == "randint":  # Tune's randint excludes high
         _check_values(sections, key, [int(low), int(high) - 1])
         return kind, [int(low), int(high)]
     if kind == "loguniform" and low <= 0:
-        raise ConfigError(f"tune.space['{key}']: loguniform needs low > 0, got {args!r}")
+        raise ConfigError(f"tune.space['{key}']: loguniform needs low > 0, got {ct.shown(args)}")
     _check_values(sections, key, [float(low), float(high), (low + high) / 2.0])
     return kind, [float(low), float(high)]
 
@@ -178,7 +178,7 @@ def check_tune_space(cfg: Any) -> dict[str, tuple[str, Any]]:
     space = cfg.tune.space or default_tune_space(cfg)
     sections = sections_of(cfg)
     if not isinstance(space, dict):
-        raise ConfigError(f"tune.space must be a mapping 'section.key: {{kind: args}}', got {space!r}")
+        raise ConfigError(f"tune.space must be a mapping 'section.key: {{kind: args}}', got {ct.shown(space)}")
     checked = {}
     for key, spec in space.items():
         section, name = ct.resolve_key(sections, str(key))

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ class Range:
         ok = not (isinstance(value, float) and math.isnan(value))
         ok = ok and (self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
         ok = ok and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt)
-        return None if ok else f"must be {self}, got {value!r}"
+        return None if ok else f"must be {self}, got {shown(value)}"
 
     def __str__(self) -> str:
         low = f">= {self.ge:g}" if self.ge is not None else f"> {self.gt:g}" if self.gt is not None else ""
@@ -136,7 +137,7 @@ def field_problem(cls: type, name: str, value: Any) -> str | None:
     """What is wrong with ``value`` for this field (its choices, range, folder rule), or None."""
     typ = field_type(cls, name)
     if typing.get_origin(typ) is Literal and value not in typing.get_args(typ):
-        return f"must be one of {', '.join(map(str, typing.get_args(typ)))}, got {value!r}"
+        return f"must be one of {', '.join(map(str, typing.get_args(typ)))}, got {shown(value)}"
     for rule in field_rules(cls, name):
         problem = rule.problem(value)
         if problem:
@@ -152,7 +153,7 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(typ)
         if value not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}")
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}, got {shown(value)}")
         return value
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(typ):
@@ -161,7 +162,7 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"config key '{key}' must be one of {', '.join(union_choices(typing.get_args(typ)))}, "
-                          f"got {value!r}")
+                          f"got {shown(value)}")
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ is float and isinstance(value, str):  # a quoted "1e-3" in a YAML file
@@ -176,7 +177,7 @@ def coerce(value: Any, typ: Any, key: str) -> Any:
     base = origin or typ
     if base is typing.Any or isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
-    raise ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got {value!r}")
+    raise ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got {shown(value)}")
 
 
 def union_choices(options: tuple) -> list[str]:
@@ -193,8 +194,48 @@ def union_choices(options: tuple) -> list[str]:
 # --- YAML ----------------------------------------------------------------------------------------
 
 
+# A config is a few hundred values: more, once aliases are expanded, is an alias bomb (a few hundred
+# bytes that expand to billions of values and blow up whatever walks or prints them).
+MAX_YAML_VALUES = 10_000
+SHOWN_CHARS = 120  # a value quoted in an error is cut to this length
+
+
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's floats: 1e-4 is a number, not the string '1e-4'."""
+    """PyYAML's safe loader with YAML 1.2's floats (1e-4 is a number, not the string '1e-4'), that
+    refuses a key given twice in one mapping (PyYAML keeps the last silently) and aliases that
+    expand past ``MAX_YAML_VALUES`` values."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        # Checked on the pairs as written: keys merged in by ``<<: *anchor`` may be overridden.
+        first_line: dict[tuple, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+            if key in first_line:
+                raise ConfigError(f"duplicate key '{cut(key_node.value)}' on line {line}, "
+                                  f"first on line {first_line[key]}")
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+    def compose_document(self) -> yaml.Node:
+        document = super().compose_document()
+        expanded = _expanded_size(document, {})
+        if expanded > MAX_YAML_VALUES:
+            raise ConfigError(f"its aliases expand to {expanded:.3g} values, more than {MAX_YAML_VALUES}: "
+                              "refused as an alias bomb")
+        return document
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Values in ``node`` with every alias expanded, counted without expanding (an aliased node is
+    the same object each time, so its size is computed once)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a recursive alias counts as nothing more while it is open
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
 
 
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
@@ -210,7 +251,31 @@ _Loader.add_implicit_resolver(
 
 
 def yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+    """YAML text -> value; ConfigError for a duplicate key, an alias bomb or nesting too deep."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506  (a SafeLoader subclass)
+    except RecursionError:  # PyYAML composes and constructs recursively
+        raise ConfigError("nested too deeply") from None
+
+
+def read_yaml_file(path: str | Path) -> dict:
+    """A config file's mapping of sections; ConfigError naming the file and what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path}: is a directory, not a YAML file")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({cut(str(e).splitlines()[0], 200)})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot be read ({type(e).__name__}: {cut(str(e), 200)})") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    return data or {}
 
 
 def override_value(raw: str) -> Any:
@@ -222,6 +287,26 @@ def override_value(raw: str) -> Any:
         return yaml_load(raw)
     except yaml.YAMLError:
         return raw
+
+
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 2, SHOWN_CHARS, SHOWN_CHARS
+    short.maxdict = short.maxlist = short.maxtuple = short.maxset = 4
+    return short
+
+
+_SHORT = _short_repr()
+
+
+def cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` as an error quotes it: nested and long values abridged by ``reprlib`` (which
+    never walks more than it shows), then cut to ``SHOWN_CHARS``."""
+    return cut(_SHORT.repr(value))
 
 
 def value_text(value: Any) -> str:

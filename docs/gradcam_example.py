@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(Path(__file__).with_name("gradcam_example.png")))
     args = parser.parse_args()
     checkpoint = read_checkpoint(args.checkpoint)
-    prepare, _ = prepare_config(checkpoint.config)
+    prepare, _ = prepare_config(checkpoint)
     grader = Grader(checkpoint)
     rng = np.random.default_rng(args.seed)
     images = np.stack([preprocess(render_fundus(g, rng, 256), prepare) for g in args.grades])

@@ -35,7 +35,7 @@ from PIL import Image
 from aptos_ray.config import PrepareConfig, parse_args
 from aptos_ray.data.prepare import prepare
 from aptos_ray.data.sources import read_image, read_source, reason_kind
-from aptos_ray.errors import ConfigError, CorruptCheckpointError, DataError, ImageError
+from aptos_ray.errors import ConfigError, CorruptCheckpointError, DataError, ExistingFileError, ImageError
 from aptos_ray.infer.checkpoint import read_checkpoint
 from aptos_ray.infer.grader import Grader
 from aptos_ray.train import local as local_backend
@@ -264,11 +264,11 @@ def test_case07_uniform_images_are_quarantined_as_blank(aptos_dir, tmp_path):
 
 def test_case09_resume_with_another_head_is_one_line(p60, two_epochs, tmp_path):
     copy_run(two_epochs, tmp_path)
-    with pytest.raises(CorruptCheckpointError) as e:
+    with pytest.raises(ConfigError) as e:  # refused from the run's config.yaml, before its checkpoints are read
         train(parse_args(run_args(p60, tmp_path, "r", 3, "--model.head=classification", "--resume")))
     text = str(e.value)
-    assert "\n" not in text and "checkpoint_epoch_0001/model.pt" in text
-    assert "model.head: checkpoint 'regression', config 'classification'" in text
+    assert "\n" not in text and str(tmp_path / "r") in text
+    assert "model.head=classification (was regression)" in text
 
 
 def test_case09_weights_that_do_not_fit_the_model_are_one_line(two_epochs):
@@ -475,3 +475,240 @@ def test_case04_sigkilled_prepare_leaves_nothing_after_a_rerun(aptos_dir, tmp_pa
     subprocess.run(cmd, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
     assert (out / "manifest.json").is_file()
     assert not list(tmp_path.glob(".prepared.*")), "a leftover of the killed writer"
+
+
+# === issue 26 (config and run ownership): one writer per run, resume that keeps the run's own config,
+# predict that keeps the model's preprocessing, YAML that cannot lie or explode, mixed ensembles ===
+
+
+def test_issue26_yaml_duplicate_key_is_refused_with_its_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("train:\n  epochs: 3\n  name: a\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'epochs' on line 4, first on line 2"):
+        parse_args(["--config", str(path)])
+    path.write_text("train: {epochs: 3}\ntrain: {name: a}\n")  # a whole section twice
+    with pytest.raises(ConfigError, match=r"duplicate key 'train' on line 2"):
+        parse_args(["--config", str(path)])
+    # a merge key may still be overridden by the mapping that merges it
+    path.write_text("train:\n  <<: {epochs: 3, batch_size: 4}\n  epochs: 5\n")
+    cfg = parse_args(["--config", str(path)])
+    assert (cfg.train.epochs, cfg.train.batch_size) == (5, 4)
+
+
+def test_issue26_yaml_alias_bomb_is_refused_quickly_in_one_short_line(tmp_path):
+    levels = ["&a [lol,lol,lol,lol,lol,lol,lol,lol,lol]"]
+    for prev, name in zip("abcdef", "bcdefg"):
+        levels.append(f"&{name} [{','.join([f'*{prev}'] * 9)}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text(f"train:\n  name: [{', '.join(levels)}]\n")  # 9**7 values in a few hundred bytes
+    assert path.stat().st_size < 400
+    with pytest.raises(ConfigError, match="alias bomb") as e:
+        parse_args(["--config", str(path)])
+    assert len(str(e.value)) < 300
+    # a long or nested value is cut in the error
+    with pytest.raises(ConfigError) as e:
+        parse_args([f"--train.epochs=[{','.join(['x' * 500] * 500)}]"])
+    assert "train.epochs" in str(e.value) and len(str(e.value)) < 300
+
+
+def test_issue26_config_that_is_a_directory_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a YAML file"):
+        parse_args(["--config", str(tmp_path)])
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("train: {name: " + "[" * 3000 + "]" * 3000 + "}\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        parse_args(["--config", str(deep)])
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="cannot be read"):
+        parse_args(["--config", str(binary)])
+
+
+HOLD_CLAIM = """
+import sys, time
+from aptos_ray.ownership import claimed
+with claimed(sys.argv[1], "run", "wait"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def hold_claim(folder: Path):
+    """Another process holding ``folder`` as the train driver does, until it is killed."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_CLAIM, str(folder)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_issue26_a_run_folder_in_use_is_refused_in_one_line(p60, tmp_path):
+    """A second training of the same name while the first runs: refused before anything is written;
+    once the first is killed (kill -9: its lock dies with it), the name is free again."""
+    holder = hold_claim(tmp_path / "same")
+    try:
+        with pytest.raises(ExistingFileError) as e:
+            train(parse_args(run_args(p60, tmp_path, "same", 1)))
+        text = str(e.value)
+        assert "\n" not in text and "is in use by another run" in text and f"pid {holder.pid}" in text
+        assert sorted(p.name for p in (tmp_path / "same").iterdir()) == [".owner.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    from aptos_ray.ownership import claimed
+
+    with claimed(str(tmp_path / "same"), "run", "wait"):  # a dead owner's claim is gone: no stale lock
+        pass
+
+
+def test_issue26_unnamed_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    from aptos_ray.train.driver import run_name
+
+    cfg = parse_args([f"--train.output={tmp_path}"])
+    names = [run_name(cfg) for _ in range(3)]  # well within one second
+    assert len(set(names)) == 3 and all(n.startswith("run-") for n in names)
+    assert names[1] == f"{names[0]}-2" and all((tmp_path / n).is_dir() for n in names)
+
+
+def test_issue26_a_run_folder_that_is_a_file_is_one_line(p60, tmp_path):
+    (tmp_path / "taken").write_text("not a run")
+    with pytest.raises(ExistingFileError, match="is a file, not a folder"):
+        train(parse_args(run_args(p60, tmp_path, "taken", 1)))
+
+
+def run_job_line(job: str, argv: list[str], capsys) -> str:
+    """Run ``job`` as its command line does; the one line it printed when it exited with status 2."""
+    from aptos_ray.cli import run_job
+
+    with pytest.raises(SystemExit) as e:
+        run_job(job, argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    return err
+
+
+def test_issue26_resume_takes_the_runs_own_config(p60, two_epochs, tmp_path, monkeypatch, capsys):
+    """The README's ``--resume --train.name=NAME``: the run's saved config (model, data, head, local),
+    with only the epochs grown from the command line; no synthetic data generated on the way."""
+    from aptos_ray.cli import run_job
+
+    run = copy_run(two_epochs, tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    run_job("train", ["--resume", "--train.name=r", "--train.output=runs", "--train.epochs=3"])
+    assert history(run) == [0, 1, 2]
+    assert not (tmp_path / "data").exists()  # the embedded default was not generated
+    saved = (run / "config.yaml").read_text()
+    assert "test_efficientnet" in saved and "epochs: 3" in saved
+
+
+def test_issue26_resume_refuses_what_changes_the_checkpoints_meaning(p60, two_epochs, tmp_path, monkeypatch, capsys):
+    run = copy_run(two_epochs, tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    def files() -> dict:  # the claim's own lock file aside
+        return {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.name != ".owner.lock"}
+
+    before = files()
+    base = ["--resume", "--train.name=r", "--train.output=runs"]
+    line = run_job_line("train", [*base, f"--data.dataset={tmp_path}", "--data.image_size=64",
+                                  "--model.head=classification"], capsys)
+    assert "may not change" in line and "data.dataset=" in line and "data.image_size=64 (was 32)" in line
+    assert "model.head=classification (was regression)" in line
+    line = run_job_line("train", [*base, "--train.epochs=1"], capsys)
+    assert "train.epochs=1 (was 2)" in line and "may only grow" in line
+    # the same refusal when the config is built in code rather than by the command line
+    with pytest.raises(ConfigError, match=r"optim.lr=0.5 \(was 0.001\)"):
+        train(parse_args(run_args(p60, tmp_path / "runs", "r", 3, "--optim.lr=0.5", "--resume")))
+    assert files() == before  # nothing written
+    assert not (tmp_path / "data").exists()
+    line = run_job_line("train", ["--resume", "--train.name=never", "--train.output=runs"], capsys)
+    assert "holds no run to resume" in line
+
+
+def retrained_on(p60: Path, tmp_path: Path, prepared_with: dict) -> tuple[Path, Path]:
+    """(a copy of p60 whose manifest says how it was prepared, a one-epoch run trained on it)."""
+    data = tmp_path / "data"
+    shutil.copytree(p60, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "config": prepared_with}))
+    train(parse_args(run_args(data, tmp_path / "runs", "m", 1)))
+    return data, tmp_path / "runs" / "m"
+
+
+def test_issue26_predict_preprocesses_as_the_checkpoint_was_trained(p60, tmp_path, capsys):
+    """The dataset is prepared again (Ben Graham, another size) after training: the model keeps the
+    preprocessing it was trained with; a resume of its run refuses the changed data."""
+    from aptos_ray.infer.checkpoint import prepare_config
+
+    trained = {**vars(PrepareConfig()), "image_size": 64, "ben_graham": False}
+    data, run = retrained_on(p60, tmp_path, trained)
+    manifest = json.loads((data / "manifest.json").read_text())
+    again = {**trained, "image_size": 128, "ben_graham": True}
+    (data / "manifest.json").write_text(json.dumps({**manifest, "config": again}))
+    prepare, source = prepare_config(read_checkpoint(str(run)))
+    assert (prepare.image_size, prepare.ben_graham, source) == (64, False, "the checkpoint")
+    again_line = r"prepared again since the run.s checkpoints were trained \(.*prepare.image_size: 64 -> 128"
+    with pytest.raises(ConfigError, match=again_line):
+        train(parse_args(run_args(data, tmp_path / "runs", "m", 2, "--resume")))
+
+
+def test_issue26_old_checkpoint_without_preprocessing_falls_back_with_a_note(p60, two_epochs, tmp_path, capsys):
+    from aptos_ray.infer.checkpoint import prepare_config
+
+    data = tmp_path / "data"
+    shutil.copytree(p60, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "config": {"image_size": 64, "ben_graham": True}}))
+    checkpoint = read_checkpoint(str(two_epochs))
+    checkpoint.preprocessing = None  # as saved before checkpoints carried it
+    checkpoint.config.data.dataset = str(data)
+    prepare, source = prepare_config(checkpoint)
+    assert (prepare.image_size, prepare.ben_graham, source) == (64, True, f"{data}/manifest.json")
+    note = capsys.readouterr().err.strip()
+    assert "\n" not in note and note.startswith("note: ")
+    assert "predates checkpoints that carry their preprocessing" in note
+
+
+def test_issue26_mixed_head_ensemble_is_refused_before_ray(two_epochs, tmp_path, monkeypatch):
+    import torch
+
+    from aptos_ray.infer import predict as predict_module
+
+    looks = {**vars(PrepareConfig()), "image_size": 64}
+    members = {}
+    for name, head in (("a", "regression"), ("b", "classification")):
+        members[name] = tmp_path / name
+        shutil.copytree(two_epochs / "checkpoint_epoch_0001", members[name])
+        state = torch.load(members[name] / "model.pt", weights_only=True)
+        state["config"]["model"]["head"], state["preprocessing"] = head, looks
+        torch.save(state, members[name] / "model.pt")
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(predict_module, "init_ray", no_ray)
+    cfg = parse_args([f"--predict.checkpoint={members['a']},{members['b']}", f"--predict.images={two_epochs}",
+                      f"--predict.output={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match="the ensemble mixes heads") as e:
+        predict_module.predict(cfg)
+    assert "\n" not in str(e.value) and "regression head" in str(e.value) and "classification head" in str(e.value)
+    # members trained on other preprocessing cannot share the photographs the driver prepares once
+    state["config"]["model"]["head"], state["preprocessing"] = "regression", {**looks, "ben_graham": True}
+    torch.save(state, members["b"] / "model.pt")
+    with pytest.raises(ConfigError, match="preprocessed differently"):
+        predict_module.predict(cfg)
+
+
+def test_issue26_resume_of_a_planted_or_broken_config_is_one_line(tmp_path, monkeypatch, capsys):
+    """A run's config.yaml is read back with the config loader: a bomb or junk there is one line."""
+    monkeypatch.chdir(tmp_path)
+    levels = (f"&{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcde", "bcdef"))
+    bomb = ", ".join(["&a [x,x,x,x,x,x,x,x,x]", *levels])
+    for name, text in (("bomb", f"tune:\n  space: [{bomb}]\n"), ("junk", "train: [unclosed\n"), ("list", "- 1\n")):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "config.yaml").write_text(text)
+        line = run_job_line("train", ["--resume", f"--train.name={name}"], capsys)
+        assert f"runs/{name}/config.yaml cannot be read back" in line and len(line) < 300
+    assert not (tmp_path / "data").exists()

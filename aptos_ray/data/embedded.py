@@ -3,8 +3,10 @@ prepared on first use, so every job runs on a fresh checkout with no data."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from aptos_ray import storage
-from aptos_ray.config import Config
+from aptos_ray.config import Config, PrepareConfig
 from aptos_ray.data.format import MANIFEST, read_manifest
 from aptos_ray.errors import DataError, MissingFileError
 
@@ -45,3 +47,23 @@ def build_default_dataset(cfg: Config) -> None:
           f"({cfg.synthetic.num_images} images) and preparing it.")
     generate(cfg.synthetic)
     prepare(cfg)
+
+
+# What decides how a prepared image looks; the split, quality and encoding settings do not.
+LOOK_KEYS = ("crop_border", "circle_mask", "ben_graham", "ben_graham_sigma", "image_size")
+
+
+def dataset_preprocessing(manifest: dict) -> dict | None:
+    """How a prepared dataset's images were made: its manifest's prepare settings (``PrepareConfig``
+    keys only), which predict repeats on new photographs; None when the manifest does not say."""
+    saved = manifest.get("config")
+    if not isinstance(saved, dict):
+        return None
+    names = {f.name for f in dataclasses.fields(PrepareConfig)}
+    return {k: v for k, v in saved.items() if k in names}
+
+
+def record_preprocessing(cfg: Config, manifest: dict) -> None:
+    """``cfg.prepare`` := the preprocessing the dataset really had, so that the run's config.yaml says
+    what its images were (the ``prepare`` keys given to train only build a missing default dataset)."""
+    cfg.prepare = dataclasses.replace(cfg.prepare, **(dataset_preprocessing(manifest) or {}))

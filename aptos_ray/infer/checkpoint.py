@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from dataclasses import dataclass, fields
 
 import torch
@@ -62,6 +63,7 @@ class Checkpoint:
     cut_points: list[float] | None
     epoch: int
     metrics: dict
+    preprocessing: dict | None = None  # the training images' prepare settings (None: saved before they were kept)
 
 
 def read_checkpoint(path: str) -> Checkpoint:
@@ -78,21 +80,30 @@ def read_checkpoint(path: str) -> Checkpoint:
         cfg = config_from_dict(state["config"])
     except ConfigError as e:
         raise CorruptCheckpointError(f"{model_pt}: its config does not fit this version ({e})") from None
-    return Checkpoint(model_pt, cfg, state["model"], state.get("cut_points"),
-                      int(state.get("epoch", -1)), state.get("metrics") or {})
+    preprocessing = state.get("preprocessing")
+    return Checkpoint(model_pt, cfg, state["model"], state.get("cut_points"), int(state.get("epoch", -1)),
+                      state.get("metrics") or {}, preprocessing if isinstance(preprocessing, dict) else None)
 
 
-def prepare_config(cfg: Config) -> tuple[PrepareConfig, str]:
-    """How the training images were preprocessed -> (config, where it came from).
+def prepare_config(checkpoint: Checkpoint) -> tuple[PrepareConfig, str]:
+    """How the model's training images were preprocessed -> (config, where it came from).
 
-    The training dataset's manifest is the truth (its ``config`` is the prepare section that made
-    it); the checkpoint's own ``prepare`` section is only right when training prepared its data.
+    The checkpoint carries it (``preprocessing``: its training dataset's manifest settings when it
+    trained), so a dataset prepared again later, with other settings, changes nothing. A checkpoint
+    saved before checkpoints carried it falls back, with a note, to the training dataset's manifest
+    as it is now, then to the checkpoint's ``prepare`` section.
     """
+    known = {f.name for f in fields(PrepareConfig)}
+    if checkpoint.preprocessing is not None:
+        return PrepareConfig(**{k: v for k, v in checkpoint.preprocessing.items() if k in known}), "the checkpoint"
+    cfg = checkpoint.config
     try:
         saved = read_manifest(cfg.data.dataset).get("config")
     except (FileNotFoundError, OSError, ValueError):
         saved = None
     if isinstance(saved, dict):
-        known = {f.name for f in fields(PrepareConfig)}
-        return PrepareConfig(**{k: v for k, v in saved.items() if k in known}), f"{cfg.data.dataset}/{MANIFEST}"
+        source = f"{cfg.data.dataset}/{MANIFEST}"
+        print(f"note: {checkpoint.path} predates checkpoints that carry their preprocessing: taking it from "
+              f"{source} as it is now (retrain, or keep that dataset as it was)", file=sys.stderr)
+        return PrepareConfig(**{k: v for k, v in saved.items() if k in known}), source
     return cfg.prepare, "the checkpoint's prepare section"

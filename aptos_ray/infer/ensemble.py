@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from aptos_ray import storage
+from aptos_ray.data.embedded import LOOK_KEYS
 from aptos_ray.errors import ConfigError, MissingFileError
 from aptos_ray.infer.checkpoint import Checkpoint, read_checkpoint, resolve_checkpoint
 from aptos_ray.infer.grader import PROB_COLUMNS, Grader, check_tta
@@ -81,12 +82,36 @@ def read_ensemble(spec: str) -> Ensemble:
     return Ensemble(spec, members, None, None)
 
 
+def check_heads(heads: dict[str, str]) -> None:
+    """ConfigError when the members ({model.pt: head}) do not share one head."""
+    if len(set(heads.values())) > 1:
+        each = ", ".join(f"{path} {head}" for path, head in heads.items())
+        raise ConfigError(f"predict.checkpoint: the ensemble mixes heads ({each}); its outputs cannot be averaged")
+
+
+def check_members(checkpoints: list[Checkpoint]) -> None:
+    """Members that cannot be one model: other heads or grade counts, other preprocessing of the
+    photographs (where the checkpoints say: the driver preprocesses them once for every member, each then
+    resizes to its own input size). Run by the driver, before Ray starts."""
+    check_heads({c.path: f"{c.config.model.head} head" for c in checkpoints})
+    check_heads({c.path: f"{c.config.model.num_classes} classes" for c in checkpoints})
+    known = [c for c in checkpoints if c.preprocessing is not None]
+    looks = {c.path: tuple(c.preprocessing.get(k) for k in LOOK_KEYS) for c in known}
+    if len(set(looks.values())) > 1:
+        each = "; ".join(f"{path}: {', '.join(f'{k}={v}' for k, v in zip(LOOK_KEYS, look))}"
+                         for path, look in looks.items())
+        raise ConfigError(f"predict.checkpoint: the ensemble's models were trained on images preprocessed "
+                          f"differently ({each}); predict them separately")
+
+
 def checkpoint_for_driver(ensemble: Ensemble) -> tuple[Checkpoint, Checkpoint]:
     """(the first member, that member carrying the ensemble's spec as its path): predict's driver
-    reads the config and preprocessing of the first one and hands the spec to its actors."""
+    reads the config and preprocessing of the first one and hands the spec to its actors, once
+    ``check_members`` found the members fit together."""
     first = read_checkpoint(ensemble.members[0])
     if len(ensemble.members) == 1 and ensemble.cv_dir is None:
         return first, first
+    check_members([first, *(read_checkpoint(m) for m in ensemble.members[1:])])
     return first, dataclasses.replace(first, path=ensemble.spec, cut_points=ensemble.cut_points)
 
 
@@ -97,10 +122,7 @@ class EnsembleGrader:
                  cut_points: list[float] | None = None, referral: dict | None = None):
         check_tta(tta)
         self.graders = [Grader(c, device, tta) for c in checkpoints]
-        heads = {g.head.name for g in self.graders}
-        if len(heads) > 1:
-            raise ConfigError(f"predict.checkpoint: the ensemble mixes heads ({', '.join(sorted(heads))}); "
-                              "its outputs cannot be averaged")
+        check_heads({c.path: f"{g.head.name} head" for c, g in zip(checkpoints, self.graders)})
         self.head = self.graders[0].head
         own = [g.cut_points for g in self.graders]
         if cut_points is None and all(c is not None for c in own):

@@ -153,7 +153,7 @@ def export(cfg: Config) -> dict:
         path = out / "model.onnx"
         exporter = export_onnx(grader.model, grader.size, path)
         parity = check_parity(grader, path)
-        prepare, prepare_from = prepare_config(checkpoint.config)
+        prepare, prepare_from = prepare_config(checkpoint)
         meta = metadata(grader, checkpoint, exporter, parity, asdict(prepare), prepare_from)
         (out / "model.json").write_text(json.dumps(meta, indent=2))
         size = path.stat().st_size

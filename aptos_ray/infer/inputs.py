@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from aptos_ray import storage
 from aptos_ray.config import ConfigError, PrepareConfig
 from aptos_ray.data.format import MANIFEST, SPLITS, read_manifest, read_split
+from aptos_ray.data.embedded import LOOK_KEYS
 from aptos_ray.data.layouts import Reading, Source, read_layout
 from aptos_ray.errors import DataError, MissingFileError
 
@@ -84,9 +85,6 @@ def prepared_inputs(dataset: str, split: str) -> Inputs:
     return Inputs("prepared", dataset, dataset=storage.absolute(dataset), split=split,
                   encoding=manifest.get("encoding", "raw"), num_rows=num_rows, prepared_with=manifest.get("config"))
 
-
-# What decides how a prepared image looks; the split and quality settings do not.
-LOOK_KEYS = ("crop_border", "circle_mask", "ben_graham", "ben_graham_sigma", "image_size")
 
 
 def preprocessing_differences(prepared_with: dict | None, training: PrepareConfig) -> list[str]:

@@ -202,7 +202,7 @@ def predict(cfg: Config) -> dict:
     if inputs.kind != "prepared" and not inputs.items:
         reasons = sorted({u["reason"].split(":")[0] for u in inputs.unreadable})
         raise ConfigError(f"{inputs.path}: none of its {inputs.num_inputs} inputs can be read ({', '.join(reasons)})")
-    prepare, prepare_from = prepare_config(checkpoint.config)
+    prepare, prepare_from = prepare_config(checkpoint)
     if for_actors is not checkpoint:
         print(f"ensemble of {len(ensemble.members)} models: {ensemble.spec}")
     print(f"checkpoint: {checkpoint.path} (epoch {checkpoint.epoch}, {checkpoint.config.model.name}, "

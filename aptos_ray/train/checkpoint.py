@@ -144,6 +144,21 @@ def stored_checkpoints(run_dir: str) -> dict[int, str]:
     return found
 
 
+def latest_preprocessing(run_dir: str) -> dict | None:
+    """The preprocessing the newest stored checkpoint of a run was trained on; None when it does not
+    say (saved before checkpoints carried it) or does not load (a resume skips it anyway)."""
+    stored = stored_checkpoints(run_dir)
+    if not stored:
+        return None
+    try:
+        with storage.open_input(storage.join(stored[max(stored)], CHECKPOINT_FILE)) as f:
+            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except Exception:  # truncated or not a checkpoint: the loop warns and takes the one before
+        return None
+    preprocessing = state.get("preprocessing") if isinstance(state, dict) else None
+    return preprocessing if isinstance(preprocessing, dict) else None
+
+
 # --- the record and the driver's files ------------------------------------------------------------
 
 

@@ -3,20 +3,18 @@ run's metrics.jsonl, plots and summary.json from its record (``train.checkpoint`
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from datetime import datetime
-
-import pyarrow.fs as pafs
 
 from aptos_ray import storage
 from aptos_ray.config import Config
-from aptos_ray.data.embedded import check_validation_split, ensure_dataset
+from aptos_ray.data.embedded import check_validation_split, ensure_dataset, record_preprocessing
 from aptos_ray.errors import ExistingFileError, MissingFileError
 from aptos_ray.model.factory import check_batch_norm, check_model_name, check_sync_bn_device
+from aptos_ray.ownership import check_is_folder, claimed
 from aptos_ray.train.checkpoint import (
     RunRecord,
     checkpoint_folders,
+    latest_preprocessing,
     record_from_folders,
     record_from_result,
     summary_text,
@@ -24,6 +22,13 @@ from aptos_ray.train.checkpoint import (
 )
 from aptos_ray.train.local import LocalBackend
 from aptos_ray.train.loop import DatasetInfo, fit
+from aptos_ray.train.resume import (
+    CONFIG_FILE,
+    check_resume,
+    check_same_preprocessing,
+    read_saved_config,
+    run_name,
+)
 from aptos_ray.train.step import check_precision
 
 RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's kept checkpoints
@@ -34,22 +39,6 @@ def has_checkpoints(run_dir: str) -> bool:
     if storage.exists(storage.join(run_dir, RAY_RECORD)):
         return True
     return not storage.is_uri(run_dir) and bool(checkpoint_folders(run_dir))
-
-
-def run_name(cfg: Config) -> str:
-    """The run's name: given, the latest run under train.output for --resume, or a timestamp."""
-    if cfg.train.name:
-        return cfg.train.name
-    if cfg.train.resume:
-        # Listed through pyarrow: train.output may be a URI (s3://, gs://, file://).
-        fs, root = storage.filesystem(cfg.train.output)
-        runs = [d.path for d in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-                if d.type == pafs.FileType.Directory]
-        configs = [f for f in fs.get_file_info([f"{r}/config.yaml" for r in runs]) if f.type == pafs.FileType.File]
-        if not configs:
-            raise MissingFileError(f"--resume: no run found under {cfg.train.output}; pass --train.name")
-        return max(configs, key=lambda f: f.mtime).path.rstrip("/").split("/")[-2]
-    return datetime.now().strftime("run-%Y%m%d-%H%M%S")
 
 
 def check_run_dir(cfg: Config, run_dir: str) -> None:
@@ -66,23 +55,33 @@ def train(cfg: Config) -> dict:
     # Ray workers run in their own directories: every local path they see must be absolute.
     cfg.train.output = storage.absolute(cfg.train.output)
     run_dir = storage.join(cfg.train.output, cfg.train.name)
-    check_run_dir(cfg, run_dir)
+    check_is_folder(run_dir)
     check_batch_norm(cfg.model)  # here, not first inside the Ray workers
     check_precision(cfg.train.precision)
     check_model_name(cfg.model)
     if not cfg.train.local:
         check_sync_bn_device(cfg.model.batch_norm, cfg.scaling.num_workers, cfg.scaling.use_gpu)
+    with claimed(run_dir, "run", "wait for it to end, or pick another --train.name"):
+        return train_claimed(cfg, run_dir)
+
+
+def train_claimed(cfg: Config, run_dir: str) -> dict:
+    """The run, once this process holds its folder (``ownership.claimed``)."""
+    check_run_dir(cfg, run_dir)
+    saved = read_saved_config(storage.join(run_dir, CONFIG_FILE)) if cfg.train.resume else None
+    if saved is not None:
+        check_resume(saved, cfg, run_dir)
     manifest = ensure_dataset(cfg)
+    if saved is not None:
+        check_same_preprocessing(latest_preprocessing(run_dir), manifest, cfg.data.dataset)
     if not cfg.data.folds:  # with folds, validation is a fold of the pooled rows
         check_validation_split(cfg, manifest)
-    # Checkpoints carry the preprocessing the data really had, so predict can repeat it on raw images.
-    cfg.prepare = dataclasses.replace(cfg.prepare, **{k: v for k, v in manifest.get("config", {}).items()
-                                                      if hasattr(cfg.prepare, k)})
+    record_preprocessing(cfg, manifest)
     info = DatasetInfo.for_data(cfg.data, manifest)
     cfg.data.dataset = storage.absolute(cfg.data.dataset)
     print(cfg.summary())
     print(f"Run directory: {run_dir}")
-    cfg.save(storage.join(run_dir, "config.yaml"))
+    cfg.save(storage.join(run_dir, CONFIG_FILE))
     started = time.perf_counter()
     summary = write_run_files(run(cfg, info, run_dir), time.perf_counter() - started)
     print(summary_text(summary))

@@ -33,6 +33,7 @@ from aptos_ray.model.factory import (
 from aptos_ray.model.heads import Head, get_head
 from aptos_ray.model.weights import unwrap
 from aptos_ray.data.folds import fold_counts
+from aptos_ray.data.embedded import dataset_preprocessing
 from aptos_ray.train.checkpoint import load_weights, save_checkpoint
 from aptos_ray.train.repeatable import epoch_seed, repeatable
 from aptos_ray.train.sampling import repeat_rates, resample_batches
@@ -54,6 +55,9 @@ class DatasetInfo:
     train_counts: dict[int, int]
     num_val: int
     encoding: str = "raw"
+    # the manifest's prepare settings: every checkpoint carries them, so predict can make new
+    # photographs look like the training images whatever becomes of the dataset
+    preprocessing: dict | None = None
 
     @property
     def num_train(self) -> int:
@@ -66,6 +70,7 @@ class DatasetInfo:
             train_counts={int(g): int(n) for g, n in counts.get("train", {}).items()},
             num_val=sum(int(n) for n in counts.get("val", {}).values()),
             encoding=manifest.get("encoding", "raw"),
+            preprocessing=dataset_preprocessing(manifest),
         )
 
     @classmethod
@@ -74,7 +79,8 @@ class DatasetInfo:
         if not data.folds:
             return cls.from_manifest(manifest)
         counts, num_val = fold_counts(data.dataset, data.folds, data.fold, data.fold_seed)
-        return cls(train_counts=counts, num_val=num_val, encoding=manifest.get("encoding", "raw"))
+        return cls(train_counts=counts, num_val=num_val, encoding=manifest.get("encoding", "raw"),
+                   preprocessing=dataset_preprocessing(manifest))
 
 
 class Backend(Protocol):
@@ -289,6 +295,7 @@ def _fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
                     "model": unwrap(model).state_dict(), "config": cfg.to_dict(), "cut_points": cut_points,
                     "epoch": epoch, "metrics": metrics, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "preprocessing": info.preprocessing,
                 }
                 checkpoint_dir = save_checkpoint(Path(tmp) / "checkpoint", state, cfg, history)
                 print(epoch_line(metrics), flush=True)

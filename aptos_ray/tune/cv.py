@@ -22,16 +22,15 @@ from __future__ import annotations
 import copy
 import json
 import time
-from datetime import datetime
-
-import yaml
 
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.config_checks import check_cv
-from aptos_ray.data.embedded import ensure_dataset
+from aptos_ray.data.embedded import ensure_dataset, record_preprocessing
 from aptos_ray.data.folds import fold_table
-from aptos_ray.errors import ConfigError, ExistingFileError, MissingFileError
+from aptos_ray.errors import ExistingFileError
+from aptos_ray.ownership import claimed, fresh_name
+from aptos_ray.train.resume import check_resume, read_saved_config
 from aptos_ray.tune.cv_results import (
     CV_FILE,
     fold_name,
@@ -70,13 +69,8 @@ def check_cv_dir(cfg: Config, cv_dir: str) -> None:
             raise ExistingFileError(f"{cv_dir} already holds a cross-validation: pass --resume to finish it "
                                     "or pick another --cv.name")
         return
-    if not storage.exists(saved):
-        raise MissingFileError(f"--resume: {cv_dir} holds no cross-validation (no config.yaml)")
-    before = config_from_dict(yaml.safe_load(storage.read_text(saved)))
-    before.train.resume, before.train.local = cfg.train.resume, cfg.train.local  # how it runs, not what
-    differ = sorted(set(before.changes()) ^ set(cfg.changes()))
-    if differ:
-        raise ConfigError(f"--resume: the config differs from the one {saved} started with: {', '.join(differ)}")
+    # Unlike a run's, a cross-validation's epochs may not grow: its folds would differ.
+    check_resume(read_saved_config(saved, "cross-validation"), cfg, cv_dir, may_grow=())
 
 
 # --- the folds, in this process or as Ray Tune trials ---------------------------------------------
@@ -155,11 +149,18 @@ def run_cv(cfg: Config) -> dict:
     """Train every fold of ``data.folds``, predict each image with its own fold's model, choose the
     cut-points and referral point on those predictions; returns the summary (cv.json)."""
     check_cv(cfg)
-    cfg.cv.name = cfg.cv.name or datetime.now().strftime("cv-%Y%m%d-%H%M%S")
+    cfg.cv.name = cfg.cv.name or fresh_name(storage.absolute(cfg.cv.output), "cv")
     cv_dir = storage.join(storage.absolute(cfg.cv.output), cfg.cv.name)
-    manifest = ensure_dataset(cfg)
+    with claimed(cv_dir, "cross-validation", "wait for it to end, or pick another --cv.name"):
+        return cv_claimed(cfg, cv_dir)
+
+
+def cv_claimed(cfg: Config, cv_dir: str) -> dict:
+    """The cross-validation, once this process holds its folder (``ownership.claimed``)."""
     cfg.data.dataset = storage.absolute(cfg.data.dataset)
     check_cv_dir(cfg, cv_dir)
+    manifest = ensure_dataset(cfg)
+    record_preprocessing(cfg, manifest)
     folds = fold_table(cfg.data.dataset, cfg.data.folds, cfg.data.fold_seed)
     storage.write_text(storage.join(cv_dir, "folds.csv"), folds.to_pandas().to_csv(index=False))
     if not cfg.train.resume:

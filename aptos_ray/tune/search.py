@@ -26,12 +26,10 @@ plots/, checkpoint_epoch_NNNN/), and the search's ``trials.csv``, ``trials.md``,
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray
-import yaml
 from ray import tune as ray_tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -41,8 +39,10 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict, set_value
 from aptos_ray.config_checks import check_tune_space
-from aptos_ray.data.embedded import check_validation_split, ensure_dataset
+from aptos_ray.config_types import yaml_load
+from aptos_ray.data.embedded import check_validation_split, ensure_dataset, record_preprocessing
 from aptos_ray.errors import ExistingFileError, MissingFileError, SearchInterrupted
+from aptos_ray.ownership import claimed, fresh_name
 from aptos_ray.ray_setup import check_seen_by_every_node, init_ray
 from aptos_ray.train.loop import DatasetInfo
 from aptos_ray.train.tracking import file_store_uri
@@ -117,7 +117,7 @@ def experiment_name(cfg: Config) -> str:
         if not found:
             raise MissingFileError(f"tune.resume: no search found under {cfg.tune.output}; pass --tune.name")
         return max(found, key=lambda f: f.mtime).path.rstrip("/").split("/")[-2]
-    return datetime.now().strftime("tune-%Y%m%d-%H%M%S")
+    return fresh_name(storage.absolute(cfg.tune.output), "tune")
 
 
 def _restore_location(exp_dir: str) -> dict:
@@ -225,7 +225,7 @@ def search_config(cfg: Config, exp_dir: str) -> Config:
         return cfg
     if not storage.exists(path):
         raise MissingFileError(f"tune.resume: {path} not found (the search was not started by jobs/tune.py)")
-    saved = config_from_dict(yaml.safe_load(storage.read_text(path)))
+    saved = config_from_dict(yaml_load(storage.read_text(path)))  # the loader that refuses alias bombs
     saved.tune.resume = True
     print(f"Resuming with the search's saved config {path}")
     return saved
@@ -235,6 +235,12 @@ def run_search(cfg: Config) -> dict:
     """Run (or resume) the search described by ``cfg.tune``; returns where its outputs are."""
     cfg.tune.name = experiment_name(cfg)
     exp_dir = storage.join(storage.absolute(cfg.tune.output), cfg.tune.name)
+    with claimed(exp_dir, "search", "wait for it to end, or pick another --tune.name"):
+        return search_claimed(cfg, exp_dir)
+
+
+def search_claimed(cfg: Config, exp_dir: str) -> dict:
+    """The search, once this process holds its folder (``ownership.claimed``)."""
     check_experiment_dir(cfg, exp_dir)
     if cfg.tune.resume:
         trust.verify(exp_dir)  # before Ray unpickles anything of it
@@ -248,6 +254,7 @@ def run_search(cfg: Config) -> dict:
     manifest = ensure_dataset(cfg)
     if not cfg.data.folds:
         check_validation_split(cfg, manifest)
+    record_preprocessing(cfg, manifest)
     info = DatasetInfo.for_data(cfg.data, manifest)
     print(cfg.summary())
     print(f"Search directory: {exp_dir}")
