@@ -54,7 +54,7 @@ from aptos_ray.data.preprocess import ImageError, preprocess
 from aptos_ray.data.sources import (
     DataError,
     check_grades,
-    read_image,
+    read_photo,
     read_source,
     stop_on_driver_only_paths,
 )
@@ -188,7 +188,8 @@ def process_record(rec: dict, cfg: PrepareConfig) -> dict:
         "orig_width": 0, "phash": "", "digest": "", "brightness": 0.0, "reason": "",
     }
     try:
-        arr = read_image(rec, cfg.min_image_side, cfg.max_pixels)
+        photo = read_photo(rec, cfg.min_image_side, cfg.max_pixels, needed=cfg.image_size)
+        arr = photo.pixels
         out = preprocess(arr, cfg)
     except ImageError as e:
         return {**row, "reason": e.reason}
@@ -197,7 +198,7 @@ def process_record(rec: dict, cfg: PrepareConfig) -> dict:
     data = encode_image(out, cfg.encoding)
     return {
         **row, "image": data, "height": out.shape[0], "width": out.shape[1],
-        "orig_height": arr.shape[0], "orig_width": arr.shape[1],
+        "orig_height": photo.height, "orig_width": photo.width,
         "phash": str(imagehash.phash(Image.fromarray(out), hash_size=PHASH_SIZE)),
         "digest": hashlib.sha256(data).hexdigest(), "brightness": round(float(arr.mean()), 2),
     }

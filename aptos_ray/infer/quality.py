@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from aptos_ray.config import PrepareConfig
+
 ANALYSIS_SIZE = 224  # px: the fundus is measured at this size (the shared APTOS folder's scale)
 MAX_SIDE = 1024  # px: larger photographs are shrunk first (a 3000 px photograph costs 20x more to segment)
 SATURATED_LUMINANCE = 240
@@ -80,6 +82,12 @@ QUALITY_COLUMNS = ["gradable", "quality_reason", "quality_fundus_fraction", "qua
 
 
 # --------------------------------------------------------------------------- measurement
+
+
+def decode_size(prepare: PrepareConfig) -> int:
+    """The size a photograph is decoded for when it is both judged and preprocessed: the stored
+    image's, or the analysis scale the sharpness is measured at, whichever is larger."""
+    return max(prepare.image_size, ANALYSIS_SIZE)
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:
