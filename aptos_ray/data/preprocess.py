@@ -177,6 +177,14 @@ def crop_fundus(arr: np.ndarray, threshold: int = 10, min_fraction: float = 0.05
     bright part is implausibly small (< 10% of a side), is returned unchanged: cropping it would
     only magnify noise. An image without a border is returned unchanged too.
     """
+    top, bottom, left, right = fundus_box(arr, threshold, min_fraction)
+    if (top, bottom, left, right) == (0, arr.shape[0], 0, arr.shape[1]):
+        return arr  # the image itself, not a view of it
+    return arr[top:bottom, left:right]
+
+
+def fundus_box(arr: np.ndarray, threshold: int = 10, min_fraction: float = 0.05) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the crop ``crop_fundus`` makes; the whole image when it makes none."""
     grey = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY) if arr.ndim == 3 else arr
     h, w = grey.shape
     k = max(1, min(h, w) // 20)
@@ -186,11 +194,11 @@ def crop_fundus(arr: np.ndarray, threshold: int = 10, min_fraction: float = 0.05
     rows = np.flatnonzero(np.count_nonzero(mask, axis=1) > min_fraction * w)
     cols = np.flatnonzero(np.count_nonzero(mask, axis=0) > min_fraction * h)
     if rows.size == 0 or cols.size == 0:
-        return arr
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        return 0, h, 0, w
+    top, bottom, left, right = int(rows[0]), int(rows[-1] + 1), int(cols[0]), int(cols[-1] + 1)
     if bottom - top < 0.1 * h or right - left < 0.1 * w:
-        return arr
-    return arr[top:bottom, left:right]
+        return 0, h, 0, w
+    return top, bottom, left, right
 
 
 def circle_mask(arr: np.ndarray, radius_fraction: float = 1.0, fill: int = 0) -> np.ndarray:
