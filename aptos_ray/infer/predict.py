@@ -43,7 +43,7 @@ from aptos_ray.infer.ensemble import build_grader, checkpoint_for_driver, read_e
 from aptos_ray.infer.grader import check_tta
 from aptos_ray.infer.inputs import Inputs, find_inputs, preprocessing_differences
 from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
-from aptos_ray.infer.quality import as_columns, assess, decode_size, not_assessed
+from aptos_ray.infer.quality import as_columns, assess_photo, decode_size, not_assessed
 from aptos_ray.infer.report import write_report
 from aptos_ray.infer.screening import quality_of_rows, screening_outputs
 from aptos_ray.ray_setup import check_seen_by_every_node, init_ray, ray_progress
@@ -62,7 +62,7 @@ def load_rows(batch: dict, prepare: dict) -> dict:
         record = {k: batch[k][i] for k in ("source", "listed_on", "array") if k in batch}
         try:
             photo = read_photo(record, cfg.min_image_side, cfg.max_pixels, needed=decode_size(cfg))
-            quality = assess(photo.pixels, scale=photo.scale)
+            quality = assess_photo(photo)
             arr = preprocess(photo.pixels, cfg)
             data, reason = encode_image(arr, "raw"), ""
         except ImageError as e:

@@ -1,0 +1,410 @@
+"""Full-size photographs decoded at the size needed (``preprocess.decode_photo``): cost and equality.
+
+    python benchmarks/bench_decode.py                                # per-image cost + equality
+    python benchmarks/bench_decode.py --jobs 200 --old /tmp/old-root  # + prepare and predict end to end, old vs new
+
+Inputs, made once outside the repository (``--work``, default /tmp/aptos-fullsize): JPEGs at
+EyePACS size (3888 x 2592, quality 90): the shared APTOS photographs enlarged (the disc 85-100% of
+the height, centred in the 3:2 frame) and a few of the synthetic generator's photographs rendered
+at full size (``synthetic.render_fundus``: vessels, lesions and noise drawn at that resolution).
+
+1. Cost per image, decode + preprocess, in turns image by image: the full decode, the reduced
+   decode (JPEG DCT-domain downscale, ``needed`` = the output size), and a plain PIL loop (open,
+   convert, resize; no crop), at 128, 256 and 512 px output; the same on the 224 px APTOS PNGs
+   (which are never reduced); and predict's row work (decode + quality check + preprocess).
+2. Equality, reduced vs full decode: the preprocessed images (mean absolute difference per
+   channel, PSNR), the fundus crop box (in photograph pixels), and the gradability verdicts on
+   full-size copies of ``bench_gradability.py``'s degraded photographs (same seeded sample).
+3. ``--jobs N``: prepare (256 px) and predict (test_efficientnet) end to end on N full-size JPEGs,
+   each in its own process with a local Ray of 2 CPUs: wall seconds, driver peak RSS, peak disk;
+   ``--old ROOT`` runs ROOT's code (e.g. ``git archive`` of the commit before) in the same run.
+
+Not a test: prints Markdown tables after a '## Results' line (benchmarks/run.py keeps those).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+APTOS = ROOT.parent / "shared" / "data" / "aptos2019-224"
+FULL = (3888, 2592)  # EyePACS' most common size (width, height)
+SIZES = (128, 256, 512)
+EYEPACS = 88_702
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def framed(rgb: np.ndarray, diameter: int, size: tuple[int, int] = FULL) -> np.ndarray:
+    """``rgb`` (a square fundus photograph) enlarged to ``diameter`` and centred in a black frame."""
+    import cv2
+
+    w, h = size
+    disc = cv2.resize(rgb, (diameter, diameter), interpolation=cv2.INTER_CUBIC)
+    out = np.zeros((h, w, 3), np.uint8)
+    top, left = (h - diameter) // 2, (w - diameter) // 2
+    src_top = max(0, -top)
+    out[max(0, top):max(0, top) + diameter - 2 * src_top, left:left + diameter] = disc[src_top:diameter - src_top]
+    return out
+
+
+def jpeg_bytes(rgb: np.ndarray, quality: int = 90) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _make_aptos(job: tuple) -> None:
+    from PIL import Image
+
+    src, dst, fraction = job
+    with Image.open(src) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    Path(dst).write_bytes(jpeg_bytes(framed(rgb, int(FULL[1] * fraction))))
+
+
+def _make_synthetic(job: tuple) -> None:
+    sys.path.insert(0, str(ROOT))
+    from aptos_ray.data.synthetic import render_fundus
+
+    i, dst = job
+    rgb = render_fundus(i % 5, np.random.default_rng([7, i]), FULL[1])
+    Path(dst).write_bytes(jpeg_bytes(framed(rgb, FULL[1])))
+
+
+def make_inputs(work: Path, n: int, synthetic: int) -> tuple[list[Path], list[Path]]:
+    """``<work>/raw/{labels.csv, images/}`` (n enlarged APTOS photographs) and ``<work>/synthetic/``."""
+    import pandas as pd
+
+    labels = pd.read_csv(APTOS / "labels.csv")
+    rng = np.random.default_rng(0)
+    rows = [(f"f{i:05d}", labels.id_code[i], int(labels.diagnosis[i]), float(rng.uniform(0.85, 1.0))) for i in range(n)]
+    images, syn = work / "raw" / "images", work / "synthetic"
+    images.mkdir(parents=True, exist_ok=True)
+    syn.mkdir(parents=True, exist_ok=True)
+    jobs = [(APTOS / "images" / f"{src}.png", images / f"{id_}.jpg", frac) for id_, src, _, frac in rows
+            if not (images / f"{id_}.jpg").exists()]
+    syn_jobs = [(i, syn / f"syn{i:03d}.jpg") for i in range(synthetic) if not (syn / f"syn{i:03d}.jpg").exists()]
+    if jobs or syn_jobs:
+        started = time.perf_counter()
+        with Pool(2) as pool:
+            pool.map(_make_aptos, jobs, chunksize=16)
+            pool.map(_make_synthetic, syn_jobs, chunksize=1)
+        print(f"made {len(jobs) + len(syn_jobs)} inputs in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    pd.DataFrame({"id_code": [r[0] for r in rows], "diagnosis": [r[2] for r in rows]}).to_csv(
+        work / "raw" / "labels.csv", index=False)
+    return [images / f"{r[0]}.jpg" for r in rows], sorted(syn.glob("syn*.jpg"))[:synthetic]
+
+
+# ----------------------------------------------------------------------------- 1. cost per image
+
+
+def cost_table(full: list[bytes], pngs: list[bytes]) -> str:
+    import cv2
+    from PIL import Image
+
+    from aptos_ray.config import PrepareConfig
+    from aptos_ray.data.preprocess import decode_photo, preprocess
+    from aptos_ray.infer.quality import assess_photo, decode_size
+
+    cv2.setNumThreads(1)  # one image per core, as in a Ray task
+
+    def plain(data: bytes, size: int):
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB").resize((size, size), Image.BILINEAR)
+
+    def ours(data: bytes, cfg, reduced: bool):
+        return preprocess(decode_photo(data, needed=cfg.image_size if reduced else 0).pixels, cfg)
+
+    def predict_row(data: bytes, cfg, reduced: bool):
+        photo = decode_photo(data, needed=decode_size(cfg) if reduced else 0)
+        assess_photo(photo)
+        return preprocess(photo.pixels, cfg)
+
+    cases = [(f"full-size JPEG {FULL[0]}x{FULL[1]}", full, s, ours) for s in SIZES]
+    cases += [("224 px PNG (APTOS)", pngs, 256, ours), (f"predict row: + quality check, full-size JPEG", full, 256, predict_row)]
+    lines = ["| input | output px | images | full decode ms/img | reduced decode ms/img | plain PIL loop ms/img | "
+             "full img/s | reduced img/s | plain PIL img/s | reduced / full speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, inputs, size, fn in cases:
+        cfg = PrepareConfig(image_size=size)
+        t = {"full": 0.0, "reduced": 0.0, "plain": 0.0}
+        for data in inputs:  # in turns, image by image: load on the shared machine hits all three alike
+            for method in t:
+                started = time.perf_counter()
+                if method == "plain":
+                    plain(data, size)
+                else:
+                    fn(data, cfg, method == "reduced")
+                t[method] += time.perf_counter() - started
+        ms = {k: 1000 * v / len(inputs) for k, v in t.items()}
+        plain_ms = f"{ms['plain']:.1f}" if fn is ours else "-"
+        plain_rate = f"{1000 / ms['plain']:.1f}" if fn is ours else "-"
+        lines.append(f"| {name} | {size} | {len(inputs)} | {ms['full']:.1f} | {ms['reduced']:.1f} | {plain_ms} | "
+                     f"{1000 / ms['full']:.1f} | {1000 / ms['reduced']:.1f} | {plain_rate} | {ms['full'] / ms['reduced']:.1f}x |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- 2. equality
+
+
+def compare(data: bytes, size: int) -> dict:
+    """Reduced vs full decode of one JPEG, preprocessed at ``size``: differences and crop boxes."""
+    from aptos_ray.config import PrepareConfig
+    from aptos_ray.data.preprocess import decode_photo, fundus_box, preprocess
+
+    cfg = PrepareConfig(image_size=size)
+    full, reduced = decode_photo(data), decode_photo(data, needed=size)
+    a, b = preprocess(full.pixels, cfg).astype(np.float64), preprocess(reduced.pixels, cfg).astype(np.float64)
+    diff = np.abs(a - b)
+    mse = float((diff ** 2).mean())
+    box_full = np.array(fundus_box(full.pixels), float)
+    box_reduced = np.array(fundus_box(reduced.pixels), float) * reduced.scale  # in photograph pixels
+    side = max(box_full[1] - box_full[0], box_full[3] - box_full[2])
+    return {"mad": diff.mean(axis=(0, 1)), "psnr": 10 * np.log10(255 ** 2 / mse) if mse else float("inf"),
+            "box_px": float(np.abs(box_full - box_reduced).max()), "box_out_px": float(np.abs(box_full - box_reduced).max() / side * size),
+            "factor": reduced.scale}
+
+
+def equality_table(sets: dict[str, list[bytes]]) -> str:
+    lines = ["| inputs | output px | images | reduction | mean abs diff per channel R / G / B (worst image) | "
+             "PSNR dB, mean (worst) | crop box: largest difference, photograph px (output px) |",
+             "|---|---:|---:|---:|---|---|---|"]
+    for name, inputs in sets.items():
+        for size in SIZES:
+            rows = [compare(d, size) for d in inputs]
+            mad = np.array([r["mad"] for r in rows])
+            worst = mad[np.argmax(mad.max(axis=1))]
+            psnr = [r["psnr"] for r in rows]
+            box = max(rows, key=lambda r: r["box_px"])
+            lines.append(f"| {name} | {size} | {len(rows)} | 1/{rows[0]['factor']:.0f} | "
+                         f"{' / '.join(f'{v:.2f}' for v in mad.mean(axis=0))} ({' / '.join(f'{v:.2f}' for v in worst)}) | "
+                         f"{np.mean(psnr):.1f} ({min(psnr):.1f}) | {box['box_px']:.0f} ({box['box_out_px']:.2f}) |")
+    return "\n".join(lines)
+
+
+def degrade_at(rgb: np.ndarray, kind: str, k: float) -> np.ndarray:
+    """``quality.degrade`` for a photograph ``k`` times the 224 px it was tuned at: blur scaled by k."""
+    import cv2
+
+    from aptos_ray.infer.quality import degrade
+
+    if kind.startswith("blur"):
+        return cv2.GaussianBlur(rgb, (0, 0), {"blur": 3.0, "blur_mild": 1.5}[kind] * k)
+    return degrade(rgb, kind)
+
+
+def verdict_rows(name: str, photos: list[bytes], k: float) -> list[str]:
+    """Per degradation: full vs reduced decode (as predict decodes) of full-size JPEG copies."""
+    from aptos_ray.config import PrepareConfig
+    from aptos_ray.data.preprocess import decode_photo
+    from aptos_ray.infer.quality import DEGRADATIONS, assess, assess_photo, decode_size
+
+    needed = decode_size(PrepareConfig())
+    originals = [decode_photo(d).pixels for d in photos]
+    lines = []
+    for kind in ["original", *DEGRADATIONS]:
+        agree, gradable, ratios = 0, [0, 0], []
+        for rgb in originals:
+            data = jpeg_bytes(rgb if kind == "original" else degrade_at(rgb, kind, k))
+            full, reduced = decode_photo(data), decode_photo(data, needed=needed)
+            qf, qr = assess(full.pixels), assess_photo(reduced)
+            agree += qf.reason == qr.reason
+            gradable[0] += qf.gradable
+            gradable[1] += qr.gradable
+            if np.isfinite(qf.sharpness) and np.isfinite(qr.sharpness) and qf.sharpness > 0:
+                ratios.append(qr.sharpness / qf.sharpness)
+        spread = f"{np.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "-"
+        expected = DEGRADATIONS.get(kind, "")
+        lines.append(f"| {name} | {kind} | {'-' if expected is None else expected or 'gradable'} | {len(originals)} | "
+                     f"{agree}/{len(originals)} | {gradable[0]} / {gradable[1]} | {spread} |")
+    return lines
+
+
+def verdict_table(n: int, synthetic: list[bytes], seed: int = 0) -> str:
+    """Gradability verdicts, full vs reduced decode, on full-size JPEG copies of the degraded
+    photographs of bench_gradability.py (same seeded sample of the shared folder, enlarged to the
+    full height first) and of the synthetic photographs rendered at full size."""
+    import cv2
+    from PIL import Image
+
+    paths = sorted((APTOS / "images").glob("*.png"))
+    rng = np.random.default_rng(seed)
+    k = FULL[1] / 224
+    sample = [jpeg_bytes(cv2.resize(np.asarray(Image.open(p).convert("RGB")), (FULL[1], FULL[1]),
+                                    interpolation=cv2.INTER_CUBIC))
+              for p in rng.choice(paths, min(n, len(paths)), replace=False)]
+    lines = ["| photographs | copies | expected | images | verdicts agree | gradable full / reduced | "
+             "sharpness reduced / full, median (range) |", "|---|---|---|---:|---:|---:|---|"]
+    lines += verdict_rows("APTOS enlarged", sample, k)
+    if synthetic:
+        lines += verdict_rows("synthetic, full size", synthetic, k)
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- 3. prepare and predict end to end
+
+
+def peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
+
+
+def run_stage(args) -> None:
+    """One stage in this (child) process, with the code on PYTHONPATH; writes its figures to --result."""
+    import threading
+
+    import ray
+
+    from aptos_ray.config import Config
+    from aptos_ray.ray_setup import local_ray_options, private_default_token
+
+    work = Path(args.work)
+    private_default_token()
+    ray.init(num_cpus=2, object_store_memory=2 * 2**30, log_to_driver=False, **local_ray_options())
+    cfg = Config()
+    folder = work / f"out-{args.stage}-{args.tag}"
+    shutil.rmtree(folder, ignore_errors=True)
+    disk, stop = [0], threading.Event()
+
+    def watch():
+        while not stop.wait(0.5):
+            disk[0] = max(disk[0], folder_bytes(folder))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    started = time.perf_counter()
+    if args.stage == "prepare":
+        from aptos_ray.data.prepare import prepare
+
+        cfg.prepare.input, cfg.prepare.output, cfg.prepare.card = str(work / "raw"), str(folder / "dataset"), False
+        prepare(cfg)
+    elif args.stage == "train":
+        from aptos_ray.train.driver import train
+
+        cfg.data.dataset = str(work / "out-prepare-new" / "dataset")
+        cfg.model.name, cfg.model.pretrained, cfg.data.image_size = "test_efficientnet", "none", 64
+        cfg.train.epochs, cfg.train.batch_size, cfg.train.tracking, cfg.train.local = 1, 32, "none", True
+        cfg.train.output, cfg.train.name = str(folder), "run"
+        train(cfg.validate())
+    else:
+        from aptos_ray.infer.predict import predict
+
+        cfg.predict.checkpoint = str(work / "out-train-new" / "run")
+        cfg.predict.images, cfg.predict.num_actors = str(work / "raw"), 1
+        cfg.predict.output = str(folder / "predict")
+        predict(cfg.validate())
+    seconds = time.perf_counter() - started
+    stop.set()
+    watcher.join()
+    Path(args.result).write_text(json.dumps({"stage": args.stage, "tag": args.tag, "seconds": seconds,
+                                             "driver_peak_rss": peak_rss(), "disk_peak": max(disk[0], folder_bytes(folder))}))
+    ray.shutdown()
+
+
+def run_child(stage: str, tag: str, code: Path, work: Path, timeout: float) -> dict | None:
+    result = work / f"result-{stage}-{tag}.json"
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--tag", tag, "--work", str(work),
+           "--result", str(result)]
+    env = {**os.environ, "PYTHONPATH": str(code), "RAY_ADDRESS": ""}
+    print(f"{stage} ({tag}) ...", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True, cwd=work)
+    except subprocess.TimeoutExpired:
+        print(f"  timed out after {timeout:.0f} s", file=sys.stderr)
+        return None
+    if proc.returncode or not result.is_file():
+        print(f"  failed ({proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.read_text())
+
+
+def jobs_table(work: Path, n: int, old: Path | None, timeout: float) -> str:
+    results = {}
+    for stage, tags in (("prepare", ["new", "old"]), ("train", ["new"]), ("predict", ["new", "old"])):
+        for tag in tags:
+            if tag == "old" and old is None:
+                continue
+            results[stage, tag] = run_child(stage, tag, ROOT if tag == "new" else old, work, timeout)
+    lines = [f"| job ({n} full-size JPEGs, 256 px) | old s | new s | old ms/img | new ms/img | speed-up | "
+             "driver peak RSS old / new MiB | disk peak old / new MiB |", "|---|---:|---:|---:|---:|---:|---|---|"]
+    for stage in ("prepare", "predict"):
+        o, w = results.get((stage, "old")), results.get((stage, "new"))
+        if not w:
+            continue
+        if o:
+            lines.append(f"| {stage} | {o['seconds']:.1f} | {w['seconds']:.1f} | {1000 * o['seconds'] / n:.0f} | "
+                         f"{1000 * w['seconds'] / n:.0f} | {o['seconds'] / w['seconds']:.1f}x | "
+                         f"{o['driver_peak_rss'] / 2**20:.0f} / {w['driver_peak_rss'] / 2**20:.0f} | "
+                         f"{o['disk_peak'] / 2**20:.0f} / {w['disk_peak'] / 2**20:.0f} |")
+        else:
+            lines.append(f"| {stage} | - | {w['seconds']:.1f} | - | {1000 * w['seconds'] / n:.0f} | - | "
+                         f"- / {w['driver_peak_rss'] / 2**20:.0f} | - / {w['disk_peak'] / 2**20:.0f} |")
+    (work / "jobs.json").write_text(json.dumps({f"{s}-{t}": r for (s, t), r in results.items()}))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/aptos-fullsize"))
+    parser.add_argument("--images", type=int, default=30, help="full-size JPEGs timed and compared")
+    parser.add_argument("--synthetic", type=int, default=4, help="synthetic photographs at full size (~6 s each to render)")
+    parser.add_argument("--degrade", type=int, default=30, help="photographs degraded for the verdict comparison")
+    parser.add_argument("--jobs", type=int, default=0, help="full-size JPEGs for prepare and predict end to end (0: skip)")
+    parser.add_argument("--old", type=Path, default=None, help="a code root whose prepare and predict run beside")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per job")
+    parser.add_argument("--stage", choices=("prepare", "train", "predict"))
+    parser.add_argument("--tag")
+    parser.add_argument("--result")
+    args = parser.parse_args()
+    if args.stage:
+        return run_stage(args)
+    sys.path.insert(0, str(ROOT))
+    args.work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    aptos, synthetic = make_inputs(args.work, max(args.images, args.jobs), args.synthetic)
+    full = [p.read_bytes() for p in aptos[:args.images]]
+    pngs = [p.read_bytes() for p in sorted((APTOS / "images").glob("*.png"))[:args.images]]
+    syn = [p.read_bytes() for p in synthetic]
+    cost = cost_table(full, pngs)
+    equal = equality_table({"APTOS enlarged": full, "synthetic, rendered at full size": syn})
+    verdicts = verdict_table(args.degrade, syn)
+    jobs = jobs_table(args.work, args.jobs, args.old, args.timeout) if args.jobs else ""
+    print(f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
+
+    print("\n## Results\n")
+    print(f"Decode + preprocess per image, one core, in turns ({os.cpu_count()} cores, shared):\n")
+    print(cost)
+    print("\nReduced vs full decode, the preprocessed images and the fundus crop box:\n")
+    print(equal)
+    print(f"\nGradability verdicts, full vs reduced decode, on full-size copies ({FULL[1]} px high) of "
+          f"bench_gradability.py's degraded photographs:\n")
+    print(verdicts)
+    if jobs:
+        print("\nEnd to end, each job its own process with a local Ray of 2 CPUs:\n")
+        print(jobs)
+
+
+if __name__ == "__main__":
+    main()
