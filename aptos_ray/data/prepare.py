@@ -71,7 +71,7 @@ ROWS_PER_PART = 512  # rows per output Parquet file (~100 MB raw at 256 px); par
 # Rows per row group of the split files (~12 MB raw at 256 px): the card and predict's contact
 # sheet read a few images by id, a row group at a time (format.read_split), not whole files.
 ROWS_PER_GROUP = 64
-STAGING = "_staging"  # pass 1's rows, before splits are known; uncompressed, it is read back once per split
+STAGING = "_staging"  # pass 1's rows, before splits are known; read back once, by pass 2
 # zstd: raw pixels shrink ~30% (snappy ~25%) at the same speed. No dictionary for the image
 # column: every image is unique, and trying costs more time than the write itself.
 PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": [n for n in SCHEMA.names if n != "image"]}
@@ -103,6 +103,9 @@ PROCESSED = pa.schema(
 )
 # All the driver ever reads of the staged rows: everything but the image (a few hundred bytes a row).
 META_COLUMNS = [n for n in PROCESSED.names if n != "image"]
+# The staged rows are compressed like the splits (zstd): staged and final rows are on disk together
+# until pass 2 ends, so the staging's size sets the peak disk use.
+STAGING_OPTIONS = {"compression": "zstd", "use_dictionary": META_COLUMNS}
 
 
 # ---------------------------------------------------------------- entry point
@@ -223,7 +226,7 @@ def run_pipeline(records: list[dict], p: PrepareConfig, staging: str) -> pa.Tabl
     with ray_progress():
         ds = ray.data.from_items(_ray_items(records), override_num_blocks=max(1, math.ceil(len(records) / BATCH_SIZE)))
         ds = ds.map_batches(process_batch, batch_size=BATCH_SIZE, batch_format="numpy", fn_kwargs={"cfg": p})
-        ds.write_parquet(inner, filesystem=fs, min_rows_per_file=ROWS_PER_PART, compression="none")
+        ds.write_parquet(inner, filesystem=fs, min_rows_per_file=ROWS_PER_PART, **STAGING_OPTIONS)
     meta = pads.dataset(inner, filesystem=fs, format="parquet").to_table(columns=META_COLUMNS)
     return meta.sort_by("order")
 

@@ -171,7 +171,7 @@ def collect(ds, output: str | None = None) -> pd.DataFrame:
             return collect(ds, tmp)
     fs, inner = storage.filesystem(storage.join(output, f"{STAGING}-{uuid.uuid4().hex[:8]}"))
     try:
-        ds.write_parquet(inner, filesystem=fs)
+        ds.write_parquet(inner, filesystem=fs, compression="zstd")
         if fs.get_file_info(inner).type == pafs.FileType.NotFound:  # no rows at all
             return pd.DataFrame()
         fragments = list(pads.dataset(inner, filesystem=fs, format="parquet").get_fragments())
