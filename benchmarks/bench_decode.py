@@ -113,7 +113,7 @@ def make_inputs(work: Path, n: int, synthetic: int) -> tuple[list[Path], list[Pa
 # ----------------------------------------------------------------------------- 1. cost per image
 
 
-def cost_table(full: list[bytes], pngs: list[bytes]) -> str:
+def cost_table(full: list[bytes], pngs: list[bytes], small: list[bytes]) -> str:
     import cv2
     from PIL import Image
 
@@ -136,7 +136,8 @@ def cost_table(full: list[bytes], pngs: list[bytes]) -> str:
         return preprocess(photo.pixels, cfg)
 
     cases = [(f"full-size JPEG {FULL[0]}x{FULL[1]}", full, s, ours) for s in SIZES]
-    cases += [("224 px PNG (APTOS)", pngs, 256, ours), (f"predict row: + quality check, full-size JPEG", full, 256, predict_row)]
+    cases += [("224 px PNG (APTOS)", pngs, 256, ours), ("512 px JPEG (bench_scale.py's inputs)", small, 256, ours),
+              ("predict row: + quality check, full-size JPEG", full, 256, predict_row)]
     lines = ["| input | output px | images | full decode ms/img | reduced decode ms/img | plain PIL loop ms/img | "
              "full img/s | reduced img/s | plain PIL img/s | reduced / full speed-up |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -374,6 +375,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=0, help="full-size JPEGs for prepare and predict end to end (0: skip)")
     parser.add_argument("--old", type=Path, default=None, help="a code root whose prepare and predict run beside")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per job")
+    parser.add_argument("--parts", nargs="+", default=["cost", "equality", "jobs"], choices=["cost", "equality", "jobs"])
     parser.add_argument("--stage", choices=("prepare", "train", "predict"))
     parser.add_argument("--tag")
     parser.add_argument("--result")
@@ -381,26 +383,33 @@ def main() -> None:
     if args.stage:
         return run_stage(args)
     sys.path.insert(0, str(ROOT))
+    import cv2
+    from PIL import Image
+
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     aptos, synthetic = make_inputs(args.work, max(args.images, args.jobs), args.synthetic)
     full = [p.read_bytes() for p in aptos[:args.images]]
     pngs = [p.read_bytes() for p in sorted((APTOS / "images").glob("*.png"))[:args.images]]
+    small = [jpeg_bytes(cv2.resize(np.asarray(Image.open(io.BytesIO(d)).convert("RGB")), (512, 512),
+                                   interpolation=cv2.INTER_LINEAR)) for d in pngs]
     syn = [p.read_bytes() for p in synthetic]
-    cost = cost_table(full, pngs)
-    equal = equality_table({"APTOS enlarged": full, "synthetic, rendered at full size": syn})
-    verdicts = verdict_table(args.degrade, syn)
-    jobs = jobs_table(args.work, args.jobs, args.old, args.timeout) if args.jobs else ""
+    cost = cost_table(full, pngs, small) if "cost" in args.parts else ""
+    equal = equality_table({"APTOS enlarged": full, "synthetic, rendered at full size": syn}) if "equality" in args.parts else ""
+    verdicts = verdict_table(args.degrade, syn) if "equality" in args.parts else ""
+    jobs = jobs_table(args.work, args.jobs, args.old, args.timeout) if args.jobs and "jobs" in args.parts else ""
     print(f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     print("\n## Results\n")
-    print(f"Decode + preprocess per image, one core, in turns ({os.cpu_count()} cores, shared):\n")
-    print(cost)
-    print("\nReduced vs full decode, the preprocessed images and the fundus crop box:\n")
-    print(equal)
-    print(f"\nGradability verdicts, full vs reduced decode, on full-size copies ({FULL[1]} px high) of "
-          f"bench_gradability.py's degraded photographs:\n")
-    print(verdicts)
+    if cost:
+        print(f"Decode + preprocess per image, one core, in turns ({os.cpu_count()} cores, shared):\n")
+        print(cost)
+    if equal:
+        print("\nReduced vs full decode, the preprocessed images and the fundus crop box:\n")
+        print(equal)
+        print(f"\nGradability verdicts, full vs reduced decode, on full-size copies ({FULL[1]} px high) of "
+              f"bench_gradability.py's degraded photographs:\n")
+        print(verdicts)
     if jobs:
         print("\nEnd to end, each job its own process with a local Ray of 2 CPUs:\n")
         print(jobs)
