@@ -295,15 +295,18 @@ def run_stage(args) -> None:
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     started = time.perf_counter()
-    if args.stage == "prepare":
+    extra = {}
+    if args.stage in ("prepare", "prepare_png"):
         from aptos_ray.data.prepare import prepare
 
-        cfg.prepare.input, cfg.prepare.output, cfg.prepare.card = str(work / "raw"), str(folder / "dataset"), False
+        cfg.prepare.input = str(work / args.input) if args.stage == "prepare" else str(APTOS)
+        cfg.prepare.output, cfg.prepare.card = str(folder / "dataset"), False
         prepare(cfg)
+        extra["content_hash"] = json.loads((folder / "dataset" / "manifest.json").read_text())["content_hash"]
     elif args.stage == "train":
         from aptos_ray.train.driver import train
 
-        cfg.data.dataset = str(work / "out-prepare-new" / "dataset")
+        cfg.data.dataset = str(work / args.input / "dataset")
         cfg.model.name, cfg.model.pretrained, cfg.data.image_size = "test_efficientnet", "none", 64
         cfg.train.epochs, cfg.train.batch_size, cfg.train.tracking, cfg.train.local = 1, 32, "none", True
         cfg.train.output, cfg.train.name = str(folder), "run"
@@ -312,22 +315,23 @@ def run_stage(args) -> None:
         from aptos_ray.infer.predict import predict
 
         cfg.predict.checkpoint = str(work / "out-train-new" / "run")
-        cfg.predict.images, cfg.predict.num_actors = str(work / "raw"), 1
+        cfg.predict.images, cfg.predict.num_actors = str(work / args.input), 1
         cfg.predict.output = str(folder / "predict")
         predict(cfg.validate())
     seconds = time.perf_counter() - started
     stop.set()
     watcher.join()
     Path(args.result).write_text(json.dumps({"stage": args.stage, "tag": args.tag, "seconds": seconds,
-                                             "driver_peak_rss": peak_rss(), "disk_peak": max(disk[0], folder_bytes(folder))}))
+                                             "driver_peak_rss": peak_rss(), "disk_peak": max(disk[0], folder_bytes(folder)),
+                                             **extra}))
     ray.shutdown()
 
 
-def run_child(stage: str, tag: str, code: Path, work: Path, timeout: float) -> dict | None:
+def run_child(stage: str, tag: str, code: Path, work: Path, timeout: float, input: str = "raw") -> dict | None:
     result = work / f"result-{stage}-{tag}.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--tag", tag, "--work", str(work),
-           "--result", str(result)]
+           "--result", str(result), "--input", input]
     env = {**os.environ, "PYTHONPATH": str(code), "RAY_ADDRESS": ""}
     print(f"{stage} ({tag}) ...", file=sys.stderr, flush=True)
     try:
@@ -341,29 +345,73 @@ def run_child(stage: str, tag: str, code: Path, work: Path, timeout: float) -> d
     return json.loads(result.read_text())
 
 
-def jobs_table(work: Path, n: int, old: Path | None, timeout: float) -> str:
-    results = {}
-    for stage, tags in (("prepare", ["new", "old"]), ("train", ["new"]), ("predict", ["new", "old"])):
-        for tag in tags:
-            if tag == "old" and old is None:
-                continue
-            results[stage, tag] = run_child(stage, tag, ROOT if tag == "new" else old, work, timeout)
-    lines = [f"| job ({n} full-size JPEGs, 256 px) | old s | new s | old ms/img | new ms/img | speed-up | "
-             "driver peak RSS old / new MiB | disk peak old / new MiB |", "|---|---:|---:|---:|---:|---:|---|---|"]
+def subset(work: Path, n: int) -> str:
+    """``<work>/raw-<n>``: the first n inputs (hard links), for the fixed cost of a job."""
+    import pandas as pd
+
+    folder = work / f"raw-{n}"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    labels = pd.read_csv(work / "raw" / "labels.csv").head(n)
+    for id_ in labels.id_code:
+        if not (folder / "images" / f"{id_}.jpg").exists():
+            os.link(work / "raw" / "images" / f"{id_}.jpg", folder / "images" / f"{id_}.jpg")
+    labels.to_csv(folder / "labels.csv", index=False)
+    return folder.name
+
+
+def jobs_table(work: Path, n: int, small: int, old: Path | None, timeout: float) -> str:
+    """prepare and predict, old and new code, on n and on ``small`` inputs: the per-image cost is the
+    difference over the n - small more images (fixed costs, Ray's and the model's start-up, cancel)."""
+    codes = {"new": ROOT, **({"old": old} if old else {})}
+    runs: dict[tuple, dict | None] = {}
+    sizes = [n] + ([small] if small else [])
+    for size in sizes:
+        raw = subset(work, size)
+        for tag, code in codes.items():
+            runs["prepare", tag, size] = run_child("prepare", f"{tag}-{size}", code, work, timeout, raw)
+        if size == n:  # one checkpoint for every predict: trained on the new prepare of the n inputs
+            run_child("train", "new", ROOT, work, timeout, f"out-prepare-new-{n}")
+        for tag, code in codes.items():
+            runs["predict", tag, size] = run_child("predict", f"{tag}-{size}", code, work, timeout, raw)
+    lines = [f"| job (full-size JPEGs, 256 px) | images | old s | new s | speed-up | "
+             "driver peak RSS old / new MiB | disk peak old / new MiB |", "|---|---:|---:|---:|---:|---|---|"]
     for stage in ("prepare", "predict"):
-        o, w = results.get((stage, "old")), results.get((stage, "new"))
-        if not w:
-            continue
-        if o:
-            lines.append(f"| {stage} | {o['seconds']:.1f} | {w['seconds']:.1f} | {1000 * o['seconds'] / n:.0f} | "
-                         f"{1000 * w['seconds'] / n:.0f} | {o['seconds'] / w['seconds']:.1f}x | "
-                         f"{o['driver_peak_rss'] / 2**20:.0f} / {w['driver_peak_rss'] / 2**20:.0f} | "
-                         f"{o['disk_peak'] / 2**20:.0f} / {w['disk_peak'] / 2**20:.0f} |")
-        else:
-            lines.append(f"| {stage} | - | {w['seconds']:.1f} | - | {1000 * w['seconds'] / n:.0f} | - | "
-                         f"- / {w['driver_peak_rss'] / 2**20:.0f} | - / {w['disk_peak'] / 2**20:.0f} |")
-    (work / "jobs.json").write_text(json.dumps({f"{s}-{t}": r for (s, t), r in results.items()}))
+        for size in sizes:
+            o, w = runs.get((stage, "old", size)), runs.get((stage, "new", size))
+            if not w:
+                continue
+            old_s = f"{o['seconds']:.1f}" if o else "-"
+            speed = f"{o['seconds'] / w['seconds']:.1f}x" if o else "-"
+            old_rss = f"{o['driver_peak_rss'] / 2**20:.0f}" if o else "-"
+            old_disk = f"{o['disk_peak'] / 2**20:.0f}" if o else "-"
+            lines.append(f"| {stage} | {size} | {old_s} | {w['seconds']:.1f} | {speed} | "
+                         f"{old_rss} / {w['driver_peak_rss'] / 2**20:.0f} | {old_disk} / {w['disk_peak'] / 2**20:.0f} |")
+    if small:
+        lines += ["", f"Per image, the difference between {n} and {small} images (fixed costs cancel):", "",
+                  "| job | old ms/img | new ms/img | speed-up |", "|---|---:|---:|---:|"]
+        for stage in ("prepare", "predict"):
+            per = {}
+            for tag in codes:
+                big, little = runs.get((stage, tag, n)), runs.get((stage, tag, small))
+                if big and little:
+                    per[tag] = 1000 * (big["seconds"] - little["seconds"]) / (n - small)
+            if "new" in per:
+                old_ms = f"{per['old']:.0f}" if "old" in per else "-"
+                ratio = f"{per['old'] / per['new']:.1f}x" if "old" in per else "-"
+                lines.append(f"| {stage} | {old_ms} | {per['new']:.0f} | {ratio} |")
+    (work / "jobs.json").write_text(json.dumps({"-".join(map(str, k)): r for k, r in runs.items()}))
     return "\n".join(lines)
+
+
+def png_table(work: Path, old: Path, timeout: float) -> str:
+    """Prepare of the shared APTOS PNGs (default settings), old and new code: the content hashes."""
+    new_run, old_run = (run_child("prepare_png", tag, code, work, timeout) for tag, code in (("new", ROOT), ("old", old)))
+    if not new_run or not old_run:
+        return "(prepare of the shared folder failed: see stderr)"
+    same = "same" if new_run["content_hash"] == old_run["content_hash"] else "DIFFERENT"
+    return "\n".join(["| shared APTOS folder (PNG), default settings | content hash old | content hash new | |",
+                      "|---|---|---|---|",
+                      f"| prepare | {old_run['content_hash'][:16]} | {new_run['content_hash'][:16]} | {same} |"])
 
 
 def main() -> None:
@@ -373,10 +421,12 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=4, help="synthetic photographs at full size (~6 s each to render)")
     parser.add_argument("--degrade", type=int, default=30, help="photographs degraded for the verdict comparison")
     parser.add_argument("--jobs", type=int, default=0, help="full-size JPEGs for prepare and predict end to end (0: skip)")
+    parser.add_argument("--jobs-small", type=int, default=20, help="the same jobs on this many, for their fixed cost")
+    parser.add_argument("--input", default="raw", help=argparse.SUPPRESS)
     parser.add_argument("--old", type=Path, default=None, help="a code root whose prepare and predict run beside")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per job")
-    parser.add_argument("--parts", nargs="+", default=["cost", "equality", "jobs"], choices=["cost", "equality", "jobs"])
-    parser.add_argument("--stage", choices=("prepare", "train", "predict"))
+    parser.add_argument("--parts", nargs="+", default=["cost", "equality", "jobs"], choices=["cost", "equality", "jobs", "png"])
+    parser.add_argument("--stage", choices=("prepare", "train", "predict", "prepare_png"))
     parser.add_argument("--tag")
     parser.add_argument("--result")
     args = parser.parse_args()
@@ -397,7 +447,8 @@ def main() -> None:
     cost = cost_table(full, pngs, small) if "cost" in args.parts else ""
     equal = equality_table({"APTOS enlarged": full, "synthetic, rendered at full size": syn}) if "equality" in args.parts else ""
     verdicts = verdict_table(args.degrade, syn) if "equality" in args.parts else ""
-    jobs = jobs_table(args.work, args.jobs, args.old, args.timeout) if args.jobs and "jobs" in args.parts else ""
+    jobs = jobs_table(args.work, args.jobs, args.jobs_small, args.old, args.timeout) if args.jobs and "jobs" in args.parts else ""
+    png = png_table(args.work, args.old, args.timeout) if args.old and "png" in args.parts else ""
     print(f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     print("\n## Results\n")
@@ -413,6 +464,9 @@ def main() -> None:
     if jobs:
         print("\nEnd to end, each job its own process with a local Ray of 2 CPUs:\n")
         print(jobs)
+    if png:
+        print("\nThe shared APTOS PNGs prepare to the same dataset:\n")
+        print(png)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ BENCHMARKS = {
     "gradability": ("Gradability: verdicts on the shared APTOS folder and on known degradations",
                     ["bench_gradability.py", "--degrade", "300", "--synthetic", "100"]),
     "tune": ("Tune: ASHA vs a full grid", ["bench_tune.py"]),
+    "decode": ("Full-size photographs: JPEGs decoded at the size needed vs in full",
+               ["bench_decode.py", "--images", "30", "--synthetic", "4", "--degrade", "30", "--jobs", "200",
+                "--old", "../main", "--parts", "cost", "equality", "jobs", "png"]),
     "scale": ("Scale: prepare, one training epoch and predict at 1k, 5k and 20k images of 512 px; growth and "
               "extrapolation to EyePACS (88,702)",
               ["bench_scale.py", "--sizes", "1000", "5000", "20000", "--old", "../main", "--old-sizes", "1000", "5000",
