@@ -267,6 +267,25 @@ def peak_rss() -> int:
     return 0
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) of a process and its living descendants (Ray's workers), from /proc:
+    unlike wall time, it hardly moves with other people's load on a shared machine."""
+    stats = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            stats[int(proc.name)] = (int(fields[1]), sum(int(v) for v in fields[11:15]))  # ppid, u+s(+children)
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        tree.add(pid)
+        todo += [p for p, (ppid, _) in stats.items() if ppid == pid and p not in tree]
+    return sum(stats[p][1] for p in tree if p in stats) / os.sysconf("SC_CLK_TCK")
+
+
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
 
@@ -294,6 +313,7 @@ def run_stage(args) -> None:
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    cpu_before = tree_cpu_seconds(os.getpid())  # Ray started, nothing run
     started = time.perf_counter()
     extra = {}
     if args.stage in ("prepare", "prepare_png"):
@@ -319,10 +339,11 @@ def run_stage(args) -> None:
         cfg.predict.output = str(folder / "predict")
         predict(cfg.validate())
     seconds = time.perf_counter() - started
+    cpu = tree_cpu_seconds(os.getpid()) - cpu_before
     stop.set()
     watcher.join()
     Path(args.result).write_text(json.dumps({"stage": args.stage, "tag": args.tag, "seconds": seconds,
-                                             "driver_peak_rss": peak_rss(), "disk_peak": max(disk[0], folder_bytes(folder)),
+                                             "cpu_seconds": cpu, "driver_peak_rss": peak_rss(), "disk_peak": max(disk[0], folder_bytes(folder)),
                                              **extra}))
     ray.shutdown()
 
@@ -369,12 +390,13 @@ def jobs_table(work: Path, n: int, small: int, old: Path | None, timeout: float)
         raw = subset(work, size)
         for tag, code in codes.items():
             runs["prepare", tag, size] = run_child("prepare", f"{tag}-{size}", code, work, timeout, raw)
-        if size == n:  # one checkpoint for every predict: trained on the new prepare of the n inputs
+        if size == n and not (work / "out-train-new" / "run").is_dir():  # one checkpoint for every predict
             run_child("train", "new", ROOT, work, timeout, f"out-prepare-new-{n}")
         for tag, code in codes.items():
             runs["predict", tag, size] = run_child("predict", f"{tag}-{size}", code, work, timeout, raw)
-    lines = [f"| job (full-size JPEGs, 256 px) | images | old s | new s | speed-up | "
-             "driver peak RSS old / new MiB | disk peak old / new MiB |", "|---|---:|---:|---:|---:|---|---|"]
+    lines = [f"| job (full-size JPEGs, 256 px) | images | wall old / new s | wall speed-up | CPU old / new s | "
+             "CPU speed-up | driver peak RSS old / new MiB | disk peak old / new MiB |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
     for stage in ("prepare", "predict"):
         for size in sizes:
             o, w = runs.get((stage, "old", size)), runs.get((stage, "new", size))
@@ -382,23 +404,25 @@ def jobs_table(work: Path, n: int, small: int, old: Path | None, timeout: float)
                 continue
             old_s = f"{o['seconds']:.1f}" if o else "-"
             speed = f"{o['seconds'] / w['seconds']:.1f}x" if o else "-"
+            old_cpu = f"{o['cpu_seconds']:.1f}" if o else "-"
+            cpu_speed = f"{o['cpu_seconds'] / w['cpu_seconds']:.1f}x" if o else "-"
             old_rss = f"{o['driver_peak_rss'] / 2**20:.0f}" if o else "-"
             old_disk = f"{o['disk_peak'] / 2**20:.0f}" if o else "-"
-            lines.append(f"| {stage} | {size} | {old_s} | {w['seconds']:.1f} | {speed} | "
+            lines.append(f"| {stage} | {size} | {old_s} / {w['seconds']:.1f} | {speed} | {old_cpu} / {w['cpu_seconds']:.1f} | {cpu_speed} | "
                          f"{old_rss} / {w['driver_peak_rss'] / 2**20:.0f} | {old_disk} / {w['disk_peak'] / 2**20:.0f} |")
     if small:
         lines += ["", f"Per image, the difference between {n} and {small} images (fixed costs cancel):", "",
-                  "| job | old ms/img | new ms/img | speed-up |", "|---|---:|---:|---:|"]
+                  "| job | wall old / new ms/img | wall speed-up | CPU old / new ms/img | CPU speed-up |",
+                  "|---|---:|---:|---:|---:|"]
         for stage in ("prepare", "predict"):
             per = {}
             for tag in codes:
                 big, little = runs.get((stage, tag, n)), runs.get((stage, tag, small))
                 if big and little:
-                    per[tag] = 1000 * (big["seconds"] - little["seconds"]) / (n - small)
-            if "new" in per:
-                old_ms = f"{per['old']:.0f}" if "old" in per else "-"
-                ratio = f"{per['old'] / per['new']:.1f}x" if "old" in per else "-"
-                lines.append(f"| {stage} | {old_ms} | {per['new']:.0f} | {ratio} |")
+                    per[tag] = [1000 * (big[k] - little[k]) / (n - small) for k in ("seconds", "cpu_seconds")]
+            if "new" in per and "old" in per:
+                (ow, oc), (nw, nc) = per["old"], per["new"]
+                lines.append(f"| {stage} | {ow:.0f} / {nw:.0f} | {ow / nw:.1f}x | {oc:.0f} / {nc:.0f} | {oc / nc:.1f}x |")
     (work / "jobs.json").write_text(json.dumps({"-".join(map(str, k)): r for k, r in runs.items()}))
     return "\n".join(lines)
 

@@ -146,6 +146,26 @@ NOTES = {
              "one-writer prepare run with Ray Data's `preserve_order` (rows in input order); the one-writer "
              "prepare's default split them in task-completion order, so two of its runs gave different splits "
              "(measured), which sorting by input order fixes. Row order inside the split files differs.",
+    "decode": "Inputs made in /tmp: the shared APTOS photographs enlarged into 3888 x 2592 frames (JPEG "
+              "quality 90, ~0.4 MB, the disc 85-100% of the height) and synthetic photographs rendered at that size "
+              "(vessels, lesions and noise at full resolution). `reduced` is `preprocess.decode_photo(needed=...)`: "
+              "the smallest power-of-two DCT-domain reduction (PIL `Image.draft`) whose shorter side stays at "
+              "least twice the size needed (prepare: `image_size`; predict: that or the quality check's 224 px, "
+              "so 1/4 at 256 px); `full` is the decode before; the plain PIL loop opens, converts and resizes "
+              "(no crop, no mask). PNGs and small JPEGs are never reduced (same cost, same pixels). Equality: "
+              "the preprocessed images of both decodes (default settings), per channel mean absolute difference "
+              "and PSNR; the tests pin mean absolute difference <= 1.5 (of 255), PSNR >= 35 dB and the crop box "
+              "within 1 output pixel on generated 1600 x 1200 JPEGs (tests/test_decode.py). Verdicts: predict's "
+              "quality check (`quality.assess_photo`, which measures a reduced decode at the size its full "
+              "decode is measured at) on full-size JPEG copies of bench_gradability.py's degradations (same "
+              "seeded sample; blur scaled to the size); `expected` is the verdict at 224 px, where `small` is "
+              "too small: enlarged, its disc is > 1000 px and gradable, under both decodes. End to end: each "
+              "job in its own process, old = the commit before (git archive), new = this code, on the same "
+              "inputs in the same run, on a shared 2-core machine under heavy load (load average 20-60): "
+              "single runs, so read the ratios, not the seconds. The per-image rows subtract the small run from "
+              "the large one, so Ray's start-up, the model's loading and the report cancel. Predict reads the "
+              "raw JPEGs (labels.csv + images/) with a test_efficientnet checkpoint (64 px input) trained on the "
+              "new prepare. Disk: the peak under the job's output folder (prepare's staged rows are now zstd).",
     "tune": "Same grid, seed and data for both searches. Trial start-up (~15-20 s) dwarfs an epoch here, so "
             "wall time barely moves; trial-epochs are what ASHA saves.",
 }
