@@ -41,7 +41,7 @@ def plain_loop(records: list[dict], cfg, out: Path) -> int:
     rows = []
     for rec in records:
         try:
-            arr = read_image(rec, cfg.min_image_side)
+            arr = read_image(rec, cfg.min_image_side, needed=cfg.image_size)  # the decode prepare does
             img = preprocess(arr, cfg)
         except ImageError:
             continue

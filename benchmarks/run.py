@@ -46,6 +46,9 @@ BENCHMARKS = {
     "gradability": ("Gradability: verdicts on the shared APTOS folder and on known degradations",
                     ["bench_gradability.py", "--degrade", "300", "--synthetic", "100"]),
     "tune": ("Tune: ASHA vs a full grid", ["bench_tune.py"]),
+    "decode": ("Full-size photographs: JPEGs decoded at the size needed vs in full",
+               ["bench_decode.py", "--images", "30", "--synthetic", "4", "--degrade", "30", "--jobs", "200",
+                "--old", "../main", "--parts", "cost", "equality", "jobs", "png"]),
     "scale": ("Scale: prepare, one training epoch and predict at 1k, 5k and 20k images of 512 px; growth and "
               "extrapolation to EyePACS (88,702)",
               ["bench_scale.py", "--sizes", "1000", "5000", "20000", "--old", "../main", "--old-sizes", "1000", "5000",
@@ -132,17 +135,48 @@ NOTES = {
              "figure assumes 4 nodes like this one (2 cores each), per-image work (decode, preprocess, hash, "
              "the pass-2 rewrite, training steps under DDP, inference) divided by 4, and the fixed part and the "
              "driver's all-pairs near-duplicate search (quadratic, measured apart) not divided; network and "
-             "shared-storage bandwidth assumed not to bind. Full-size EyePACS JPEGs (~3-10 MP, ~0.4 MB) cost more to "
-             "decode than these 512 px inputs: a task's work per image (decode to pHash) measured 384 ms at "
-             "3888 x 2592 vs 13 ms at 512 px (29x, one loaded run), so prepare's pass 1 at EyePACS size is ~29x "
-             "its 512 px figure; everything after the decode (pass 2, the driver, training, predict of prepared "
-             "splits) is unchanged. Decoding JPEGs in draft mode (PIL `Image.draft`, a DCT-domain downscale "
-             "to about twice the stored size) would recover most of that. Same results as before: on the shared "
+             "shared-storage bandwidth assumed not to bind. "
+             "Full-size EyePACS JPEGs (~3-10 MP, ~0.4 MB) cost more per image than these 512 px inputs. Measured "
+             "side by side (\"Full-size photographs: JPEGs decoded at the size needed vs in full\": decode + "
+             "preprocess at 256 px, one core), a 3888 x 2592 JPEG costs 16.9x a 512 px one when decoded in full "
+             "(the code before) and 1.9x with the reduced decode prepare now uses. The extrapolation redone with "
+             "that cost: prepare's slope grows by the extra work per image over 2 cores, (t_full-size - t_512) / "
+             "2, with t rescaled to this run's load by the 512 px figure (13 ms here, 38.8 ms there): +103 s per "
+             "1k images with full decodes, +5.9 s per 1k with reduced ones, so prepare of EyePACS at full size "
+             "takes 29 + 120.4 x 88.7 + 48 s = 3.0 h here and 0.76 h on 4 nodes with full decodes, 29 + 23.2 x "
+             "88.7 + 48 s = 0.59 h here and 0.16 h on 4 nodes with reduced ones. Predicting EyePACS' raw "
+             "photographs (rather than a prepared split) adds predict's row work (decode, quality check, "
+             "preprocess: 2,012 vs 307 ms per image there): +337 vs +51 s per 1k images, so 8.5 h vs 1.4 h here, "
+             "2.1 h vs 0.36 h on 4 nodes. Everything after the decode (pass 2, the driver, training, predict of "
+             "prepared splits) is unchanged. "
+             "Same results as before: on the shared "
              "APTOS folder (2,929 images, default settings) the two-pass prepare gives the same per-split ids, "
              "the same image bytes per id, the same near-duplicate groups and the same content hash as the "
              "one-writer prepare run with Ray Data's `preserve_order` (rows in input order); the one-writer "
              "prepare's default split them in task-completion order, so two of its runs gave different splits "
              "(measured), which sorting by input order fixes. Row order inside the split files differs.",
+    "decode": "Inputs made in /tmp: the shared APTOS photographs enlarged into 3888 x 2592 frames (JPEG "
+              "quality 90, ~0.4 MB, the disc 85-100% of the height) and synthetic photographs rendered at that size "
+              "(vessels, lesions and noise at full resolution). `reduced` is `preprocess.decode_photo(needed=...)`: "
+              "the smallest power-of-two DCT-domain reduction (PIL `Image.draft`) whose shorter side stays at "
+              "least twice the size needed (prepare: `image_size`; predict: that or the quality check's 224 px, "
+              "so 1/4 at 256 px); `full` is the decode before; the plain PIL loop opens, converts and resizes "
+              "(no crop, no mask). PNGs and small JPEGs are never reduced (same cost, same pixels). Equality: "
+              "the preprocessed images of both decodes (default settings), per channel mean absolute difference "
+              "and PSNR; the tests pin mean absolute difference <= 1.5 (of 255), PSNR >= 35 dB and the crop box "
+              "within 1 output pixel on generated 1600 x 1200 JPEGs (tests/test_decode.py, reductions 1/2 and "
+              "1/4); here the means stay within those limits at every size, while the worst single image, an "
+              "enlarged APTOS photograph at 128 px (1/8), reaches 2.9 / 31 dB. Verdicts: predict's "
+              "quality check (`quality.assess_photo`, which measures a reduced decode at the size its full "
+              "decode is measured at) on full-size JPEG copies of bench_gradability.py's degradations (same "
+              "seeded sample; blur scaled to the size); `expected` is the verdict at 224 px, where `small` is "
+              "too small: enlarged, its disc is > 1000 px and gradable, under both decodes. End to end: each "
+              "job in its own process, old = the commit before (git archive), new = this code, on the same "
+              "inputs in the same run, on a shared 2-core machine under heavy load (load average 20-60): "
+              "single runs, so read the ratios, not the seconds. The per-image rows subtract the small run from "
+              "the large one, so Ray's start-up, the model's loading and the report cancel. Predict reads the "
+              "raw JPEGs (labels.csv + images/) with a test_efficientnet checkpoint (64 px input) trained on the "
+              "new prepare. Disk: the peak under the job's output folder (prepare's staged rows are now zstd).",
     "tune": "Same grid, seed and data for both searches. Trial start-up (~15-20 s) dwarfs an epoch here, so "
             "wall time barely moves; trial-epochs are what ASHA saves.",
 }

@@ -202,6 +202,9 @@ def test_driver_reads_no_image_bytes_and_a_uri_output_is_published(tmp_path, ray
     staged = pq.read_table(tmp_path / "staging")
     written = staged.filter(pc.equal(staged["reason"], ""))
     assert written.num_rows == len(GOOD) and all(len(b) == 64 * 64 * 3 for b in written["image"].to_pylist())
+    # staged rows are compressed: they share the disk with the split files until pass 2 ends
+    parts = [pq.ParquetFile(f).metadata for f in (tmp_path / "staging").glob("*.parquet")]
+    assert parts and {m.row_group(0).column(c).compression for m in parts for c in range(m.num_columns)} == {"ZSTD"}
 
     out = tmp_path / "published"
     assert prepare(make_cfg(raw, f"file://{out}")) == f"file://{out}"

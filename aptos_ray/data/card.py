@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from matplotlib.figure import Figure
-from PIL import Image
 
 from aptos_ray import storage
 from aptos_ray.data.card_figures import THUMB, grades_figure, grid_figure
@@ -38,6 +37,7 @@ from aptos_ray.data.format import (
     read_manifest,
     read_split,
 )
+from aptos_ray.data.preprocess import load_image, shrink_to
 
 CARD_DIR = "card"
 README = "README.md"
@@ -90,12 +90,11 @@ def load_original(source: str) -> np.ndarray | None:
     (e.g. a RetinaMNIST ``npz:...`` source, a URI, or data on another machine)."""
     if not source or storage.is_uri(source) or not os.path.isfile(source):
         return None
-    try:
-        with Image.open(source) as im:
-            im.thumbnail((4 * THUMB, 4 * THUMB))  # big originals: decode at reduced size
-            return np.asarray(im.convert("RGB"))
+    try:  # the decode prepare uses (orientation, modes), at the size the figure shows
+        return shrink_to(load_image(source, needed=2 * THUMB), 4 * THUMB)
     except Exception:  # unreadable originals are exactly what quarantine is for; just skip
         return None
+
 
 
 # ---------------------------------------------------------------- the card

@@ -54,7 +54,7 @@ from aptos_ray.data.preprocess import ImageError, preprocess
 from aptos_ray.data.sources import (
     DataError,
     check_grades,
-    read_image,
+    read_photo,
     read_source,
     stop_on_driver_only_paths,
 )
@@ -71,7 +71,7 @@ ROWS_PER_PART = 512  # rows per output Parquet file (~100 MB raw at 256 px); par
 # Rows per row group of the split files (~12 MB raw at 256 px): the card and predict's contact
 # sheet read a few images by id, a row group at a time (format.read_split), not whole files.
 ROWS_PER_GROUP = 64
-STAGING = "_staging"  # pass 1's rows, before splits are known; uncompressed, it is read back once per split
+STAGING = "_staging"  # pass 1's rows, before splits are known; read back once, by pass 2
 # zstd: raw pixels shrink ~30% (snappy ~25%) at the same speed. No dictionary for the image
 # column: every image is unique, and trying costs more time than the write itself.
 PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": [n for n in SCHEMA.names if n != "image"]}
@@ -103,6 +103,9 @@ PROCESSED = pa.schema(
 )
 # All the driver ever reads of the staged rows: everything but the image (a few hundred bytes a row).
 META_COLUMNS = [n for n in PROCESSED.names if n != "image"]
+# The staged rows are compressed like the splits (zstd): staged and final rows are on disk together
+# until pass 2 ends, so the staging's size sets the peak disk use.
+STAGING_OPTIONS = {"compression": "zstd", "use_dictionary": META_COLUMNS}
 
 
 # ---------------------------------------------------------------- entry point
@@ -188,7 +191,8 @@ def process_record(rec: dict, cfg: PrepareConfig) -> dict:
         "orig_width": 0, "phash": "", "digest": "", "brightness": 0.0, "reason": "",
     }
     try:
-        arr = read_image(rec, cfg.min_image_side, cfg.max_pixels)
+        photo = read_photo(rec, cfg.min_image_side, cfg.max_pixels, needed=cfg.image_size)
+        arr = photo.pixels
         out = preprocess(arr, cfg)
     except ImageError as e:
         return {**row, "reason": e.reason}
@@ -197,7 +201,7 @@ def process_record(rec: dict, cfg: PrepareConfig) -> dict:
     data = encode_image(out, cfg.encoding)
     return {
         **row, "image": data, "height": out.shape[0], "width": out.shape[1],
-        "orig_height": arr.shape[0], "orig_width": arr.shape[1],
+        "orig_height": photo.height, "orig_width": photo.width,
         "phash": str(imagehash.phash(Image.fromarray(out), hash_size=PHASH_SIZE)),
         "digest": hashlib.sha256(data).hexdigest(), "brightness": round(float(arr.mean()), 2),
     }
@@ -222,7 +226,7 @@ def run_pipeline(records: list[dict], p: PrepareConfig, staging: str) -> pa.Tabl
     with ray_progress():
         ds = ray.data.from_items(_ray_items(records), override_num_blocks=max(1, math.ceil(len(records) / BATCH_SIZE)))
         ds = ds.map_batches(process_batch, batch_size=BATCH_SIZE, batch_format="numpy", fn_kwargs={"cfg": p})
-        ds.write_parquet(inner, filesystem=fs, min_rows_per_file=ROWS_PER_PART, compression="none")
+        ds.write_parquet(inner, filesystem=fs, min_rows_per_file=ROWS_PER_PART, **STAGING_OPTIONS)
     meta = pads.dataset(inner, filesystem=fs, format="parquet").to_table(columns=META_COLUMNS)
     return meta.sort_by("order")
 

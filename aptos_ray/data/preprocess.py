@@ -12,10 +12,11 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from aptos_ray.config import PrepareConfig
 from aptos_ray.errors import ImageError
@@ -23,8 +24,6 @@ from aptos_ray.errors import ImageError
 # PIL's own protection against decompression bombs stays on; fundus photographs are < 50 MP, and
 # prepare.max_pixels quarantines larger ones from the header, before a single pixel is decoded.
 BEN_GRAHAM_RADIUS = 0.9  # Ben Graham masked at 90% of the radius: hides the bright ring the filter leaves at the rim
-
-
 
 
 def _to_rgb_mode(img: Image.Image) -> Image.Image:
@@ -37,7 +36,29 @@ def _to_rgb_mode(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, PA, La, RGBa, ...
 
 
-def load_image(path: str | Path, max_pixels: int = 0) -> np.ndarray:
+# The shorter side a JPEG is decoded to, per pixel of the largest size the caller needs (the stored
+# image, the quality check's analysis scale): the fundus may fill as little as half the shorter side
+# of the frame, and a reduction from at least twice the final size keeps INTER_AREA averaging real
+# pixels, so reduced and full decodes agree (benchmarks/bench_decode.py measures how closely).
+DECODE_MARGIN = 2
+JPEG_REDUCTIONS = (8, 4, 2)  # the factors libjpeg decodes at in the DCT domain (PIL ``Image.draft``)
+TURNED = (5, 6, 7, 8)  # EXIF orientations that turn the photograph by 90 degrees: width and height swap
+
+
+class Photo(NamedTuple):
+    """A decoded photograph: its pixels (possibly reduced) and the size the file holds."""
+
+    pixels: np.ndarray  # uint8 (h, w, 3) RGB, EXIF orientation applied
+    height: int  # of the full photograph, EXIF orientation applied
+    width: int
+
+    @property
+    def scale(self) -> float:
+        """Photograph pixels per pixel of ``pixels`` (1.0 when decoded in full)."""
+        return self.height / self.pixels.shape[0]
+
+
+def load_image(path: str | Path, max_pixels: int = 0, needed: int = 0) -> np.ndarray:
     """Read a local image file -> uint8 (H, W, 3) RGB; ``ImageError`` says why a file is unusable."""
     try:
         with open(path, "rb") as f:
@@ -46,14 +67,23 @@ def load_image(path: str | Path, max_pixels: int = 0) -> np.ndarray:
         raise ImageError("missing file") from None
     except OSError as e:
         raise ImageError(f"unreadable file: {e.strerror or e}") from None
-    return decode_image(data, max_pixels)
+    return decode_image(data, max_pixels, needed)
 
 
-def decode_image(data: bytes, max_pixels: int = 0) -> np.ndarray:
-    """An image file's bytes -> uint8 (H, W, 3) RGB; ``ImageError`` says why they are unusable.
+def decode_image(data: bytes, max_pixels: int = 0, needed: int = 0) -> np.ndarray:
+    """An image file's bytes -> uint8 (H, W, 3) RGB (``decode_photo``'s pixels)."""
+    return decode_photo(data, max_pixels, needed).pixels
+
+
+def decode_photo(data: bytes, max_pixels: int = 0, needed: int = 0) -> Photo:
+    """An image file's bytes -> ``Photo``; ``ImageError`` says why they are unusable.
 
     ``max_pixels`` (0: no limit) is checked on the header's size, before decoding: a 100 KB PNG can
-    hold a 10000 x 10000 image that takes 300 MB and seconds to decode.
+    hold a 10000 x 10000 image that takes 300 MB and seconds to decode. ``needed`` (0: full size)
+    is the largest size, in pixels, that the caller makes of the photograph: a JPEG is then decoded
+    at the smallest power-of-two reduction (``reduction``) whose shorter side is still at least
+    ``DECODE_MARGIN`` times that, in the DCT domain, which skips most of the decoding work of a
+    full-size photograph. Other formats are decoded in full.
     """
     if not data:
         raise ImageError("zero-byte file")
@@ -63,8 +93,14 @@ def decode_image(data: bytes, max_pixels: int = 0) -> np.ndarray:
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
         with img:
-            check_pixels(img.width, img.height, max_pixels)
+            width, height = img.size
+            check_pixels(width, height, max_pixels)
+            factor = reduction(width, height, needed)
+            if factor > 1:  # a no-op for formats without a reduced decode (only JPEG has one)
+                img.draft(img.mode, (width // factor, height // factor))
             img.load()  # decode now: a truncated file fails here, not later
+            if img.getexif().get(ExifTags.Base.Orientation) in TURNED:
+                width, height = height, width
             img = ImageOps.exif_transpose(img) or img
             arr = np.asarray(_to_rgb_mode(img))
     except ImageError:  # a ValueError too: keep its reason as it is
@@ -78,7 +114,14 @@ def decode_image(data: bytes, max_pixels: int = 0) -> np.ndarray:
         raise ImageError(f"unreadable image: {text}") from None
     except Image.DecompressionBombError as e:  # pragma: no cover - PIL's own limit, > 179 MP
         raise ImageError(f"image too large: {e}") from None
-    return to_rgb_uint8(arr)
+    return Photo(to_rgb_uint8(arr), height, width)
+
+
+def reduction(width: int, height: int, needed: int) -> int:
+    """The largest JPEG reduction factor that leaves the shorter side >= DECODE_MARGIN * needed (1: none)."""
+    if needed <= 0:
+        return 1
+    return next((f for f in JPEG_REDUCTIONS if min(width, height) >= f * DECODE_MARGIN * needed), 1)
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -134,6 +177,14 @@ def crop_fundus(arr: np.ndarray, threshold: int = 10, min_fraction: float = 0.05
     bright part is implausibly small (< 10% of a side), is returned unchanged: cropping it would
     only magnify noise. An image without a border is returned unchanged too.
     """
+    top, bottom, left, right = fundus_box(arr, threshold, min_fraction)
+    if (top, bottom, left, right) == (0, arr.shape[0], 0, arr.shape[1]):
+        return arr  # the image itself, not a view of it
+    return arr[top:bottom, left:right]
+
+
+def fundus_box(arr: np.ndarray, threshold: int = 10, min_fraction: float = 0.05) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the crop ``crop_fundus`` makes; the whole image when it makes none."""
     grey = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY) if arr.ndim == 3 else arr
     h, w = grey.shape
     k = max(1, min(h, w) // 20)
@@ -143,11 +194,11 @@ def crop_fundus(arr: np.ndarray, threshold: int = 10, min_fraction: float = 0.05
     rows = np.flatnonzero(np.count_nonzero(mask, axis=1) > min_fraction * w)
     cols = np.flatnonzero(np.count_nonzero(mask, axis=0) > min_fraction * h)
     if rows.size == 0 or cols.size == 0:
-        return arr
-    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        return 0, h, 0, w
+    top, bottom, left, right = int(rows[0]), int(rows[-1] + 1), int(cols[0]), int(cols[-1] + 1)
     if bottom - top < 0.1 * h or right - left < 0.1 * w:
-        return arr
-    return arr[top:bottom, left:right]
+        return 0, h, 0, w
+    return top, bottom, left, right
 
 
 def circle_mask(arr: np.ndarray, radius_fraction: float = 1.0, fill: int = 0) -> np.ndarray:
@@ -177,6 +228,15 @@ def resize_pad(arr: np.ndarray, size: int) -> np.ndarray:
     return cv2.copyMakeBorder(
         arr, top, size - new_h - top, left, size - new_w - left, cv2.BORDER_CONSTANT, value=0
     )
+
+
+def shrink_to(arr: np.ndarray, max_side: int) -> np.ndarray:
+    """Shrink (INTER_AREA) so the longer side is at most ``max_side``; a smaller image is returned as it is."""
+    h, w = arr.shape[:2]
+    if max(h, w) <= max_side:
+        return arr
+    scale = max_side / max(h, w)
+    return cv2.resize(arr, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
 def ben_graham(arr: np.ndarray, sigma: float) -> np.ndarray:

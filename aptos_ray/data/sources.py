@@ -9,7 +9,8 @@ The layouts themselves (Kaggle CSV + images, any labels CSV, class folders, Reti
 from local paths or URIs, are read by ``data.layouts``, the reader predict shares. A record is
 ``dict(id, grade, source, split)`` (split None when the input gives none); npz records also carry
 ``array``. Decoding happens later, in Ray tasks, through ``read_image``, which reads the bytes
-from ``source`` (a path or URI) through its filesystem on whichever node the task runs.
+from ``source`` (a path or URI) through its filesystem on whichever node the task runs,
+and decodes them at the size the caller needs (``read_photo``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from aptos_ray.data.layouts import (  # noqa: F401  (re-exported: the names prep
     reason_kind,
     resolve_image,
 )
-from aptos_ray.data.preprocess import ImageError, decode_image, to_rgb_uint8
+from aptos_ray.data.preprocess import ImageError, Photo, decode_photo, to_rgb_uint8
 from aptos_ray.errors import DataError, DriverOnlyPathError
 
 PREPARE_READING = Reading(training=True, csv_names=("train.csv", "labels.csv"), input_key="prepare.input")
@@ -92,21 +93,28 @@ def _nothing_left(quarantined: list[dict]) -> str:
 BLANK_STD = 1.0  # pixel standard deviation (0..255) below which an image holds nothing to grade
 
 
-def read_image(record: dict, min_side: int, max_pixels: int = 0) -> np.ndarray:
-    """The record's image as uint8 RGB; ``ImageError`` for unusable files: tiny, huge (more than
-    ``max_pixels``, read from the header before decoding) and blank (one uniform colour) included.
+def read_image(record: dict, min_side: int, max_pixels: int = 0, needed: int = 0) -> np.ndarray:
+    """The record's image as uint8 RGB (``read_photo``'s pixels)."""
+    return read_photo(record, min_side, max_pixels, needed).pixels
+
+
+def read_photo(record: dict, min_side: int, max_pixels: int = 0, needed: int = 0) -> Photo:
+    """The record's photograph, decoded at the size ``needed`` asks for (``preprocess.decode_photo``);
+    ``ImageError`` for unusable files: tiny, huge (more than ``max_pixels``, read from the header
+    before decoding) and blank (one uniform colour) included.
 
     The npz arrays (RetinaMNIST: 28 px) are exempt from ``min_side``: that check catches
     thumbnails and broken photographs, while an array dataset has a fixed, known resolution.
     """
     array = record.get("array")
     if array is not None:
-        return check_not_blank(to_rgb_uint8(np.asarray(array)))
-    arr = decode_image(read_bytes(record), max_pixels)
-    h, w = arr.shape[:2]
-    if min(h, w) < min_side:
-        raise ImageError(f"tiny image: {h}x{w} < min_image_side {min_side}")
-    return check_not_blank(arr)
+        arr = check_not_blank(to_rgb_uint8(np.asarray(array)))
+        return Photo(arr, *arr.shape[:2])
+    photo = decode_photo(read_bytes(record), max_pixels, needed)
+    if min(photo.height, photo.width) < min_side:  # the photograph's size, not the reduced decode's
+        raise ImageError(f"tiny image: {photo.height}x{photo.width} < min_image_side {min_side}")
+    check_not_blank(photo.pixels)
+    return photo
 
 
 def check_not_blank(arr: np.ndarray) -> np.ndarray:

@@ -37,13 +37,13 @@ from aptos_ray import storage
 from aptos_ray.config import Config, ConfigError, PrepareConfig
 from aptos_ray.data.format import TRAIN_COLUMNS, decode_batch, encode_image
 from aptos_ray.data.preprocess import ImageError, preprocess
-from aptos_ray.data.sources import read_image, stop_on_driver_only_paths
+from aptos_ray.data.sources import read_photo, stop_on_driver_only_paths
 from aptos_ray.infer.checkpoint import Checkpoint, prepare_config
 from aptos_ray.infer.ensemble import build_grader, checkpoint_for_driver, read_ensemble
 from aptos_ray.infer.grader import check_tta
 from aptos_ray.infer.inputs import Inputs, find_inputs, preprocessing_differences
 from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
-from aptos_ray.infer.quality import as_columns, assess, not_assessed
+from aptos_ray.infer.quality import as_columns, assess_photo, decode_size, not_assessed
 from aptos_ray.infer.report import write_report
 from aptos_ray.infer.screening import quality_of_rows, screening_outputs
 from aptos_ray.ray_setup import check_seen_by_every_node, init_ray, ray_progress
@@ -61,9 +61,9 @@ def load_rows(batch: dict, prepare: dict) -> dict:
         quality = not_assessed()
         record = {k: batch[k][i] for k in ("source", "listed_on", "array") if k in batch}
         try:
-            photo = read_image(record, cfg.min_image_side, cfg.max_pixels)
-            quality = assess(photo)
-            arr = preprocess(photo, cfg)
+            photo = read_photo(record, cfg.min_image_side, cfg.max_pixels, needed=decode_size(cfg))
+            quality = assess_photo(photo)
+            arr = preprocess(photo.pixels, cfg)
             data, reason = encode_image(arr, "raw"), ""
         except ImageError as e:
             arr, data, reason = None, b"", e.reason
@@ -171,7 +171,7 @@ def collect(ds, output: str | None = None) -> pd.DataFrame:
             return collect(ds, tmp)
     fs, inner = storage.filesystem(storage.join(output, f"{STAGING}-{uuid.uuid4().hex[:8]}"))
     try:
-        ds.write_parquet(inner, filesystem=fs)
+        ds.write_parquet(inner, filesystem=fs, compression="zstd")
         if fs.get_file_info(inner).type == pafs.FileType.NotFound:  # no rows at all
             return pd.DataFrame()
         fragments = list(pads.dataset(inner, filesystem=fs, format="parquet").get_fragments())

@@ -31,6 +31,9 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
+from aptos_ray.config import PrepareConfig
+from aptos_ray.data.preprocess import Photo
+
 ANALYSIS_SIZE = 224  # px: the fundus is measured at this size (the shared APTOS folder's scale)
 MAX_SIDE = 1024  # px: larger photographs are shrunk first (a 3000 px photograph costs 20x more to segment)
 SATURATED_LUMINANCE = 240
@@ -80,6 +83,12 @@ QUALITY_COLUMNS = ["gradable", "quality_reason", "quality_fundus_fraction", "qua
 
 
 # --------------------------------------------------------------------------- measurement
+
+
+def decode_size(prepare: PrepareConfig) -> int:
+    """The size a photograph is decoded for when it is both judged and preprocessed: the stored
+    image's, or the analysis scale the sharpness is measured at, whichever is larger."""
+    return max(prepare.image_size, ANALYSIS_SIZE)
 
 
 def luminance(rgb: np.ndarray) -> np.ndarray:
@@ -200,6 +209,24 @@ def assess(rgb: np.ndarray, thresholds: Thresholds = DEFAULT_THRESHOLDS, scale: 
     sharp = sharpness(grey, mask) if fraction >= thresholds.min_fundus_fraction else nan
     reason = verdict(fraction, diameter, coverage, brightness, saturated, sharp, thresholds)
     return Quality(reason == GRADABLE, reason, fraction, diameter, coverage, brightness, saturated, sharp)
+
+
+def assess_photo(photo: Photo, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Quality:
+    """``assess`` of a decoded photograph, reduced (``preprocess.decode_photo``) or not, measured at
+    the size its full decode is measured at (MAX_SIDE, or its own size when smaller).
+
+    A reduced decode smaller than that is enlarged to it first (cubic): the variance of the
+    Laplacian depends on the size the fundus is segmented and cropped at, by up to 2x between 800
+    and 1024 px on enlarged APTOS photographs, and measured at the same size the verdicts agree
+    (``benchmarks/bench_decode.py``).
+    """
+    working = min(MAX_SIDE, max(photo.height, photo.width))
+    h, w = photo.pixels.shape[:2]
+    if max(h, w) >= working:  # decoded in full, or still at least that size: assess shrinks it as usual
+        return assess(photo.pixels, thresholds, photo.scale)
+    factor = working / max(h, w)
+    rgb = cv2.resize(photo.pixels, (round(w * factor), round(h * factor)), interpolation=cv2.INTER_CUBIC)
+    return assess(rgb, thresholds, photo.scale / factor)
 
 
 def verdict(fraction: float, diameter: float, coverage: float, brightness: float, saturated: float,

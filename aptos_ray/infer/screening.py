@@ -31,7 +31,7 @@ from aptos_ray.infer.checkpoint import Checkpoint
 from aptos_ray.infer.grader import Grader
 from aptos_ray.infer.inputs import Inputs
 from aptos_ray.infer.outputs import QUALITY_SHEET
-from aptos_ray.infer.quality import as_columns, assess, not_assessed
+from aptos_ray.infer.quality import as_columns, assess, decode_size, not_assessed
 
 MAX_SHEET = 48  # photographs on the contact sheet; the table in the report lists all
 
@@ -160,5 +160,8 @@ def stored_or_raw(inputs: Inputs, rows: pd.DataFrame, prepare: PrepareConfig | N
         by_id = dict(zip(table.column("id").to_pylist(), decode_batch(table.to_pydict(), inputs.encoding)))
         return [by_id[i] for i in rows["id"]]
     records = {item["source"]: item for item in inputs.items}  # npz pixels, the disk a file was listed on
-    photos = [read_image(records.get(str(source), {"source": str(source)}), 1) for source in rows["source"]]
+    # Decoded at the size prediction decoded them (a thumbnail of the photograph needs no more).
+    needed = decode_size(prepare or PrepareConfig())
+    photos = [read_image(records.get(str(source), {"source": str(source)}), 1, needed=needed)
+              for source in rows["source"]]
     return [preprocess(photo, prepare) for photo in photos] if prepare is not None else photos
