@@ -231,7 +231,7 @@ class PredictConfig:
 @dataclass
 class CVConfig:
     """K-fold cross-validation (jobs/cv.py): one training run per fold of data.folds, out-of-fold
-    predictions, QWK cut-points and a referral operating point chosen on them."""
+    predictions, cut-points (cv.cut_rule) and a referral operating point chosen on them."""
 
     output: OutputPath = "cv_runs"  # cross-validations are created below this
     name: str = ""  # cross-validation name; empty -> timestamped
@@ -242,6 +242,11 @@ class CVConfig:
     # referable DR (grade >= 2) sensitivity the referral threshold is set for, on the out-of-fold scores
     target_sensitivity: Annotated[float, Range(gt=0, le=1)] = 0.9
     max_concurrent_folds: Count = 0  # Ray: folds trained at once (0: as many as the CPUs fit); --local: one by one
+    # how the cut-points are chosen on the out-of-fold scores (aptos_ray/cut_rules.py): max QWK, its
+    # bootstrap median, each grade's predicted share = its true share, max QWK with every grade's
+    # count within 1.25x of the true count, or with every grade's precision >= cv.min_precision
+    cut_rule: Literal["qwk", "qwk_bootstrap", "prior", "qwk_prior", "qwk_precision"] = "qwk"
+    min_precision: Fraction = 0.5  # cut_rule=qwk_precision: the floor on every grade's precision
 
 
 @dataclass
