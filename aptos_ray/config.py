@@ -68,7 +68,11 @@ class PrepareConfig:
     image_size: Annotated[int, IMAGE_SIZE] = 256  # stored square size; training resizes to the model's input size
     crop_border: bool = True  # crop the black border around the fundus
     circle_mask: bool = True  # blank everything outside the fundus circle
-    ben_graham: bool = False  # local-average colour normalisation (Ben Graham, Kaggle 2015)
+    # exposure / colour normalisation of every image (predict applies the training data's): Ben Graham's
+    # local-average subtraction, grey-world colour constancy, or the green channel contrast-limited
+    # equalised (CLAHE) in all three channels
+    normalise: Literal["none", "ben_graham", "grey_world", "clahe_green"] = "none"
+    ben_graham: bool = False  # the older switch: true is prepare.normalise=ben_graham
     ben_graham_sigma: Annotated[float, NON_NEGATIVE] = 0.0  # blur sigma in px; 0 -> image_size / 30
     encoding: Literal["raw", "png"] = "raw"  # raw uint8 (fastest to train from) or png (smaller on disk)
     val_fraction: Fraction = 0.15  # share of images in the validation split (training needs one)
