@@ -114,3 +114,28 @@ def test_cut_rule_is_a_checked_config_key():
         parse_args(["--cv.cut_rule=median"])
     with pytest.raises(ConfigError, match="cv.min_precision"):
         parse_args(["--cv.min_precision=1.5"])
+
+
+# --- the report says what made the grades -----------------------------------------------------------
+
+
+def test_report_shows_predicted_and_true_counts_and_the_rule_that_cut_them(tmp_path):
+    from aptos_ray.infer.ensemble import Ensemble
+    from aptos_ray.infer.report import write_report
+
+    oof = aptos_like_oof(4).iloc[::5].reset_index(drop=True)
+    cuts = [0.5, 1.5, 1.9, 3.9]  # a 2|3 cut that calls most grade-2 images severe
+    predictions = pd.DataFrame({"id": oof["id"], "grade": oof["grade"], "score": oof["score"],
+                                "predicted": apply_cut_points(oof["score"], cuts)})
+    ensemble = Ensemble("cv_runs/x", ["a/model.pt"] * 5, cuts, None, "cv_runs/x", "prior")
+    context = {"cut_points": cuts, "cut_rule": ensemble.cut_points_made_by(cuts)}
+    metrics = write_report(str(tmp_path), predictions, context, resamples=50)
+    called, true = metrics["predicted_grade_counts"][3], metrics["true_grade_counts"][3]
+    assert called > 1.5 * true
+    for name in ("report.md", "report.html"):
+        text = (tmp_path / name).read_text()
+        assert "cv.cut_rule=prior on the out-of-fold scores of cv_runs/x" in text
+        assert f"grade 3 predicted {called} times for {true}" in text  # the over-called grade is named
+        assert "predicted / true" in text and f"{called / true:.2f}" in text
+    single = Ensemble("runs/a", ["runs/a/model.pt"], None, None)
+    assert single.cut_points_made_by([0.5, 1.5, 2.5, 3.5]) == "maximising QWK on the run's validation split"

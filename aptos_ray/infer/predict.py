@@ -229,6 +229,7 @@ def predict(cfg: Config) -> dict:
     summary = write_outputs(p.output, predictions, unreadable, {
         "checkpoint": checkpoint.path, "epoch": checkpoint.epoch, "model": checkpoint.config.model.name,
         "head": checkpoint.config.model.head, "cut_points": for_actors.cut_points, "tta": p.tta,
+        "cut_rule": ensemble.cut_points_made_by(for_actors.cut_points),
         "input": {"kind": inputs.kind, "path": inputs.path, "split": inputs.split or None},
         "preprocessing": None if inputs.kind == "prepared" else {"from": prepare_from, **asdict(prepare)},
         "num_inputs": inputs.num_inputs, "seconds": round(seconds, 2),
