@@ -74,6 +74,8 @@ def check_cv_dir(cfg: Config, cv_dir: str) -> None:
         raise MissingFileError(f"--resume: {cv_dir} holds no cross-validation (no config.yaml)")
     before = config_from_dict(yaml.safe_load(storage.read_text(saved)))
     before.train.resume, before.train.local = cfg.train.resume, cfg.train.local  # how it runs, not what
+    # Cut-points are decided after training: a finished cross-validation may be re-decided by another rule.
+    before.cv.cut_rule, before.cv.min_precision = cfg.cv.cut_rule, cfg.cv.min_precision
     differ = sorted(set(before.changes()) ^ set(cfg.changes()))
     if differ:
         raise ConfigError(f"--resume: the config differs from the one {saved} started with: {', '.join(differ)}")
