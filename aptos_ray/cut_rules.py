@@ -9,7 +9,7 @@
   at the matching quantile of the scores): no grade is over- or under-called on those images.
 - ``qwk_prior``: maximise QWK while every grade's predicted count stays within ``PRIOR_TOLERANCE``
   times its true count (between today's rule and ``prior``).
-- ``qwk_precision``: maximise QWK while every grade's precision is at least ``min_precision``
+- ``qwk_precision``: maximise QWK while every grade's precision is at least ``MIN_PRECISION``
   (when no cut-points reach it, the ones that come closest).
 
 The constrained rules search with scipy's differential evolution: QWK is piecewise constant in the
@@ -29,9 +29,10 @@ from aptos_ray.metrics import NUM_GRADES, apply_cut_points, optimise_cut_points,
 CUT_RULES = ("qwk", "qwk_bootstrap", "prior", "qwk_prior", "qwk_precision")
 BOOTSTRAP_RESAMPLES = 25
 PRIOR_TOLERANCE = 1.25  # qwk_prior: predicted count of a grade within [1/1.25, 1.25] x its true count
+MIN_PRECISION = 0.5  # qwk_precision: the floor on every grade's precision
 
 
-def choose_cut_points(scores, grades, rule: str, min_precision: float = 0.5, seed: int = 0) -> list[float]:
+def choose_cut_points(scores, grades, rule: str, min_precision: float = MIN_PRECISION, seed: int = 0) -> list[float]:
     """The cut-points ``rule`` picks for ``scores`` (continuous grade scores) of images graded ``grades``."""
     scores, grades = np.asarray(scores, dtype=float), np.asarray(grades, dtype=np.int64)
     if rule == "qwk":
@@ -63,7 +64,7 @@ def prior_cut_points(scores: np.ndarray, grades: np.ndarray) -> list[float]:
     """Cut k halfway between the scores ranked n_{<=k} and n_{<=k} + 1 (``midpoint`` quantiles), so
     exactly as many images get grade <= k as truly have it (ties in the scores aside)."""
     cumulative = np.cumsum(np.bincount(grades, minlength=NUM_GRADES))[:-1] / len(grades)
-    return [round(float(c), 4) for c in np.quantile(scores, cumulative, method="midpoint")]
+    return [float(c) for c in np.quantile(scores, cumulative, method="midpoint")]  # unrounded: exact counts
 
 
 def count_ratios(grades: np.ndarray, predicted: np.ndarray) -> np.ndarray:
@@ -100,4 +101,4 @@ def constrained_qwk_cut_points(scores: np.ndarray, grades: np.ndarray,
         constraints=NonlinearConstraint(
             lambda cuts: np.array([constraint(p) for p in population_grades(cuts)]).T, lower, upper),
         x0=start, rng=seed, polish=False, maxiter=200, tol=1e-6, vectorized=True, updating="deferred")
-    return [round(float(c), 4) for c in np.sort(result.x)]
+    return [float(c) for c in np.sort(result.x)]  # unrounded: rounding may move a cut past a score and break the constraint

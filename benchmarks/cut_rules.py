@@ -25,7 +25,7 @@ from sklearn.model_selection import StratifiedKFold
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aptos_ray.cut_rules import CUT_RULES  # noqa: E402
+from aptos_ray.cut_rules import CUT_RULES, MIN_PRECISION  # noqa: E402
 from aptos_ray.tune.cv_results import OOF_FILE, cross_fitted, scores_of  # noqa: E402
 
 GOAL_ACC, GOAL_QWK, GOAL_RATIO = 0.04, 0.005, 1.5
@@ -74,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cv_dir", type=Path, help="a cross-validation folder holding oof.parquet")
     parser.add_argument("--rules", nargs="+", default=list(CUT_RULES), choices=CUT_RULES)
-    parser.add_argument("--min-precision", type=float, default=0.5, help="the qwk_precision floor")
+    parser.add_argument("--min-precision", type=float, default=MIN_PRECISION, help="the qwk_precision floor")
     parser.add_argument("--target-sensitivity", type=float, default=0.9)
     parser.add_argument("--resplits", type=int, default=5, help="random re-splits of the out-of-fold rows")
     args = parser.parse_args()
@@ -91,7 +91,7 @@ def main() -> None:
         for rule in rules:
             resplits[rule].append(figures(shuffled, rule, args.min_precision, args.target_sensitivity))
         print(f"re-split {seed}/{args.resplits} done", flush=True)
-    print(f"\n{len(oof)} out-of-fold scores from {args.cv_dir}, {folds} folds; cv.min_precision="
+    print(f"\n{len(oof)} out-of-fold scores from {args.cv_dir}, {folds} folds; qwk_precision floor "
           f"{args.min_precision}; goal: accuracy +{GOAL_ACC}, QWK within {GOAL_QWK} of qwk, "
           f"every grade's count within {GOAL_RATIO}x\n")
     print(table(results, resplits, "qwk"))

@@ -112,8 +112,6 @@ def test_cut_rule_is_a_checked_config_key():
     assert parse_args(["--cv.cut_rule=prior"]).cv.cut_rule == "prior"
     with pytest.raises(ConfigError, match="'cv.cut_rule' must be one of qwk, qwk_bootstrap, prior"):
         parse_args(["--cv.cut_rule=median"])
-    with pytest.raises(ConfigError, match="cv.min_precision"):
-        parse_args(["--cv.min_precision=1.5"])
 
 
 # --- the report says what made the grades -----------------------------------------------------------

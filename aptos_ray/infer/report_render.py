@@ -188,10 +188,9 @@ def grade_rows(m: dict) -> list[tuple[str, ...]]:
 
 def decision_text(m: dict, context: dict) -> str:
     """How the grades were decided, and which grades are called far more or less often than they occur."""
+    made = f", chosen by {context['cut_rule']}" if context.get("cut_rule") else ""
     if context.get("cut_points"):
-        cuts = ", ".join(f"{c:.3f}" for c in context["cut_points"])
-        made = f", chosen by {context['cut_rule']}" if context.get("cut_rule") else ""
-        text = f"Predicted grades: the grade score cut at {cuts}{made}."
+        text = f"Predicted grades: the grade score cut at {', '.join(f'{c:.3f}' for c in context['cut_points'])}{made}."
     else:
         text = f"Predicted grades: {context.get('cut_rule') or 'as the model decoded them'}."
     flagged = [f"grade {g['grade']} predicted {g['predicted']} times for {g['support']}" for g in m["per_grade"]

@@ -75,7 +75,7 @@ def check_cv_dir(cfg: Config, cv_dir: str) -> None:
     before = config_from_dict(yaml.safe_load(storage.read_text(saved)))
     before.train.resume, before.train.local = cfg.train.resume, cfg.train.local  # how it runs, not what
     # Cut-points are decided after training: a finished cross-validation may be re-decided by another rule.
-    before.cv.cut_rule, before.cv.min_precision = cfg.cv.cut_rule, cfg.cv.min_precision
+    before.cv.cut_rule = cfg.cv.cut_rule
     differ = sorted(set(before.changes()) ^ set(cfg.changes()))
     if differ:
         raise ConfigError(f"--resume: the config differs from the one {saved} started with: {', '.join(differ)}")
@@ -179,7 +179,7 @@ def run_cv(cfg: Config) -> dict:
     checkpoints = {k: run[key] for k, run in runs.items()}
     oof = oof_predictions(cfg, checkpoints)
     summary, scored = summarise(oof, cfg.cv.target_sensitivity, {k: run["wall_seconds"] for k, run in runs.items()},
-                                cfg.cv.cut_rule, cfg.cv.min_precision)
+                                cfg.cv.cut_rule)
     summary.update({
         "folds": cfg.data.folds, "fold_seed": cfg.data.fold_seed, "dataset": cfg.data.dataset,
         "oof_checkpoint": cfg.cv.oof_checkpoint, "oof_tta": cfg.cv.oof_tta,

@@ -26,7 +26,7 @@ from aptos_ray import storage
 from aptos_ray.config import Config
 from aptos_ray.data.folds import fold_ids, pooled_rows
 from aptos_ray.data.format import TRAIN_COLUMNS, decode_batch, read_manifest, table_batches
-from aptos_ray.cut_rules import choose_cut_points
+from aptos_ray.cut_rules import MIN_PRECISION, choose_cut_points
 from aptos_ray.metrics import (
     NUM_GRADES,
     REFERABLE_GRADE,
@@ -86,7 +86,7 @@ def oof_predictions(cfg: Config, checkpoints: dict[int, str], batch_size: int = 
 
 
 def decisions(scores: np.ndarray, grades: np.ndarray, target_sensitivity: float, cut_rule: str = "qwk",
-              min_precision: float = 0.5) -> dict:
+              min_precision: float = MIN_PRECISION) -> dict:
     """Cut-points by ``cut_rule``, the referral threshold for the target sensitivity and P(referable | score)."""
     threshold = referral_threshold(scores, grades, target_sensitivity)
     return {
@@ -104,7 +104,7 @@ def decisions(scores: np.ndarray, grades: np.ndarray, target_sensitivity: float,
 
 
 def cross_fitted(oof: pd.DataFrame, target_sensitivity: float, cut_rule: str = "qwk",
-                 min_precision: float = 0.5) -> pd.DataFrame:
+                 min_precision: float = MIN_PRECISION) -> pd.DataFrame:
     """``oof`` plus ``predicted`` and ``refer`` for each fold from the decisions fitted on the others."""
     out = oof.copy()
     out["predicted"], out["refer"] = -1, False
@@ -142,17 +142,16 @@ def scores_of(rows: pd.DataFrame) -> dict:
 
 
 def summarise(oof: pd.DataFrame, target_sensitivity: float, fold_seconds: dict[int, float],
-              cut_rule: str = "qwk", min_precision: float = 0.5) -> tuple[dict, pd.DataFrame]:
+              cut_rule: str = "qwk") -> tuple[dict, pd.DataFrame]:
     """Per-fold and pooled cross-fitted figures, mean and spread over folds, and the deployed decisions."""
-    scored = cross_fitted(oof, target_sensitivity, cut_rule, min_precision)
+    scored = cross_fitted(oof, target_sensitivity, cut_rule)
     per_fold = [{"fold": int(k), **scores_of(scored[scored["fold"] == k]),
                  "seconds": round(fold_seconds.get(int(k), float("nan")), 1)}
                 for k in sorted(scored["fold"].unique())]
     spread = {m: {"mean": float(np.nanmean([f[m] for f in per_fold])),
                   "std": float(np.nanstd([f[m] for f in per_fold]))} for m in (*METRICS, "seconds")}
     return {"per_fold": per_fold, "mean_std": spread, "pooled": scores_of(scored),
-            **decisions(oof["score"].to_numpy(), oof["grade"].to_numpy(), target_sensitivity, cut_rule,
-                        min_precision)}, scored
+            **decisions(oof["score"].to_numpy(), oof["grade"].to_numpy(), target_sensitivity, cut_rule)}, scored
 
 
 # --- files ---------------------------------------------------------------------------------------
