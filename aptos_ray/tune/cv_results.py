@@ -195,4 +195,7 @@ def markdown(summary: dict, label: str = "") -> str:
     lines.append(f"| {prefix}pooled OOF | {p['n']} | {_cell(p['qwk'])} | {_cell(p['acc'])} | {_cell(p['kappa'])} | "
                  f"{_cell(p['sens_grade'])} / {_cell(p['spec_grade'])} | {_cell(p['sens_refer'])} / "
                  f"{_cell(p['spec_refer'])} | {_cell(p['auc'])} | |")
+    if "predicted_counts" in p:  # cross-validations before cv.cut_rule did not count
+        lines.append(f"\nPooled out-of-fold count per grade 0-4, predicted (cv.cut_rule={summary.get('cut_rule', 'qwk')}) "
+                     f"/ true: {' / '.join(map(str, p['predicted_counts']))} for {' / '.join(map(str, p['true_counts']))}")
     return "\n".join(lines)
