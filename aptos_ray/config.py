@@ -68,7 +68,8 @@ class PrepareConfig:
     image_size: Annotated[int, IMAGE_SIZE] = 256  # stored square size; training resizes to the model's input size
     crop_border: bool = True  # crop the black border around the fundus
     circle_mask: bool = True  # blank everything outside the fundus circle
-    ben_graham: bool = False  # local-average colour normalisation (Ben Graham, Kaggle 2015)
+    normalise: Literal["none", "ben_graham", "grey_world", "clahe_green"] = "none"  # exposure/colour normalisation
+    ben_graham: bool = False  # the older switch: true is prepare.normalise=ben_graham
     ben_graham_sigma: Annotated[float, NON_NEGATIVE] = 0.0  # blur sigma in px; 0 -> image_size / 30
     encoding: Literal["raw", "png"] = "raw"  # raw uint8 (fastest to train from) or png (smaller on disk)
     val_fraction: Fraction = 0.15  # share of images in the validation split (training needs one)
@@ -231,8 +232,7 @@ class PredictConfig:
 
 @dataclass
 class CVConfig:
-    """K-fold cross-validation (jobs/cv.py): one training run per fold of data.folds, out-of-fold
-    predictions, QWK cut-points and a referral operating point chosen on them."""
+    """K-fold cross-validation (jobs/cv.py): a run per fold, decisions made on the out-of-fold predictions."""
 
     output: OutputPath = "cv_runs"  # cross-validations are created below this
     name: str = ""  # cross-validation name; empty -> timestamped
@@ -243,6 +243,7 @@ class CVConfig:
     # referable DR (grade >= 2) sensitivity the referral threshold is set for, on the out-of-fold scores
     target_sensitivity: Annotated[float, Range(gt=0, le=1)] = 0.9
     max_concurrent_folds: Count = 0  # Ray: folds trained at once (0: as many as the CPUs fit); --local: one by one
+    cut_rule: Literal["qwk", "qwk_bootstrap", "prior", "qwk_prior", "qwk_precision"] = "qwk"  # see cut_rules.py
 
 
 @dataclass
@@ -403,7 +404,7 @@ def parse_args(argv: list[str] | None = None, base: Config | None = None,
 
 # Keys that earlier versions saved into checkpoints and that no longer exist: ignored when a saved
 # config is read back, so those checkpoints still predict and resume (a typed key is still an error).
-RETIRED_KEYS = {"train": ("fail_at_epoch",), "model": ("sync_bn",)}
+RETIRED_KEYS = {"train": ("fail_at_epoch",), "model": ("sync_bn",), "cv": ("min_precision",)}
 
 
 def config_from_dict(data: dict) -> Config:

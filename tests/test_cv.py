@@ -14,6 +14,7 @@ import torch
 from helpers import aptos_subset
 
 from aptos_ray.config import parse_args
+from aptos_ray.cut_rules import choose_cut_points
 from aptos_ray.data.folds import assign_folds, fold_table, training_tables
 from aptos_ray.data.format import decode_batch, read_manifest, table_batches
 from aptos_ray.errors import ConfigError, ExistingFileError, MissingFileError
@@ -143,6 +144,20 @@ def test_cv_job_predicts_every_image_once_and_saves_its_decisions(cv_dir, tiny_a
     refer = oof["score"] >= summary["referral"]["threshold"]
     assert refer[oof["grade"] >= 2].mean() >= 0.9  # the deployed point reaches the target on OOF
     assert "| mean ± sd |" in (cv_dir / "cv.md").read_text()
+
+
+def test_a_finished_cv_is_re_decided_by_another_cut_rule_without_training(cv_dir, tmp_path):
+    shutil.copytree(cv_dir, tmp_path / "tiny")
+    saved = tmp_path / "tiny" / "config.yaml"  # the copy's own place, or --resume sees another cv.output
+    saved.write_text(saved.read_text().replace(str(cv_dir.parent), str(tmp_path)))
+    before = json.loads((cv_dir / "cv.json").read_text())
+    summary = run_cv(parse_args([*TINY, f"--data.dataset={before['dataset']}", "--data.folds=2", "--train.epochs=1",
+                                 f"--cv.output={tmp_path}", "--cv.name=tiny", "--cv.target_sensitivity=0.9",
+                                 "--cv.cut_rule=prior", "--resume"]))
+    assert summary["cut_rule"] == "prior" == json.loads((tmp_path / "tiny" / "cv.json").read_text())["cut_rule"]
+    assert summary["train_seconds"] < 5  # both folds kept: nothing trained again
+    oof = pd.read_parquet(tmp_path / "tiny" / "oof.parquet")
+    assert summary["cut_points"] == choose_cut_points(oof["score"], oof["grade"], "prior")
 
 
 def test_ensemble_is_the_mean_of_its_members_with_the_oof_decisions(cv_dir, tiny_aptos):

@@ -7,12 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from aptos_ray.config import PrepareConfig
+from aptos_ray.config import ConfigError, PrepareConfig, parse_args
+from aptos_ray.infer.inputs import preprocessing_differences
 from aptos_ray.data.preprocess import (
     ImageError,
     ben_graham,
     circle_mask,
+    clahe_green,
     crop_fundus,
+    grey_world,
     load_image,
     preprocess,
     resize_pad,
@@ -231,6 +234,54 @@ def test_ben_graham_flat_image_is_grey_and_edges_are_enhanced():
     assert out.dtype == np.uint8
     assert out[32, 33, 0] == 255 and out[32, 30, 0] == 0  # saturated, not wrapped around
     assert out[32, 2, 0] == 128 and out[32, 61, 0] == 128  # far from the edge: back to neutral
+
+
+# ---------------------------------------------------------------- grey world, CLAHE of the green channel
+
+
+def fundus_means(arr: np.ndarray) -> np.ndarray:
+    return arr[arr.max(axis=2) > 10].mean(axis=0)
+
+
+def test_grey_world_cancels_a_colour_cast_and_keeps_brightness():
+    arr = fundus(colour=(200, 90, 40))
+    out = grey_world(arr)
+    means = fundus_means(out)
+    assert means.max() - means.min() < 2  # the channels of the fundus are balanced
+    assert abs(means.mean() - fundus_means(arr).mean()) < 2  # as bright as before
+    assert (out[0, 0] == 0).all()  # the black frame is not averaged in, and stays black
+    # another camera's white balance (gains that keep the mean brightness: grey world does not undo exposure)
+    cast = (arr * np.array([0.8, 1.2, 1.6])).clip(0, 255).astype(np.uint8)
+    assert np.abs(grey_world(cast).astype(int) - out.astype(int)).max() <= 3
+
+
+def test_clahe_green_is_the_green_channel_with_its_local_contrast_raised(aptos_dir):
+    photo = preprocess(load_image(min((aptos_dir / "images").glob("*.png"))), PrepareConfig(image_size=128))
+    out = clahe_green(photo)
+    assert (out[:, :, 0] == out[:, :, 1]).all() and (out[:, :, 1] == out[:, :, 2]).all()
+    fundus_pixels = photo.max(axis=2) > 10
+    for exposure in (1.0, 0.5):  # as photographed, and at half the exposure
+        green = (photo * exposure).astype(np.uint8)
+        assert clahe_green(green)[:, :, 1][fundus_pixels].std() > 1.5 * green[:, :, 1][fundus_pixels].std()
+
+
+@pytest.mark.parametrize("method", ["ben_graham", "grey_world", "clahe_green"])
+def test_normalise_is_applied_by_preprocess_and_reported_as_a_difference(method):
+    arr = fundus()
+    out = preprocess(arr, PrepareConfig(image_size=96, normalise=method))
+    assert not np.array_equal(out, preprocess(arr, PrepareConfig(image_size=96)))
+    trained = PrepareConfig(image_size=96, normalise=method)
+    assert preprocessing_differences({"image_size": 96}, trained) == [f"normalise=none (training: {method})"]
+    assert preprocessing_differences({"image_size": 96, "normalise": method}, trained) == []
+
+
+def test_the_older_ben_graham_switch_is_normalise_ben_graham():
+    arr = fundus()
+    old = preprocess(arr, PrepareConfig(image_size=96, ben_graham=True))
+    assert np.array_equal(old, preprocess(arr, PrepareConfig(image_size=96, normalise="ben_graham")))
+    assert preprocessing_differences({"ben_graham": True}, PrepareConfig(normalise="ben_graham")) == []
+    with pytest.raises(ConfigError, match="prepare.ben_graham=true is prepare.normalise=ben_graham"):
+        parse_args(["--prepare.ben_graham=true", "--prepare.normalise=clahe_green"])
 
 
 # ---------------------------------------------------------------- preprocess

@@ -168,7 +168,9 @@ def _header(dataset: str, manifest: dict) -> str:
         f"| stored image | {get('image_size')} px square, `{get('encoding', 'raw')}` encoding |",
     ]
     if cfg:
-        steps = [name for name in ("crop_border", "circle_mask", "ben_graham") if cfg.get(name)]
+        steps = [name for name in ("crop_border", "circle_mask") if cfg.get(name)]
+        method = "ben_graham" if cfg.get("ben_graham") else cfg.get("normalise", "none")
+        steps += [method] if method != "none" else []
         lines += [
             f"| preprocessing | {', '.join(steps) or 'resize only'} |",
             f"| splits | val {cfg.get('val_fraction')}, test {cfg.get('test_fraction')}, seed {cfg.get('seed')} |",

@@ -50,7 +50,7 @@ def build_default_dataset(cfg: Config) -> None:
 
 
 # What decides how a prepared image looks; the split, quality and encoding settings do not.
-LOOK_KEYS = ("crop_border", "circle_mask", "ben_graham", "ben_graham_sigma", "image_size")
+LOOK_KEYS = ("crop_border", "circle_mask", "ben_graham", "ben_graham_sigma", "normalise", "image_size")
 
 
 def dataset_preprocessing(manifest: dict) -> dict | None:

@@ -4,7 +4,8 @@ Every function takes and returns numpy arrays (uint8 RGB unless said otherwise) 
 its work with OpenCV / Pillow, so that the same code runs on the driver, in Ray Data tasks
 and in tests. ``preprocess`` composes them in the order the config asks for:
 
-    crop the black border -> pad-resize to a square -> Ben Graham (optional) -> circle mask (optional)
+    crop the black border -> pad-resize to a square -> normalise (optional: Ben Graham, grey world,
+    CLAHE of the green channel) -> circle mask (optional)
 """
 
 from __future__ import annotations
@@ -249,18 +250,57 @@ def ben_graham(arr: np.ndarray, sigma: float) -> np.ndarray:
     return cv2.addWeighted(arr, 4.0, blurred, -4.0, 128.0)  # uint8 in, uint8 out: saturating
 
 
+def grey_world(arr: np.ndarray, fundus_threshold: int = 10) -> np.ndarray:
+    """Scale each channel so that its mean over the fundus equals the mean of the three (grey-world
+    colour constancy): a camera's colour cast, as a gain per channel, cancels; brightness is kept.
+
+    Only the fundus (any channel brighter than ``fundus_threshold``) is averaged, so the black frame
+    does not count. Hand-written: OpenCV's grey-world balance is in the contrib build (cv2.xphoto),
+    which is not a dependency.
+    """
+    fundus = arr.max(axis=2) > fundus_threshold
+    if not fundus.any():
+        return arr
+    means = arr[fundus].mean(axis=0)
+    gains = means.mean() / np.maximum(means, 1.0)
+    return np.clip(arr * gains + 0.5, 0, 255).astype(np.uint8)
+
+
+def clahe_green(arr: np.ndarray, clip_limit: float = 2.0, tiles: int = 8) -> np.ndarray:
+    """The green channel (where haemorrhages, microaneurysms and exudates contrast most), equalised by
+    OpenCV's CLAHE in ``tiles`` x ``tiles`` tiles, in all three channels: exposure and colour cast of
+    the camera both go; so does the colour itself."""
+    green = cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(tiles, tiles)).apply(np.ascontiguousarray(arr[:, :, 1]))
+    return np.dstack([green] * 3)
+
+
+def normalisation(cfg: PrepareConfig) -> str:
+    """The normalisation ``cfg`` asks for: prepare.normalise, or ben_graham by the older switch (datasets
+    and checkpoints from before prepare.normalise carry only that)."""
+    return "ben_graham" if cfg.ben_graham else cfg.normalise
+
+
+def normalise(arr: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
+    method = normalisation(cfg)
+    if method == "ben_graham":
+        return ben_graham(arr, cfg.ben_graham_sigma or cfg.image_size / 30)
+    if method == "grey_world":
+        return grey_world(arr)
+    if method == "clahe_green":
+        return clahe_green(arr)
+    return arr
+
+
 def preprocess(arr: np.ndarray, cfg: PrepareConfig) -> np.ndarray:
     """One image -> uint8 (size, size, 3), per the ``prepare`` config."""
     arr = to_rgb_uint8(arr)
     if cfg.crop_border:
         arr = crop_fundus(arr)
     arr = resize_pad(arr, cfg.image_size)
-    if cfg.ben_graham:
-        sigma = cfg.ben_graham_sigma or cfg.image_size / 30
-        arr = ben_graham(arr, sigma)
+    arr = normalise(arr, cfg)
     if cfg.circle_mask:
         # After Ben Graham the neutral value is 128, and the rim ring is cut (radius 0.9).
-        if cfg.ben_graham:
+        if normalisation(cfg) == "ben_graham":
             arr = circle_mask(arr, BEN_GRAHAM_RADIUS, fill=128)
         else:
             arr = circle_mask(arr)

@@ -39,11 +39,22 @@ class Ensemble:
     cut_points: list[float] | None
     referral: dict | None  # cv.json's "referral": threshold, target_sensitivity, calibration, ...
     cv_dir: str | None = None
+    cut_rule: str | None = None  # cv.json's cv.cut_rule (cross-validations before it had one: qwk)
 
     def meta(self) -> dict:
         """What predict.json records about the model(s)."""
         return {"models": self.members, "cut_points": self.cut_points, "referral": self.referral,
-                "cross_validation": self.cv_dir}
+                "cross_validation": self.cv_dir, "cut_rule": self.cut_rule}
+
+    def cut_points_made_by(self, cut_points: list[float] | None) -> str:
+        """In words: how the cut-points that grade these predictions were chosen."""
+        if cut_points is None:
+            return "no cut-points: the most probable grade"
+        if self.cv_dir:
+            return f"cv.cut_rule={self.cut_rule} on the out-of-fold scores of {self.cv_dir}"
+        if len(self.members) > 1:
+            return "the mean of the members' cut-points, each maximising QWK on its run's validation split"
+        return "maximising QWK on the run's validation split"
 
 
 def _is_cv_dir(path: str) -> bool:
@@ -77,7 +88,7 @@ def read_ensemble(spec: str) -> Ensemble:
         cv_dir = storage.absolute(cv_parts[0])
         cv = json.loads(storage.read_text(storage.join(cv_dir, CV_FILE)))
         members = [_cv_member(cv_dir, m) for m in cv["models"]]
-        return Ensemble(spec, members, cv.get("cut_points"), cv.get("referral"), cv_dir)
+        return Ensemble(spec, members, cv.get("cut_points"), cv.get("referral"), cv_dir, cv.get("cut_rule", "qwk"))
     members = [resolve_checkpoint(p) for p in parts]
     return Ensemble(spec, members, None, None)
 

@@ -86,11 +86,22 @@ def prepared_inputs(dataset: str, split: str) -> Inputs:
                   encoding=manifest.get("encoding", "raw"), num_rows=num_rows, prepared_with=manifest.get("config"))
 
 
+# What decides how a prepared image looks, besides its normalisation (compared as one setting below).
+PIXEL_KEYS = tuple(k for k in LOOK_KEYS if k not in ("ben_graham", "normalise"))
+
+
+def normalisation_of(prepared_with: dict) -> str:
+    """prepare.normalise of a saved prepare config; ben_graham=true (the older switch) counts as it."""
+    return "ben_graham" if prepared_with.get("ben_graham") else prepared_with.get("normalise", "none")
+
 
 def preprocessing_differences(prepared_with: dict | None, training: PrepareConfig) -> list[str]:
     """Settings in which a prepared dataset differs from the training data (empty when unknown)."""
     if not isinstance(prepared_with, dict):
         return []
     trained = asdict(training)
-    return [f"{k}={prepared_with[k]} (training: {trained[k]})" for k in LOOK_KEYS
-            if k in prepared_with and prepared_with[k] != trained[k]]
+    differences = [f"{k}={prepared_with[k]} (training: {trained[k]})" for k in PIXEL_KEYS
+                   if k in prepared_with and prepared_with[k] != trained[k]]
+    if normalisation_of(prepared_with) != normalisation_of(trained):
+        differences.insert(0, f"normalise={normalisation_of(prepared_with)} (training: {normalisation_of(trained)})")
+    return differences

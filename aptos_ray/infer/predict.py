@@ -41,7 +41,7 @@ from aptos_ray.data.sources import read_photo, stop_on_driver_only_paths
 from aptos_ray.infer.checkpoint import Checkpoint, prepare_config
 from aptos_ray.infer.ensemble import build_grader, checkpoint_for_driver, read_ensemble
 from aptos_ray.infer.grader import check_tta
-from aptos_ray.infer.inputs import Inputs, find_inputs, preprocessing_differences
+from aptos_ray.infer.inputs import Inputs, find_inputs, normalisation_of, preprocessing_differences
 from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
 from aptos_ray.infer.quality import as_columns, assess_photo, decode_size, not_assessed
 from aptos_ray.infer.report import write_report
@@ -134,8 +134,9 @@ def build_dataset(inputs: Inputs, checkpoint: Checkpoint, prepare: PrepareConfig
         ds = ray.data.read_parquet(**storage.ray_data_source(storage.join(inputs.dataset, inputs.split)),
                                    columns=[*TRAIN_COLUMNS, "orig_height", "orig_width"])
         encoding = inputs.encoding
-        # Quality in the same pass, fused with the read: Ben Graham-filtered images are not judged.
-        assessable = not (inputs.prepared_with or {}).get("ben_graham", False)
+        # Quality in the same pass, fused with the read: normalised images (exposure and colour
+        # changed) are not judged.
+        assessable = normalisation_of(inputs.prepared_with or {}) == "none"
         ds = ds.map_batches(quality_of_rows, batch_size=batch_size, batch_format="numpy",
                             fn_kwargs={"encoding": encoding, "assessable": assessable})
     else:
@@ -228,6 +229,7 @@ def predict(cfg: Config) -> dict:
     summary = write_outputs(p.output, predictions, unreadable, {
         "checkpoint": checkpoint.path, "epoch": checkpoint.epoch, "model": checkpoint.config.model.name,
         "head": checkpoint.config.model.head, "cut_points": for_actors.cut_points, "tta": p.tta,
+        "cut_rule": ensemble.cut_points_made_by(for_actors.cut_points),
         "input": {"kind": inputs.kind, "path": inputs.path, "split": inputs.split or None},
         "preprocessing": None if inputs.kind == "prepared" else {"from": prepare_from, **asdict(prepare)},
         "num_inputs": inputs.num_inputs, "seconds": round(seconds, 2),

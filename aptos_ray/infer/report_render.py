@@ -160,7 +160,8 @@ def context_lines(context: dict) -> list[tuple[str, str]]:
     if "tta" in context:
         lines.append(("Test-time augmentation", f"{context['tta']} extra views" if context["tta"] else "none"))
     if context.get("cut_points"):
-        lines.append(("Cut-points", ", ".join(f"{c:.3f}" for c in context["cut_points"])))
+        lines.append(("Cut-points", ", ".join(f"{c:.3f}" for c in context["cut_points"])
+                      + (f" ({context['cut_rule']})" if context.get("cut_rule") else "")))
     if "num_inputs" in context:
         lines.append(("Inputs", f"{context['num_inputs']} ({context.get('num_predicted', '?')} predicted, "
                                 f"{context.get('num_unreadable', 0)} unreadable)"))
@@ -175,9 +176,28 @@ def comparison_rows(m: dict) -> list[tuple[str, str, str]]:
             ("Images", str(m["n"]), str(b["n"]))]
 
 
+GRADE_HEADER = ["grade", "true count", "predicted count", "predicted / true", "precision", "recall"]
+MISCALLED = 1.5  # a grade predicted this many times more (or less) often than it occurs is flagged
+
+
 def grade_rows(m: dict) -> list[tuple[str, ...]]:
-    return [(f"{g['grade']} {g['name']}", str(g["support"]), str(g["predicted"]), _f(g["precision"]), _f(g["recall"]))
+    return [(f"{g['grade']} {g['name']}", str(g["support"]), str(g["predicted"]),
+             f"{g['predicted'] / g['support']:.2f}" if g["support"] else "-", _f(g["precision"]), _f(g["recall"]))
             for g in m["per_grade"]]
+
+
+def decision_text(m: dict, context: dict) -> str:
+    """How the grades were decided, and which grades are called far more or less often than they occur."""
+    made = f", chosen by {context['cut_rule']}" if context.get("cut_rule") else ""
+    if context.get("cut_points"):
+        text = f"Predicted grades: the grade score cut at {', '.join(f'{c:.3f}' for c in context['cut_points'])}{made}."
+    else:
+        text = f"Predicted grades: {context.get('cut_rule') or 'as the model decoded them'}."
+    flagged = [f"grade {g['grade']} predicted {g['predicted']} times for {g['support']}" for g in m["per_grade"]
+               if g["support"] and not 1 / MISCALLED <= g["predicted"] / g["support"] <= MISCALLED]
+    if flagged:
+        text += f" Predicted more than {MISCALLED}x or less than 1/{MISCALLED} as often as it occurs: {'; '.join(flagged)}."
+    return text
 
 
 def referable_rows(m: dict) -> list[tuple[str, str]]:
@@ -322,7 +342,7 @@ def render_markdown(m: dict, context: dict, screening: dict | None = None) -> st
             "## Referable diabetic retinopathy (grade >= 2)", "", explain["referable"], "", "| | |", "|---|---|"]
     out += [f"| {a} | {b} |" for a, b in referable_rows(m)]
     out += ["", f"![ROC curve]({FIGURES['roc']})", "", "## Per grade", "", explain["per_grade"], "",
-            "| grade | images | predicted | precision | recall |", "|---|---|---|---|---|"]
+            decision_text(m, context), "", "| " + " | ".join(GRADE_HEADER) + " |", "|---|---|---|---|---|---|"]
     out += ["| " + " | ".join(row) + " |" for row in grade_rows(m)]
     out += ["", f"![Confusion matrix]({FIGURES['confusion']})", "", f"![Images per grade]({FIGURES['grades']})", ""]
     out += quality_markdown(m, screening or {}) + explain_markdown((screening or {}).get("explain"))
@@ -387,7 +407,7 @@ def render_html(m: dict, context: dict, figs: dict[str, bytes], screening: dict 
         _table(None, referable_rows(m)),
         f"<div class='figs'>{_img(figs['roc'], 'ROC curve of the referable score')}</div>",
         "<h2>Per grade</h2>", f"<p>{e(explain['per_grade'])}</p>",
-        _table(["grade", "images", "predicted", "precision", "recall"], grade_rows(m)),
+        f"<p>{e(decision_text(m, context))}</p>", _table(GRADE_HEADER, grade_rows(m)),
         f"<div class='figs'>{_img(figs['confusion'], 'confusion matrix')}{_img(figs['grades'], 'images per grade')}</div>",
         quality_html(m, screening or {}),
         explain_html((screening or {}).get("explain")),

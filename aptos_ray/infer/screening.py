@@ -41,8 +41,8 @@ def quality_of_rows(batch: dict, encoding: str, assessable: bool) -> dict:
 
     A prepared image was cropped, resized and masked; the verdict reads it as it is, with the
     diameter scaled back by the original photograph's size (``orig_height/orig_width``; an upper
-    bound, as the crop is unknown). ``assessable=False`` (Ben Graham-filtered images: exposure and
-    sharpness are gone from them) leaves the rows gradable and the statistics empty.
+    bound, as the crop is unknown). ``assessable=False`` (normalised images, prepare.normalise: exposure,
+    colour or sharpness are changed in them) leaves the rows gradable and the statistics empty.
     """
     qualities = []
     for i, data in enumerate(batch["image"]):

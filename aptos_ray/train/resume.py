@@ -29,6 +29,8 @@ HOW_KEYS = frozenset({
     "data.read_batch_size", "data.prefetch_batches", "data.materialize", "cv.max_concurrent_folds",
     # where the run is: found by them, so the same folder even when it was moved since
     "train.output", "train.name", "cv.output", "cv.name",
+    # cut-points are decided after training: a finished cross-validation may be re-decided by another rule
+    "cv.cut_rule",
 })
 # How to make a dataset that is missing: training takes the preprocessing from the dataset's manifest
 # (a re-prepared dataset is caught there, ``check_same_preprocessing``), so these change nothing.

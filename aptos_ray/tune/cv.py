@@ -177,7 +177,8 @@ def cv_claimed(cfg: Config, cv_dir: str) -> dict:
     key = f"{cfg.cv.oof_checkpoint}_checkpoint"
     checkpoints = {k: run[key] for k, run in runs.items()}
     oof = oof_predictions(cfg, checkpoints)
-    summary, scored = summarise(oof, cfg.cv.target_sensitivity, {k: run["wall_seconds"] for k, run in runs.items()})
+    summary, scored = summarise(oof, cfg.cv.target_sensitivity, {k: run["wall_seconds"] for k, run in runs.items()},
+                                cfg.cv.cut_rule)
     summary.update({
         "folds": cfg.data.folds, "fold_seed": cfg.data.fold_seed, "dataset": cfg.data.dataset,
         "oof_checkpoint": cfg.cv.oof_checkpoint, "oof_tta": cfg.cv.oof_tta,
@@ -190,8 +191,8 @@ def cv_claimed(cfg: Config, cv_dir: str) -> dict:
     write_results(cv_dir, summary, scored)
     print("\n" + markdown(summary))
     r = summary["referral"]
-    print(f"\ncut-points (all out-of-fold scores): {summary['cut_points']}; referral threshold "
-          f"{r['threshold']} for sensitivity >= {r['target_sensitivity']}")
+    print(f"\ncut-points (cv.cut_rule={cfg.cv.cut_rule}, all out-of-fold scores): {summary['cut_points']}; "
+          f"referral threshold {r['threshold']} for sensitivity >= {r['target_sensitivity']}")
     print(f"wrote {storage.join(cv_dir, CV_FILE)}; predict with the fold ensemble: python jobs/predict.py "
           f"--predict.checkpoint={cv_dir} --predict.images=...")
     return summary

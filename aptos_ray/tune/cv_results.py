@@ -26,11 +26,12 @@ from aptos_ray import storage
 from aptos_ray.config import Config
 from aptos_ray.data.folds import fold_ids, pooled_rows
 from aptos_ray.data.format import TRAIN_COLUMNS, decode_batch, read_manifest, table_batches
+from aptos_ray.cut_rules import MIN_PRECISION, choose_cut_points
 from aptos_ray.metrics import (
+    NUM_GRADES,
     REFERABLE_GRADE,
     apply_cut_points,
     grading_metrics,
-    optimise_cut_points,
     referable_calibration,
     referral_rates,
     referral_threshold,
@@ -84,11 +85,13 @@ def oof_predictions(cfg: Config, checkpoints: dict[int, str], batch_size: int = 
 # --- decisions on out-of-fold scores ------------------------------------------------------------
 
 
-def decisions(scores: np.ndarray, grades: np.ndarray, target_sensitivity: float) -> dict:
-    """QWK cut-points, the referral threshold for the target sensitivity and P(referable | score)."""
+def decisions(scores: np.ndarray, grades: np.ndarray, target_sensitivity: float, cut_rule: str = "qwk",
+              min_precision: float = MIN_PRECISION) -> dict:
+    """Cut-points by ``cut_rule``, the referral threshold for the target sensitivity and P(referable | score)."""
     threshold = referral_threshold(scores, grades, target_sensitivity)
     return {
-        "cut_points": optimise_cut_points(scores, grades),
+        "cut_points": choose_cut_points(scores, grades, cut_rule, min_precision),
+        "cut_rule": cut_rule,
         "referral": {
             "threshold": threshold,
             "target_sensitivity": target_sensitivity,
@@ -100,14 +103,15 @@ def decisions(scores: np.ndarray, grades: np.ndarray, target_sensitivity: float)
     }
 
 
-def cross_fitted(oof: pd.DataFrame, target_sensitivity: float) -> pd.DataFrame:
+def cross_fitted(oof: pd.DataFrame, target_sensitivity: float, cut_rule: str = "qwk",
+                 min_precision: float = MIN_PRECISION) -> pd.DataFrame:
     """``oof`` plus ``predicted`` and ``refer`` for each fold from the decisions fitted on the others."""
     out = oof.copy()
     out["predicted"], out["refer"] = -1, False
     for fold in sorted(out["fold"].unique()):
         mine, others = out["fold"] == fold, out["fold"] != fold
         fitted = decisions(out.loc[others, "score"].to_numpy(), out.loc[others, "grade"].to_numpy(),
-                           target_sensitivity)
+                           target_sensitivity, cut_rule, min_precision)
         scores = out.loc[mine, "score"].to_numpy()
         out.loc[mine, "predicted"] = apply_cut_points(scores, fitted["cut_points"])
         threshold = fitted["referral"]["threshold"]
@@ -132,20 +136,22 @@ def scores_of(rows: pd.DataFrame) -> dict:
             "sens_grade": rate(by_grade, truth, True), "spec_grade": rate(by_grade, ~truth, False),
             "sens_refer": rate(refer, truth, True), "spec_refer": rate(refer, ~truth, False),
             "auc": float(roc_auc_score(truth, rows["score"])) if both else float("nan"),
-            "recall": [round(base[f"recall_{g}"], 3) for g in range(5)]}
+            "recall": [round(base[f"recall_{g}"], 3) for g in range(5)],
+            "true_counts": np.bincount(grades, minlength=NUM_GRADES).tolist(),
+            "predicted_counts": np.bincount(predicted, minlength=NUM_GRADES).tolist()}
 
 
-def summarise(oof: pd.DataFrame, target_sensitivity: float,
-              fold_seconds: dict[int, float]) -> tuple[dict, pd.DataFrame]:
+def summarise(oof: pd.DataFrame, target_sensitivity: float, fold_seconds: dict[int, float],
+              cut_rule: str = "qwk") -> tuple[dict, pd.DataFrame]:
     """Per-fold and pooled cross-fitted figures, mean and spread over folds, and the deployed decisions."""
-    scored = cross_fitted(oof, target_sensitivity)
+    scored = cross_fitted(oof, target_sensitivity, cut_rule)
     per_fold = [{"fold": int(k), **scores_of(scored[scored["fold"] == k]),
                  "seconds": round(fold_seconds.get(int(k), float("nan")), 1)}
                 for k in sorted(scored["fold"].unique())]
     spread = {m: {"mean": float(np.nanmean([f[m] for f in per_fold])),
                   "std": float(np.nanstd([f[m] for f in per_fold]))} for m in (*METRICS, "seconds")}
     return {"per_fold": per_fold, "mean_std": spread, "pooled": scores_of(scored),
-            **decisions(oof["score"].to_numpy(), oof["grade"].to_numpy(), target_sensitivity)}, scored
+            **decisions(oof["score"].to_numpy(), oof["grade"].to_numpy(), target_sensitivity, cut_rule)}, scored
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -189,4 +195,7 @@ def markdown(summary: dict, label: str = "") -> str:
     lines.append(f"| {prefix}pooled OOF | {p['n']} | {_cell(p['qwk'])} | {_cell(p['acc'])} | {_cell(p['kappa'])} | "
                  f"{_cell(p['sens_grade'])} / {_cell(p['spec_grade'])} | {_cell(p['sens_refer'])} / "
                  f"{_cell(p['spec_refer'])} | {_cell(p['auc'])} | |")
+    if "predicted_counts" in p:  # cross-validations before cv.cut_rule did not count
+        lines.append(f"\nPooled out-of-fold count per grade 0-4, predicted (cv.cut_rule={summary.get('cut_rule', 'qwk')}) "
+                     f"/ true: {' / '.join(map(str, p['predicted_counts']))} for {' / '.join(map(str, p['true_counts']))}")
     return "\n".join(lines)
