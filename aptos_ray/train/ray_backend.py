@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,7 @@ from aptos_ray.config import Config, config_from_dict
 from aptos_ray.data.folds import fold_ids, keep_ids
 from aptos_ray.data.format import SPLITS, TRAIN_COLUMNS, split_bytes
 from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError
+from aptos_ray.ray_internals import NodeType, autoscaler_node_types, autoscaler_running
 from aptos_ray.ray_setup import check_seen_by_every_node, init_ray, ray_train_log_level
 from aptos_ray.train.checkpoint import (
     CHECKPOINT_DIR,
@@ -304,19 +306,57 @@ def execution_options(deterministic: bool) -> ray.data.ExecutionOptions:
                                      verbose_progress=current.verbose_progress)
 
 
-def check_cluster_fits(cfg: Config, resources: dict | None = None) -> None:
-    """Refuse, before fit, a worker group the cluster can never place: Ray Train would wait for
-    it ("startup timed out after 60 s") and retry for ever. ``resources``: ``ray.cluster_resources()``."""
+def check_cluster_fits(cfg: Config, node_types: list[NodeType] | None = None) -> None:
+    """Refuse, before any work, a worker group the cluster can never place: Ray Train would wait
+    for it ("startup timed out after 60 s") and retry for ever. On an autoscaling cluster that is
+    what none of its node types can hold, up to their max count (nodes not started yet count);
+    elsewhere what the nodes up now cannot hold. ``node_types``: ``cluster_node_types()``."""
     s = cfg.scaling
-    have = ray.cluster_resources() if resources is None else resources
-    per_worker = {"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker if s.use_gpu else 0}
-    asked = {k: s.num_workers * n for k, n in per_worker.items()}
-    short = [f"{asked[k]:g} {k}s (scaling.num_workers={s.num_workers} x "
-             f"{per_worker[k]:g} per worker) but the cluster has {have.get(k, 0):g}"
-             for k in ("CPU", "GPU") if asked[k] > have.get(k, 0)]
-    if short:
-        raise ConfigError(f"the Ray cluster cannot fit this run: it asks for {'; '.join(short)}. Lower "
-                          f"--scaling.num_workers / --scaling.cpus_per_worker or add nodes")
+    per_worker = worker_resources(s)
+    problem = placement_problem(per_worker, s.num_workers, cluster_node_types() if node_types is None else node_types)
+    if problem:
+        raise ConfigError(f"the Ray cluster cannot fit this run: {problem}. Lower --scaling.num_workers / "
+                          f"--scaling.cpus_per_worker / --scaling.gpus_per_worker or add nodes")
+
+
+def cluster_node_types() -> list[NodeType]:
+    """What the cluster can ever offer: its autoscaler's node types, else the nodes up now.
+    An autoscaler whose node types cannot be read here (e.g. KubeRay's, in its own container)
+    could start any node: nothing is refused then (say so), Ray Train waits for the nodes."""
+    types = autoscaler_node_types()
+    if types:
+        return types
+    nodes = [NodeType(n["NodeID"][:8], n["Resources"], 1) for n in ray.nodes() if n.get("Alive")]
+    if autoscaler_running():
+        print("warning: the autoscaler's node types are not readable from this node: the run is "
+              "admitted and waits for the autoscaler to add the nodes it asks for", file=sys.stderr)
+        return [*nodes, NodeType("autoscaler", {}, math.inf)]
+    return nodes
+
+
+def workers_per_node(node: dict, per_worker: dict) -> float:
+    """How many workers asking ``per_worker`` one node with ``node``'s resources holds
+    (an unknown node type, no resources listed, holds any number)."""
+    if not node:
+        return math.inf
+    return min((math.floor(node.get(k, 0) / n + 1e-9) for k, n in per_worker.items() if n > 0), default=math.inf)
+
+
+def placement_problem(per_worker: dict, num_workers: int, node_types: list[NodeType]) -> str:
+    """Why ``num_workers`` workers asking ``per_worker`` each never fit on ``node_types``
+    (each node holds whole workers), or "" when they fit."""
+    asks = " + ".join(f"{n:g} {k}" for k, n in per_worker.items() if n > 0)
+    holds = {t.name: workers_per_node(t.resources, per_worker) for t in node_types}
+    if not any(holds.values()):
+        largest = ", ".join(f"{max((t.resources.get(k, 0) for t in node_types), default=0):g} {k}"
+                            for k, n in per_worker.items() if n > 0)
+        return (f"one worker asks for {asks} and no node{' type' if len(node_types) > 1 else ''} of the cluster "
+                f"has that much (the most any has: {largest})")
+    capacity = sum(holds[t.name] * t.max_count for t in node_types if holds[t.name])
+    if capacity < num_workers:
+        return (f"scaling.num_workers={num_workers} workers of {asks} each, but its nodes (counting the "
+                f"autoscaler's node types up to their max_workers) hold at most {capacity:g}")
+    return ""
 
 
 def run_ray(cfg: Config, info: DatasetInfo):
