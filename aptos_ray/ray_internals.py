@@ -7,6 +7,7 @@ modules where it is used.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
@@ -33,15 +34,23 @@ def autoscaler_node_types() -> list[NodeType] | None:
     ``--autoscaling-config`` file of the autoscaler process (``monitor.py``) serving this cluster
     on this node: the cluster launcher's ``ray_bootstrapped_config.yaml`` on the head, where
     ``ray job submit`` runs its drivers. Neither has a public API in Ray 2.60."""
+    if not ray.is_initialized():
+        return None
     return _gcs_cluster_config_node_types() or _monitor_config_node_types()
 
 
 def autoscaler_running() -> bool:
-    """An autoscaler serves this cluster (it writes its status into the GCS every few seconds)."""
-    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+    """An autoscaler that can start nodes serves this cluster. Its status report (JSON in the GCS,
+    every few seconds) maps each node to its node type; a cluster without one (e.g. a local
+    ``ray.init()``) runs a read-only autoscaler whose node types are the nodes' own ids."""
     from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
 
-    return _internal_kv_initialized() and _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS) is not None
+    if not ray.is_initialized() or not _internal_kv_initialized():
+        return False
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    mapping = ((json.loads(raw) if raw else {}).get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return any(node_type != f"node_{node}" for node, node_type in mapping.items())
 
 
 def _gcs_cluster_config_node_types() -> list[NodeType] | None:

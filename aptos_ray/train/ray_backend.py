@@ -342,17 +342,30 @@ def workers_per_node(node: dict, per_worker: dict) -> float:
     return min((math.floor(node.get(k, 0) / n + 1e-9) for k, n in per_worker.items() if n > 0), default=math.inf)
 
 
+def worker_capacity(per_worker: dict, node_types: list[NodeType]) -> float:
+    """How many workers asking ``per_worker`` all of ``node_types`` hold together."""
+    holds = [(workers_per_node(t.resources, per_worker), t.max_count) for t in node_types]
+    return sum(n * count for n, count in holds if n)
+
+
+def runs_that_fit(scaling, most: int, node_types: list[NodeType] | None = None) -> int:
+    """How many runs (Tune trials, folds) of ``scaling``'s worker group the cluster holds at
+    once, counting GPUs as well as CPUs: at least 1, at most ``most``."""
+    types = cluster_node_types() if node_types is None else node_types
+    capacity = worker_capacity(worker_resources(scaling), types)
+    return max(1, min(most, int(capacity // scaling.num_workers) if math.isfinite(capacity) else most))
+
+
 def placement_problem(per_worker: dict, num_workers: int, node_types: list[NodeType]) -> str:
     """Why ``num_workers`` workers asking ``per_worker`` each never fit on ``node_types``
     (each node holds whole workers), or "" when they fit."""
     asks = " + ".join(f"{n:g} {k}" for k, n in per_worker.items() if n > 0)
-    holds = {t.name: workers_per_node(t.resources, per_worker) for t in node_types}
-    if not any(holds.values()):
+    if not any(workers_per_node(t.resources, per_worker) for t in node_types):
         largest = ", ".join(f"{max((t.resources.get(k, 0) for t in node_types), default=0):g} {k}"
                             for k, n in per_worker.items() if n > 0)
         return (f"one worker asks for {asks} and no node{' type' if len(node_types) > 1 else ''} of the cluster "
                 f"has that much (the most any has: {largest})")
-    capacity = sum(holds[t.name] * t.max_count for t in node_types if holds[t.name])
+    capacity = worker_capacity(per_worker, node_types)
     if capacity < num_workers:
         return (f"scaling.num_workers={num_workers} workers of {asks} each, but its nodes (counting the "
                 f"autoscaler's node types up to their max_workers) hold at most {capacity:g}")

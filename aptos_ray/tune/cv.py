@@ -105,12 +105,12 @@ def run_fold(params: dict, *, base: dict, infos: dict, datasets: dict, cv_dir: s
 
 
 def concurrent_folds(cfg: Config) -> int:
-    import ray
+    """cv.max_concurrent_folds, or (0) as many folds as the cluster holds at once (GPUs and CPUs)."""
+    from aptos_ray.train.ray_backend import runs_that_fit
 
     if cfg.cv.max_concurrent_folds:
         return cfg.cv.max_concurrent_folds
-    per_fold = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_fold))
+    return runs_that_fit(cfg.scaling, most=cfg.data.folds)
 
 
 def train_folds_ray(cfg: Config, cv_dir: str, manifest: dict, done: dict[int, dict]) -> dict[int, dict]:
