@@ -5,9 +5,10 @@ Choices for small machines (2 CPU cores), measured, see README "Ray on small mac
   it (``data.materialize=auto``): a lazy, streaming read fed to 2 workers x 1 CPU stalled for
   minutes ("backpressured: ResourceBudget"), because the workers held every CPU the read tasks
   needed; splits bigger than that (EyePACS-size) stream from Parquet rather than spill;
-- only the train split is split across workers; every worker sees the whole (small, never
-  resampled) val split and evaluates every ``world_size``-th row of it, so no validation
-  row is dropped by an equal split and the gathered predictions cover the split exactly once.
+- only the train split is split across workers; every worker reads the whole (small, never
+  resampled) val split and evaluates the rows whose id hashes to its rank (``rows_of_rank``), so
+  no validation row is dropped by an equal split and, in whatever order each worker reads them,
+  the gathered predictions cover the split exactly once.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import contextlib
 import logging
 import math
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -165,8 +168,7 @@ class RayBackend:
 
     def val_rows(self) -> Iterator[dict]:
         batches = self.val_data.iter_batches(batch_size=self.cfg.data.read_batch_size, batch_format="numpy")
-        for batch in batches:
-            yield {k: v[self.rank :: self.world_size] for k, v in batch.items()}
+        return rows_of_rank(batches, self.rank, self.world_size)
 
     def restored_state(self) -> dict | None:
         """The newest checkpoint that loads: Ray Train's latest registered one, or a newer one in
@@ -197,6 +199,21 @@ class RayBackend:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(scalars, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(epoch))
+
+
+def rows_of_rank(batches: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
+    """This rank's rows of a split every rank reads whole: those whose id hashes to it. The
+    choice depends on the id alone, not on the order the rows arrive in, which differs between
+    workers when a streamed split (several files, ``train.deterministic=false``) is read without a
+    fixed order: every row is then scored by exactly one rank. (Ray Train's own split,
+    ``streaming_split(equal=True)``, would drop rows to make the parts equal.)"""
+    for batch in batches:
+        if world_size == 1:
+            yield batch
+            continue
+        mine = np.fromiter((zlib.crc32(str(i).encode()) % world_size == rank for i in batch["id"]),
+                           dtype=bool, count=len(batch["id"]))
+        yield {k: v[mine] for k, v in batch.items()}
 
 
 def quiet_ray_train_worker(cfg: Config) -> None:
