@@ -377,3 +377,46 @@ def test_quality_verdicts_and_explanations_end_to_end(run, aptos_dir, ray_sessio
     assert html.count("data:image/png;base64,") == 3 + 1 + len(index)  # figures, contact sheet, overlays
     md = (out / "report.md").read_text()
     assert "| blurred | out of focus |" in md and "](explain/" in md and "quality_flagged.png" in md
+
+
+class _RecordingDataset:
+    """A Ray dataset whose write_parquet calls are noted (path and options) before they run."""
+
+    def __init__(self, ds):
+        self.ds, self.writes = ds, []
+
+    def write_parquet(self, path, **options):
+        self.writes.append((path, options))
+        return self.ds.write_parquet(path, **options)
+
+
+@pytest.mark.ray
+def test_prediction_rows_for_a_local_output_are_written_on_the_drivers_node(tmp_path, ray_session):
+    """On a multi-node cluster a write task to a local path writes to its own node's disk, and
+    the driver would read back only its own part ("predict lost rows"): a local output is
+    staged through Ray Data's local://, on the driver's node, with no CPU asked."""
+    import ray
+
+    from aptos_ray.infer.predict import collect
+
+    ds = _RecordingDataset(ray.data.from_items([{"id": f"img-{i}", "predicted": i % 5} for i in range(40)],
+                                               override_num_blocks=4))
+    rows = collect(ds, str(tmp_path / "out"))
+    assert sorted(rows["id"]) == sorted(f"img-{i}" for i in range(40))
+    [(path, options)] = ds.writes
+    assert path.startswith(f"local://{tmp_path / 'out'}/_staging-") and options["ray_remote_args"]["num_cpus"] == 0
+    assert not list((tmp_path / "out").glob("_staging-*"))  # removed once read
+
+
+def test_ensemble_members_given_as_relative_paths_reach_the_actors_resolved(tmp_path, monkeypatch):
+    """predict.checkpoint=a/model.pt,b/model.pt is read on the driver; the actors, in their own working
+    directory, must get the members as the driver found them."""
+    from aptos_ray.infer.ensemble import read_ensemble
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    spec = read_ensemble("a/model.pt, b").spec  # what checkpoint_for_driver hands to the actors
+    monkeypatch.chdir("/")  # an actor's working directory
+    assert read_ensemble(spec).members == [str(tmp_path / "a" / "model.pt"), str(tmp_path / "b" / "model.pt")]

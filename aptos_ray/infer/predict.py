@@ -6,8 +6,10 @@
       prepared   -> ray.data.read_parquet(<dataset>/<split>)              (already preprocessed)
       -> map_batches(GradePredictor, compute=ActorPoolStrategy(size=n))   (Ray actors: the model is
                                                                           loaded once per actor)
-      -> write_parquet(<output>/_staging-XXXX/)                       (from the workers: one row per
-                                                                          input, no image)
+      -> write_parquet(<output>/_staging-XXXX/)                       (one row per input, no image:
+                                                                          from the workers to a URI;
+                                                                          on the driver's node
+                                                                          (local://) to a local path)
       -> driver: reads back the columns the outputs use (not the image sizes), rows sorted back
          into input order -> infer.outputs (+ infer.report with labels); the staging folder is removed
 
@@ -169,9 +171,17 @@ def collect(ds, output: str | None = None) -> pd.DataFrame:
     if output is None:
         with tempfile.TemporaryDirectory(prefix="aptos-predict-") as tmp:
             return collect(ds, tmp)
-    fs, inner = storage.filesystem(storage.join(output, f"{STAGING}-{uuid.uuid4().hex[:8]}"))
+    staging = storage.join(output, f"{STAGING}-{uuid.uuid4().hex[:8]}")
+    fs, inner = storage.filesystem(staging)
     try:
-        ds.write_parquet(inner, filesystem=fs)
+        if storage.is_local(staging):
+            # On a multi-node cluster the write tasks run where their rows are; to a local path each
+            # node would write to its own disk and the driver read back only its own part. Ray Data's
+            # local:// runs them on the driver's node; no CPU, so a driver holding its node's CPUs
+            # (or a head started with none) still gets them.
+            ds.write_parquet(f"local://{inner}", ray_remote_args={"num_cpus": 0})
+        else:
+            ds.write_parquet(inner, filesystem=fs)
         if fs.get_file_info(inner).type == pafs.FileType.NotFound:  # no rows at all
             return pd.DataFrame()
         fragments = list(pads.dataset(inner, filesystem=fs, format="parquet").get_fragments())
