@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
@@ -16,6 +17,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from aptos_ray import storage
 from aptos_ray.config import ScalingConfig
 from aptos_ray.errors import DriverOnlyPathError
+from aptos_ray.ray_internals import NodeType, autoscaler_node_types, autoscaler_running
 
 
 def init_ray(scaling: ScalingConfig) -> None:
@@ -167,3 +169,51 @@ def local_ray_options() -> dict:
         "dashboard_port": port,
         "runtime_env": {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
     }
+
+
+# --- what the cluster can ever hold ----------------------------------------------------------
+
+
+def cluster_node_types() -> list[NodeType]:
+    """What the cluster can ever offer: its autoscaler's node types, else the nodes up now.
+    An autoscaler whose node types cannot be read here (e.g. KubeRay's, in its own container)
+    could start any node: nothing is refused then (say so), Ray Train waits for the nodes."""
+    types = autoscaler_node_types()
+    if types:
+        return types
+    nodes = [NodeType(n["NodeID"][:8], n["Resources"], 1) for n in ray.nodes() if n.get("Alive")]
+    if autoscaler_running():
+        print("warning: the autoscaler's node types are not readable from this node: the run is "
+              "admitted and waits for the autoscaler to add the nodes it asks for", file=sys.stderr)
+        return [*nodes, NodeType("autoscaler", {}, math.inf)]
+    return nodes
+
+
+def workers_per_node(node: dict, per_worker: dict) -> float:
+    """How many workers asking ``per_worker`` one node with ``node``'s resources holds
+    (an unknown node type, no resources listed, holds any number)."""
+    if not node:
+        return math.inf
+    return min((math.floor(node.get(k, 0) / n + 1e-9) for k, n in per_worker.items() if n > 0), default=math.inf)
+
+
+def worker_capacity(per_worker: dict, node_types: list[NodeType]) -> float:
+    """How many workers asking ``per_worker`` all of ``node_types`` hold together."""
+    holds = [(workers_per_node(t.resources, per_worker), t.max_count) for t in node_types]
+    return sum(n * count for n, count in holds if n)
+
+
+def placement_problem(per_worker: dict, num_workers: int, node_types: list[NodeType]) -> str:
+    """Why ``num_workers`` workers asking ``per_worker`` each never fit on ``node_types``
+    (each node holds whole workers), or "" when they fit."""
+    asks = " + ".join(f"{n:g} {k}" for k, n in per_worker.items() if n > 0)
+    if not any(workers_per_node(t.resources, per_worker) for t in node_types):
+        largest = ", ".join(f"{max((t.resources.get(k, 0) for t in node_types), default=0):g} {k}"
+                            for k, n in per_worker.items() if n > 0)
+        return (f"one worker asks for {asks} and no node{' type' if len(node_types) > 1 else ''} of the cluster "
+                f"has that much (the most any has: {largest})")
+    capacity = worker_capacity(per_worker, node_types)
+    if capacity < num_workers:
+        return (f"scaling.num_workers={num_workers} workers of {asks} each, but its nodes (counting the "
+                f"autoscaler's node types up to their max_workers) hold at most {capacity:g}")
+    return ""

@@ -420,3 +420,25 @@ def test_ensemble_members_given_as_relative_paths_reach_the_actors_resolved(tmp_
     spec = read_ensemble("a/model.pt, b").spec  # what checkpoint_for_driver hands to the actors
     monkeypatch.chdir("/")  # an actor's working directory
     assert read_ensemble(spec).members == [str(tmp_path / "a" / "model.pt"), str(tmp_path / "b" / "model.pt")]
+
+
+def test_predict_asks_for_gpu_actors_an_autoscaler_can_add(monkeypatch):
+    """--scaling.use_gpu=true on a cluster with no GPU node up yet: the pool is sized from what is
+    asked (predict.num_actors), up to what the autoscaler's GPU node type can hold; an actor no
+    node type can hold is refused before any work."""
+    import ray
+
+    from aptos_ray import ray_setup
+    from aptos_ray.infer.predict import actor_resources
+    from aptos_ray.ray_internals import NodeType
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})  # the CPU head only, for now
+    monkeypatch.setattr(ray_setup, "autoscaler_node_types", lambda: [
+        NodeType("head", {"CPU": 4}, 1), NodeType("gpu", {"CPU": 8, "GPU": 1}, 3)])
+    gpu = parse_args(["--scaling.use_gpu=true"]).scaling
+    assert actor_resources(2, gpu) == (2, {"num_gpus": 1.0, "num_cpus": 1})
+    assert actor_resources(8, gpu) == (3, {"num_gpus": 1.0, "num_cpus": 1})  # 3 nodes of 1 GPU
+    assert actor_resources(2, parse_args([]).scaling)[1] == {"num_cpus": 1.0}  # CPU actors unless asked
+    with pytest.raises(ConfigError, match=r"predict with --scaling.use_gpu=true: the Ray cluster cannot fit one "
+                                          r"actor: one worker asks for 1 CPU \+ 2 GPU and no node type"):
+        actor_resources(2, parse_args(["--scaling.use_gpu=true", "--scaling.gpus_per_worker=2"]).scaling)

@@ -36,7 +36,7 @@ import ray
 import torch
 
 from aptos_ray import storage
-from aptos_ray.config import Config, ConfigError, PrepareConfig
+from aptos_ray.config import Config, ConfigError, PrepareConfig, ScalingConfig
 from aptos_ray.data.format import TRAIN_COLUMNS, decode_batch, encode_image
 from aptos_ray.data.preprocess import ImageError, preprocess
 from aptos_ray.data.sources import read_image, stop_on_driver_only_paths
@@ -48,7 +48,14 @@ from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
 from aptos_ray.infer.quality import as_columns, assess, not_assessed
 from aptos_ray.infer.report import write_report
 from aptos_ray.infer.screening import quality_of_rows, screening_outputs
-from aptos_ray.ray_setup import check_seen_by_every_node, init_ray, ray_progress
+from aptos_ray.ray_setup import (
+    check_seen_by_every_node,
+    cluster_node_types,
+    init_ray,
+    placement_problem,
+    ray_progress,
+    worker_capacity,
+)
 
 
 def load_rows(batch: dict, prepare: dict) -> dict:
@@ -115,8 +122,13 @@ def _fill(n: int, ok: np.ndarray, values, missing, dtype) -> np.ndarray:
     return full
 
 
-def actor_resources(num_actors: int) -> tuple[int, dict]:
-    """(pool size, per-actor resources): one GPU per actor where the cluster has GPUs."""
+def actor_resources(num_actors: int, scaling: ScalingConfig | None = None) -> tuple[int, dict]:
+    """(pool size, per-actor resources). ``scaling.use_gpu``: each actor asks for
+    ``scaling.gpus_per_worker`` GPUs, and the pool is as large as asked (``num_actors``), up to what
+    the cluster's nodes, or its autoscaler's node types, hold: an autoscaler adds the GPU nodes.
+    Otherwise one GPU per actor where the cluster has GPUs now, else CPU actors."""
+    if scaling is not None and scaling.use_gpu:
+        return gpu_actors(num_actors, scaling.gpus_per_worker)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
         return max(1, min(num_actors, gpus)), {"num_gpus": 1, "num_cpus": 1}
@@ -129,8 +141,19 @@ def actor_resources(num_actors: int) -> tuple[int, dict]:
     return size, {"num_cpus": round(max(0.0, min(1.0, (cpus - 1) / size)), 3)}
 
 
+def gpu_actors(num_actors: int, gpus_per_actor: float) -> tuple[int, dict]:
+    per_actor = {"CPU": 1, "GPU": gpus_per_actor}
+    node_types = cluster_node_types()
+    problem = placement_problem(per_actor, 1, node_types)
+    if problem:  # refused before any work: Ray Data would wait for the actors for ever
+        raise ConfigError(f"predict with --scaling.use_gpu=true: the Ray cluster cannot fit one actor: {problem}")
+    capacity = worker_capacity(per_actor, node_types)
+    size = num_actors if math.isinf(capacity) else max(1, min(num_actors, int(capacity)))
+    return size, {"num_gpus": gpus_per_actor, "num_cpus": 1}
+
+
 def build_dataset(inputs: Inputs, checkpoint: Checkpoint, prepare: PrepareConfig, tta: int, batch_size: int,
-                  num_actors: int):
+                  num_actors: int, scaling: ScalingConfig | None = None):
     """The Ray Data pipeline that yields one prediction row per readable or unreadable input row."""
     if inputs.kind == "prepared":
         ds = ray.data.read_parquet(**storage.ray_data_source(storage.join(inputs.dataset, inputs.split)),
@@ -149,7 +172,7 @@ def build_dataset(inputs: Inputs, checkpoint: Checkpoint, prepare: PrepareConfig
     ds = ds.repartition(target_num_rows_per_block=batch_size)
     # No more actors than batches: each one costs a process and a model load.
     num_rows = inputs.num_rows if inputs.kind == "prepared" else len(inputs.items)
-    size, resources = actor_resources(min(num_actors, math.ceil(num_rows / batch_size)))
+    size, resources = actor_resources(min(num_actors, math.ceil(num_rows / batch_size)), scaling)
     return ds.map_batches(
         GradePredictor,
         fn_constructor_kwargs={"checkpoint_path": checkpoint.path, "tta": tta, "encoding": encoding},
@@ -230,7 +253,7 @@ def predict(cfg: Config) -> dict:
     check_seen_by_every_node({"predict.checkpoint": checkpoint.path, "predict.images": p.images})
     started = time.perf_counter()
     with ray_progress():
-        ds = build_dataset(inputs, for_actors, prepare, p.tta, p.batch_size, p.num_actors)
+        ds = build_dataset(inputs, for_actors, prepare, p.tta, p.batch_size, p.num_actors, cfg.scaling)
         rows = collect(ds, p.output)
     stop_on_driver_only_paths(rows.get("reason", []))  # no shared storage: no predictions
     seconds = time.perf_counter() - started

@@ -44,8 +44,15 @@ from aptos_ray.config import Config, config_from_dict
 from aptos_ray.data.folds import fold_ids, keep_ids
 from aptos_ray.data.format import SPLITS, TRAIN_COLUMNS, split_bytes
 from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError
-from aptos_ray.ray_internals import NodeType, autoscaler_node_types, autoscaler_running
-from aptos_ray.ray_setup import check_seen_by_every_node, init_ray, ray_train_log_level
+from aptos_ray.ray_internals import NodeType
+from aptos_ray.ray_setup import (
+    check_seen_by_every_node,
+    cluster_node_types,
+    init_ray,
+    placement_problem,
+    ray_train_log_level,
+    worker_capacity,
+)
 from aptos_ray.train.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_name,
@@ -336,57 +343,12 @@ def check_cluster_fits(cfg: Config, node_types: list[NodeType] | None = None) ->
                           f"--scaling.cpus_per_worker / --scaling.gpus_per_worker or add nodes")
 
 
-def cluster_node_types() -> list[NodeType]:
-    """What the cluster can ever offer: its autoscaler's node types, else the nodes up now.
-    An autoscaler whose node types cannot be read here (e.g. KubeRay's, in its own container)
-    could start any node: nothing is refused then (say so), Ray Train waits for the nodes."""
-    types = autoscaler_node_types()
-    if types:
-        return types
-    nodes = [NodeType(n["NodeID"][:8], n["Resources"], 1) for n in ray.nodes() if n.get("Alive")]
-    if autoscaler_running():
-        print("warning: the autoscaler's node types are not readable from this node: the run is "
-              "admitted and waits for the autoscaler to add the nodes it asks for", file=sys.stderr)
-        return [*nodes, NodeType("autoscaler", {}, math.inf)]
-    return nodes
-
-
-def workers_per_node(node: dict, per_worker: dict) -> float:
-    """How many workers asking ``per_worker`` one node with ``node``'s resources holds
-    (an unknown node type, no resources listed, holds any number)."""
-    if not node:
-        return math.inf
-    return min((math.floor(node.get(k, 0) / n + 1e-9) for k, n in per_worker.items() if n > 0), default=math.inf)
-
-
-def worker_capacity(per_worker: dict, node_types: list[NodeType]) -> float:
-    """How many workers asking ``per_worker`` all of ``node_types`` hold together."""
-    holds = [(workers_per_node(t.resources, per_worker), t.max_count) for t in node_types]
-    return sum(n * count for n, count in holds if n)
-
-
 def runs_that_fit(scaling, most: int, node_types: list[NodeType] | None = None) -> int:
     """How many runs (Tune trials, folds) of ``scaling``'s worker group the cluster holds at
     once, counting GPUs as well as CPUs: at least 1, at most ``most``."""
     types = cluster_node_types() if node_types is None else node_types
     capacity = worker_capacity(worker_resources(scaling), types)
     return max(1, min(most, int(capacity // scaling.num_workers) if math.isfinite(capacity) else most))
-
-
-def placement_problem(per_worker: dict, num_workers: int, node_types: list[NodeType]) -> str:
-    """Why ``num_workers`` workers asking ``per_worker`` each never fit on ``node_types``
-    (each node holds whole workers), or "" when they fit."""
-    asks = " + ".join(f"{n:g} {k}" for k, n in per_worker.items() if n > 0)
-    if not any(workers_per_node(t.resources, per_worker) for t in node_types):
-        largest = ", ".join(f"{max((t.resources.get(k, 0) for t in node_types), default=0):g} {k}"
-                            for k, n in per_worker.items() if n > 0)
-        return (f"one worker asks for {asks} and no node{' type' if len(node_types) > 1 else ''} of the cluster "
-                f"has that much (the most any has: {largest})")
-    capacity = worker_capacity(per_worker, node_types)
-    if capacity < num_workers:
-        return (f"scaling.num_workers={num_workers} workers of {asks} each, but its nodes (counting the "
-                f"autoscaler's node types up to their max_workers) hold at most {capacity:g}")
-    return ""
 
 
 def run_ray(cfg: Config, info: DatasetInfo):
