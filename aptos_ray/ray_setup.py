@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from aptos_ray import storage
 from aptos_ray.config import ScalingConfig
-from aptos_ray.errors import DriverOnlyPathError
+from aptos_ray.errors import DriverOnlyPathError, GpuUnusableError
 from aptos_ray.ray_internals import NodeType, autoscaler_node_types, autoscaler_running
 
 
@@ -64,6 +64,34 @@ def check_seen_by_every_node(paths: dict[str, str]) -> None:
 @ray.remote(num_cpus=0)
 def _exist(paths: list[str]) -> list[bool]:
     return [os.path.exists(p) for p in paths]
+
+
+# What the cluster files pin for PyPI's torch CUDA 13 builds (docs/CLUSTER.md, section 5).
+MIN_DRIVER_FOR_CUDA_13 = 580
+
+
+def check_assigned_gpus_usable(what: str) -> None:
+    """In a Ray worker or actor (``what``): the GPUs Ray assigned it must be usable by torch.
+    Otherwise every step would fail at ``.to("cuda")`` (or predict quietly run on the CPU): say
+    why in one line instead, typically a node driver older than torch's CUDA build needs."""
+    import torch
+
+    gpus = ray.get_gpu_ids()
+    if not gpus or torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        reason = "this torch is a CPU build (the cluster image's cpu variant on a GPU node?)"
+    else:
+        try:
+            torch.cuda.init()
+            reason = "torch sees no CUDA device"
+        except Exception as e:  # torch's own words: no driver, driver too old, ...
+            reason = " ".join(str(e).split())
+    node = ray.util.get_node_ip_address()
+    raise GpuUnusableError(
+        f"Ray assigned GPU {', '.join(map(str, gpus))} to this {what} on node {node}, but torch "
+        f"{torch.__version__} (CUDA {torch.version.cuda}) cannot use it: {reason}. The node's NVIDIA driver must "
+        f"support torch's CUDA (CUDA 13: driver R{MIN_DRIVER_FOR_CUDA_13} or newer; see docs/CLUSTER.md)")
 
 
 # Set before Ray starts: a local Ray instance's workers and actors inherit them.
