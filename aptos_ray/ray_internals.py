@@ -1,4 +1,5 @@
-"""What this project needs from Ray that Ray has no public API for, in one place.
+"""What this project needs from Ray that Ray has no public API for, in one place (Ray is imported
+inside the functions: ``--local`` runs import this module without starting or loading Ray).
 
 Each name here is checked against the installed Ray by ``tests/test_ray_internals.py``, which fails
 naming the Ray version when an upgrade moves it. Everything else is imported from Ray's public
@@ -10,9 +11,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-
-import ray
-import yaml
 
 
 @dataclass(frozen=True)
@@ -34,6 +32,8 @@ def autoscaler_node_types() -> list[NodeType] | None:
     ``--autoscaling-config`` file of the autoscaler process (``monitor.py``) serving this cluster
     on this node: the cluster launcher's ``ray_bootstrapped_config.yaml`` on the head, where
     ``ray job submit`` runs its drivers. Neither has a public API in Ray 2.60."""
+    import ray
+
     if not ray.is_initialized():
         return None
     return _gcs_cluster_config_node_types() or _monitor_config_node_types()
@@ -43,6 +43,7 @@ def autoscaler_running() -> bool:
     """An autoscaler that can start nodes serves this cluster. Its status report (JSON in the GCS,
     every few seconds) maps each node to its node type; a cluster without one (e.g. a local
     ``ray.init()``) runs a read-only autoscaler whose node types are the nodes' own ids."""
+    import ray
     from ray._private import ray_constants
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
 
@@ -54,6 +55,8 @@ def autoscaler_running() -> bool:
 
 
 def _gcs_cluster_config_node_types() -> list[NodeType] | None:
+    import ray._private.state
+
     config = ray._private.state.state.get_cluster_config()
     if config is None or not config.node_group_configs:
         return None
@@ -63,6 +66,9 @@ def _gcs_cluster_config_node_types() -> list[NodeType] | None:
 
 
 def _monitor_config_node_types() -> list[NodeType] | None:
+    import ray
+    import yaml
+
     path = _monitor_config_path(ray.get_runtime_context().gcs_address)
     if path is None:
         return None
@@ -99,3 +105,26 @@ def _monitor_config_path(gcs_address: str) -> str | None:
                 if arg.startswith("--autoscaling-config="):
                     return arg.split("=", 1)[1]
     return None
+
+
+# --- Ray Train ------------------------------------------------------------------------------------
+
+# Ray Train's record of a run's kept checkpoints, written into the run directory
+# (ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).
+CHECKPOINT_MANAGER_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def worker_error_cause(error: BaseException) -> BaseException | None:
+    """The exception a worker's code raised, inside Ray Train's wrapper for it
+    (``UserExceptionWithTraceback`` keeps it as ``_base_exc``); None for anything else."""
+    return getattr(error, "_base_exc", None)
+
+
+def report_logger_name() -> str | None:
+    """The name of the logger behind Ray Train's "Reporting training result N: ..." lines:
+    ``logging.getLogger(__file__)`` of its worker-side context module, outside ``ray.train``."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return None
+    return context.__file__

@@ -14,6 +14,7 @@ from aptos_ray.config import Config
 from aptos_ray.data.embedded import check_validation_split, ensure_dataset
 from aptos_ray.errors import ExistingFileError, MissingFileError
 from aptos_ray.model.factory import check_batch_norm, check_model_name, check_sync_bn_device
+from aptos_ray.ray_internals import CHECKPOINT_MANAGER_SNAPSHOT
 from aptos_ray.train.checkpoint import (
     RunRecord,
     checkpoint_folders,
@@ -26,7 +27,7 @@ from aptos_ray.train.local import LocalBackend
 from aptos_ray.train.loop import DatasetInfo, fit
 from aptos_ray.train.step import check_precision
 
-RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's kept checkpoints
+RAY_RECORD = CHECKPOINT_MANAGER_SNAPSHOT  # Ray Train's record of a run's kept checkpoints
 
 
 def has_checkpoints(run_dir: str) -> bool:
