@@ -21,7 +21,7 @@ clear line when given driver-local paths.
    URI half: prepare (s3 raw -> s3 dataset), train (2 workers x 2 CPUs: one per node; runs in the
    bucket) and predict (checkpoint and raw images from the bucket, output to the bucket) succeed,
    and so does predict from the bucket into a local output folder that node 2 cannot see (its
-   staging rows are written on the driver's node);
+   prediction rows stream to the driver);
 5. for every job, counts from Ray's State API where its tasks and actors ran: prepare and predict
    are submitted with `--entrypoint-num-cpus=2 --entrypoint-resources={"driver": 1}`, so the
    driver holds the head's CPUs and every task and actor runs on the masked node;

@@ -389,23 +389,25 @@ class _RecordingDataset:
         self.writes.append((path, options))
         return self.ds.write_parquet(path, **options)
 
+    def iter_batches(self, **options):
+        return self.ds.iter_batches(**options)
+
 
 @pytest.mark.ray
-def test_prediction_rows_for_a_local_output_are_written_on_the_drivers_node(tmp_path, ray_session):
-    """On a multi-node cluster a write task to a local path writes to its own node's disk, and
-    the driver would read back only its own part ("predict lost rows"): a local output is
-    staged through Ray Data's local://, on the driver's node, with no CPU asked."""
+def test_prediction_rows_for_a_local_output_reach_the_driver_not_the_workers_disks(tmp_path, ray_session):
+    """On a multi-node cluster a write task to a local path writes to its own node's disk, and the
+    driver would read back only its own part ("predict lost rows"): for a local output the rows
+    stream to the driver instead; no worker writes anything."""
     import ray
 
     from aptos_ray.infer.predict import collect
 
-    ds = _RecordingDataset(ray.data.from_items([{"id": f"img-{i}", "predicted": i % 5} for i in range(40)],
-                                               override_num_blocks=4))
-    rows = collect(ds, str(tmp_path / "out"))
-    assert sorted(rows["id"]) == sorted(f"img-{i}" for i in range(40))
-    [(path, options)] = ds.writes
-    assert path.startswith(f"local://{tmp_path / 'out'}/_staging-") and options["ray_remote_args"]["num_cpus"] == 0
-    assert not list((tmp_path / "out").glob("_staging-*"))  # removed once read
+    rows = [{"id": f"img-{i}", "predicted": i % 5, "height": 32} for i in range(40)]
+    ds = _RecordingDataset(ray.data.from_items(rows, override_num_blocks=4))
+    got = collect(ds, str(tmp_path / "out"))
+    assert sorted(got["id"]) == sorted(f"img-{i}" for i in range(40)) and "height" not in got
+    assert ds.writes == []  # nothing staged by the workers
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
 def test_ensemble_members_given_as_relative_paths_reach_the_actors_resolved(tmp_path, monkeypatch):

@@ -7,9 +7,9 @@
       -> map_batches(GradePredictor, compute=ActorPoolStrategy(size=n))   (Ray actors: the model is
                                                                           loaded once per actor)
       -> write_parquet(<output>/_staging-XXXX/)                       (one row per input, no image:
-                                                                          from the workers to a URI;
-                                                                          on the driver's node
-                                                                          (local://) to a local path)
+                                                                          from the workers, to a URI
+                                                                          output; to a local one the
+                                                                          rows stream to the driver)
       -> driver: reads back the columns the outputs use (not the image sizes), rows sorted back
          into input order -> infer.outputs (+ infer.report with labels); the staging folder is removed
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import asdict
@@ -40,15 +39,16 @@ from aptos_ray.config import Config, ConfigError, PrepareConfig, ScalingConfig
 from aptos_ray.data.format import TRAIN_COLUMNS, decode_batch, encode_image
 from aptos_ray.data.preprocess import ImageError, preprocess
 from aptos_ray.data.sources import read_image, stop_on_driver_only_paths
-from aptos_ray.infer.checkpoint import Checkpoint, prepare_config
+from aptos_ray.infer.checkpoint import Checkpoint, prepare_config, read_checkpoint
 from aptos_ray.infer.ensemble import build_grader, checkpoint_for_driver, read_ensemble
-from aptos_ray.infer.grader import check_tta
+from aptos_ray.infer.grader import PROB_COLUMNS, Grader, check_tta
 from aptos_ray.infer.inputs import Inputs, find_inputs, preprocessing_differences
 from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
 from aptos_ray.infer.quality import as_columns, assess, not_assessed
 from aptos_ray.infer.report import write_report
 from aptos_ray.infer.screening import quality_of_rows, screening_outputs
 from aptos_ray.ray_setup import (
+    check_assigned_gpus_usable,
     check_seen_by_every_node,
     cluster_node_types,
     init_ray,
@@ -93,6 +93,7 @@ class GradePredictor:
     """Ray Data actor: loads the checkpoint once, then grades batches of preprocessed rows."""
 
     def __init__(self, checkpoint_path: str, tta: int, encoding: str):
+        check_assigned_gpus_usable("predict actor")
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per actor
         self.grader = build_grader(checkpoint_path, device, tta)  # one checkpoint, or an ensemble
         self.encoding = encoding
@@ -113,6 +114,47 @@ class GradePredictor:
         for name in self.float_columns:
             out[name] = _fill(n, ok, graded.get(name), np.nan, np.float64)
         return out
+
+
+class FoldGradePredictor:
+    """Ray Data actor for out-of-fold predictions (jobs/cv.py): loads every fold's checkpoint once,
+    then grades each row with the model of its own ``fold``; ``score`` (+ ``prob_0..4``)."""
+
+    def __init__(self, checkpoints: dict, tta: int, encoding: str):
+        check_assigned_gpus_usable("predict actor")
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per actor
+        self.graders = {int(k): Grader(read_checkpoint(path), device, tta) for k, path in checkpoints.items()}
+        self.encoding = encoding
+        first = next(iter(self.graders.values()))
+        self.columns = ["score", *(PROB_COLUMNS if first.head.has_probabilities else [])]
+
+    def __call__(self, batch: dict) -> dict:
+        folds = np.asarray(batch["fold"], dtype=np.int64)
+        out = {"id": batch["id"], "grade": np.asarray(batch["grade"], dtype=np.int64), "fold": folds,
+               **{c: np.full(len(folds), np.nan) for c in self.columns}}
+        for fold in np.unique(folds):
+            mine = folds == fold
+            graded = self.graders[int(fold)](decode_batch({k: batch[k][mine] for k in ("image", "height", "width")},
+                                                          self.encoding))
+            for column in self.columns:
+                out[column][mine] = graded[column]
+        return out
+
+
+def predict_folds(ds, checkpoints: dict[int, str], tta: int, encoding: str, batch_size: int, num_actors: int,
+                  scaling: ScalingConfig | None = None) -> pd.DataFrame:
+    """Out-of-fold predictions of ``ds`` (prepared rows with a ``fold`` column) through the same
+    actor pool and staging as ``predict``; rows in no particular order."""
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    size, resources = actor_resources(num_actors, scaling)
+    return collect(ds.map_batches(
+        FoldGradePredictor,
+        fn_constructor_kwargs={"checkpoints": checkpoints, "tta": tta, "encoding": encoding},
+        compute=ray.data.ActorPoolStrategy(size=size),
+        batch_size=batch_size,
+        batch_format="numpy",
+        **resources,
+    ))
 
 
 def _fill(n: int, ok: np.ndarray, values, missing, dtype) -> np.ndarray:
@@ -188,23 +230,20 @@ DRIVER_SKIPS = ("height", "width", "orig_height", "orig_width")  # columns no ou
 
 
 def collect(ds, output: str | None = None) -> pd.DataFrame:
-    """Every output row of the pipeline: written by the workers as Parquet into a staging folder
-    of ``output`` (a temporary local folder without one), read back by the driver without the
-    columns no output needs, then removed. No row passes through the driver while Ray runs."""
-    if output is None:
-        with tempfile.TemporaryDirectory(prefix="aptos-predict-") as tmp:
-            return collect(ds, tmp)
-    staging = storage.join(output, f"{STAGING}-{uuid.uuid4().hex[:8]}")
-    fs, inner = storage.filesystem(staging)
+    """Every output row of the pipeline, without the columns no output needs.
+
+    To a URI ``output``: written by the workers as Parquet into a staging folder there, read back
+    by the driver, then removed; no row passes through the driver while Ray runs. To a local
+    folder (or none): streamed to the driver. Workers on other nodes would write a local staging
+    folder to their own disks, and the driver read back only its own part; Ray Data's
+    ``local://``, which runs the writes on the driver's node, is deprecated in Ray 2.60. The rows
+    carry no image: a few hundred bytes each.
+    """
+    if output is None or storage.is_local(output):
+        return _rows_to_driver(ds)
+    fs, inner = storage.filesystem(storage.join(output, f"{STAGING}-{uuid.uuid4().hex[:8]}"))
     try:
-        if storage.is_local(staging):
-            # On a multi-node cluster the write tasks run where their rows are; to a local path each
-            # node would write to its own disk and the driver read back only its own part. Ray Data's
-            # local:// runs them on the driver's node; no CPU, so a driver holding its node's CPUs
-            # (or a head started with none) still gets them.
-            ds.write_parquet(f"local://{inner}", ray_remote_args={"num_cpus": 0})
-        else:
-            ds.write_parquet(inner, filesystem=fs)
+        ds.write_parquet(inner, filesystem=fs)
         if fs.get_file_info(inner).type == pafs.FileType.NotFound:  # no rows at all
             return pd.DataFrame()
         fragments = list(pads.dataset(inner, filesystem=fs, format="parquet").get_fragments())
@@ -216,6 +255,15 @@ def collect(ds, output: str | None = None) -> pd.DataFrame:
         fs.delete_dir_contents(inner, missing_dir_ok=True)
         if fs.get_file_info(inner).type != pafs.FileType.NotFound:
             fs.delete_dir(inner)
+
+
+def _rows_to_driver(ds) -> pd.DataFrame:
+    tables = [t.drop_columns([c for c in DRIVER_SKIPS if c in t.column_names])
+              for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
+    if not tables:
+        return pd.DataFrame()
+    # Blocks type their columns alone (a block of failed rows may hold only nulls): one schema for all.
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
 # --------------------------------------------------------------------------- the job

@@ -29,23 +29,25 @@ import torch
 from ray.experimental.tqdm_ray import tqdm as tqdm_ray
 from ray.train import (
     CheckpointConfig,
+    ControllerError,
     DataConfig,
     FailureConfig,
     LoggingConfig,
     RunConfig,
     ScalingConfig,
+    UserCallback,
+    WorkerGroupError,
 )
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.v2.api.callback import UserCallback
-from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.data.folds import fold_ids, keep_ids
 from aptos_ray.data.format import SPLITS, TRAIN_COLUMNS, split_bytes
 from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError
-from aptos_ray.ray_internals import NodeType
+from aptos_ray.ray_internals import NodeType, report_logger_name, worker_error_cause
 from aptos_ray.ray_setup import (
+    check_assigned_gpus_usable,
     check_seen_by_every_node,
     cluster_node_types,
     init_ray,
@@ -117,11 +119,12 @@ def materialize_decision(setting: bool | str, size: int, store: float) -> tuple[
 
 
 def load_fold_datasets(cfg: Config, pool: ray.data.Dataset | None = None) -> dict[str, ray.data.Dataset]:
-    """Fold ``data.fold``'s train and val rows (``data.folds``), filtered from every split's rows
-    (``pool``: those rows already read, e.g. once for all folds of a cross-validation)."""
+    """Fold ``data.fold``'s train and val rows (``data.folds``), filtered from every split's rows,
+    materialised as ``data.materialize`` says; or filtered lazily from ``pool`` (those rows read,
+    and materialised or not, once for all folds of a cross-validation: ``load_cv_datasets``)."""
     root = storage.absolute(cfg.data.dataset)
     train_ids, val_ids = fold_ids(root, cfg.data.folds, cfg.data.fold, cfg.data.fold_seed)
-    materialize = should_materialize(cfg, root, SPLITS)
+    materialize = pool is None and should_materialize(cfg, root, SPLITS)
     datasets = {}
     with rows_in_order(cfg.train.deterministic):
         if pool is None:
@@ -130,6 +133,18 @@ def load_fold_datasets(cfg: Config, pool: ray.data.Dataset | None = None) -> dic
             ds = pool.map_batches(keep_ids, batch_format="numpy", fn_kwargs={"ids": frozenset(ids)})
             datasets[part] = ds.materialize() if materialize else ds
     return datasets
+
+
+def load_cv_datasets(cfg: Config, fold_configs: dict[int, Config]) -> dict[int, dict[str, ray.data.Dataset]]:
+    """Every fold's datasets for a cross-validation, filtered from one read of every split. That
+    read is materialised when ``data.materialize`` says so, and the folds' filters are not: the
+    object store holds the rows once, not once more per fold."""
+    root = storage.absolute(cfg.data.dataset)
+    with rows_in_order(cfg.train.deterministic):  # every fold's rows in one fixed order (train.repeatable)
+        pool = read_pool(root)
+        if should_materialize(cfg, root, SPLITS):
+            pool = pool.materialize()
+    return {k: load_fold_datasets(c, pool) for k, c in fold_configs.items()}
 
 
 def read_pool(dataset: str) -> ray.data.Dataset:
@@ -153,6 +168,7 @@ class RayBackend:
     progress_bar = tqdm_ray  # drawn by the driver, not interleaved into worker logs
 
     def __init__(self, cfg: Config):
+        check_assigned_gpus_usable("Ray Train worker")
         context = ray.train.get_context()
         self.cfg = cfg
         self.rank = context.get_world_rank()
@@ -231,12 +247,9 @@ def quiet_ray_train_worker(cfg: Config) -> None:
     """
     level = ray_train_log_level(cfg.scaling)
     logging.getLogger("ray.train").setLevel(level)
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(level)
-    except ImportError:  # another Ray version: at worst the lines are back
-        pass
+    name = report_logger_name()
+    if name:  # another Ray version may move it: at worst the lines are back (tests/test_ray_internals.py)
+        logging.getLogger(name).setLevel(level)
 
 
 def train_worker(loop_config: dict) -> None:
@@ -271,7 +284,7 @@ def _user_error(error: BaseException | None) -> UserError | None:
         if isinstance(error, WorkerGroupError):
             found = [e for e in map(_user_error, error.worker_failures.values()) if e is not None]
             return found[0] if found else None
-        error = getattr(error, "controller_failure", None) or getattr(error, "_base_exc", None)
+        error = getattr(error, "controller_failure", None) or worker_error_cause(error)
     return None
 
 
