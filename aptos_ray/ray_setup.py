@@ -228,7 +228,7 @@ def workers_per_node(node: dict, per_worker: dict) -> float:
 def worker_capacity(per_worker: dict, node_types: list[NodeType]) -> float:
     """How many workers asking ``per_worker`` all of ``node_types`` hold together."""
     holds = [(workers_per_node(t.resources, per_worker), t.max_count) for t in node_types]
-    return sum(n * count for n, count in holds if n)
+    return sum(n * count for n, count in holds if n and count)  # (inf * 0 would be nan)
 
 
 def placement_problem(per_worker: dict, num_workers: int, node_types: list[NodeType]) -> str:
