@@ -253,10 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.half in ("both", "uri"):
             results += uri_half(cluster, server, bucket, raw, masked, root)
         print("\nMasked-worker run: node 2 sees an empty tmpfs over " + ", ".join(str(d) for d in dirs))
-        print(f"  {'job':<22} {'expected':<13} {'as expected':<12} {'on node 2':>9} {'elsewhere':>9} {'s':>4}  result")
+        print(f"  {'job':<24} {'expected':<13} {'as expected':<12} {'on node 2':>9} {'elsewhere':>9} {'s':>4}  result")
         print("  (tasks and actor calls from the State API; elsewhere = the head, Ray's 0-CPU bookkeeping actors included)")
         for r in results:
-            print(f"  {r['job']:<22} {r['expected']:<13} {'yes' if r['ok'] else 'NO':<12} {r['masked']:>9} "
+            print(f"  {r['job']:<24} {r['expected']:<13} {'yes' if r['ok'] else 'NO':<12} {r['masked']:>9} "
                   f"{r['other']:>9} {r['seconds']:>4}  {r['why']}")
         (root / "results.json").write_text(json.dumps(results, indent=1))
         ok = all(r["ok"] for r in results)
