@@ -242,7 +242,7 @@ class CVConfig:
     oof_tta: Annotated[int, Range(ge=0, le=7)] = 0  # extra flipped views for the out-of-fold predictions
     # referable DR (grade >= 2) sensitivity the referral threshold is set for, on the out-of-fold scores
     target_sensitivity: Annotated[float, Range(gt=0, le=1)] = 0.9
-    max_concurrent_folds: Count = 0  # Ray: folds trained at once (0: as many as the CPUs fit); --local: one by one
+    max_concurrent_folds: Count = 0  # Ray: folds trained at once (0: as many as the cluster holds, GPUs and CPUs); --local: one by one
     cut_rule: Literal["qwk", "qwk_bootstrap", "prior", "qwk_prior", "qwk_precision"] = "qwk"  # see cut_rules.py
 
 

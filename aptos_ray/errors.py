@@ -40,6 +40,10 @@ class WeightsError(UserError, RuntimeError):
     """Pretrained weights could not be found, downloaded or fitted to the model."""
 
 
+class GpuUnusableError(UserError, RuntimeError):
+    """Ray gave a worker or actor a GPU that torch cannot use (a driver too old for torch's CUDA)."""
+
+
 class CorruptCheckpointError(UserError, ValueError):
     """A checkpoint file exists but cannot be used (truncated, not a checkpoint, another model)."""
 

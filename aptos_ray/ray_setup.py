@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
@@ -16,7 +17,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from aptos_ray import storage
 from aptos_ray.config import ScalingConfig
-from aptos_ray.errors import DriverOnlyPathError
+from aptos_ray.errors import DriverOnlyPathError, GpuUnusableError
+from aptos_ray.ray_internals import NodeType, autoscaler_node_types, autoscaler_running
 
 
 def init_ray(scaling: ScalingConfig) -> None:
@@ -65,6 +67,34 @@ def check_seen_by_every_node(paths: dict[str, str]) -> None:
 @ray.remote(num_cpus=0)
 def _exist(paths: list[str]) -> list[bool]:
     return [os.path.exists(p) for p in paths]
+
+
+# What the cluster files pin for PyPI's torch CUDA 13 builds (docs/CLUSTER.md, section 5).
+MIN_DRIVER_FOR_CUDA_13 = 580
+
+
+def check_assigned_gpus_usable(what: str) -> None:
+    """In a Ray worker or actor (``what``): the GPUs Ray assigned it must be usable by torch.
+    Otherwise every step would fail at ``.to("cuda")`` (or predict quietly run on the CPU): say
+    why in one line instead, typically a node driver older than torch's CUDA build needs."""
+    import torch
+
+    gpus = ray.get_gpu_ids()
+    if not gpus or torch.cuda.is_available():
+        return
+    if torch.version.cuda is None:
+        reason = "this torch is a CPU build (the cluster image's cpu variant on a GPU node?)"
+    else:
+        try:
+            torch.cuda.init()
+            reason = "torch sees no CUDA device"
+        except Exception as e:  # torch's own words: no driver, driver too old, ...
+            reason = " ".join(str(e).split())
+    node = ray.util.get_node_ip_address()
+    raise GpuUnusableError(
+        f"Ray assigned GPU {', '.join(map(str, gpus))} to this {what} on node {node}, but torch "
+        f"{torch.__version__} (CUDA {torch.version.cuda}) cannot use it: {reason}. The node's NVIDIA driver must "
+        f"support torch's CUDA (CUDA 13: driver R{MIN_DRIVER_FOR_CUDA_13} or newer; see docs/CLUSTER.md)")
 
 
 # Set before Ray starts: a local Ray instance's workers and actors inherit them.
@@ -209,3 +239,51 @@ def end_with_this_process() -> None:
     script = Path(__file__).with_name("process_reaper.py")
     _REAPER = subprocess.Popen([sys.executable, str(script), str(os.getpid())], stdin=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, start_new_session=True)
+
+
+# --- what the cluster can ever hold ----------------------------------------------------------
+
+
+def cluster_node_types() -> list[NodeType]:
+    """What the cluster can ever offer: its autoscaler's node types, else the nodes up now.
+    An autoscaler whose node types cannot be read here (e.g. KubeRay's, in its own container)
+    could start any node: nothing is refused then (say so), Ray Train waits for the nodes."""
+    types = autoscaler_node_types()
+    if types:
+        return types
+    nodes = [NodeType(n["NodeID"][:8], n["Resources"], 1) for n in ray.nodes() if n.get("Alive")]
+    if autoscaler_running():
+        print("warning: the autoscaler's node types are not readable from this node: the run is "
+              "admitted and waits for the autoscaler to add the nodes it asks for", file=sys.stderr)
+        return [*nodes, NodeType("autoscaler", {}, math.inf)]
+    return nodes
+
+
+def workers_per_node(node: dict, per_worker: dict) -> float:
+    """How many workers asking ``per_worker`` one node with ``node``'s resources holds
+    (an unknown node type, no resources listed, holds any number)."""
+    if not node:
+        return math.inf
+    return min((math.floor(node.get(k, 0) / n + 1e-9) for k, n in per_worker.items() if n > 0), default=math.inf)
+
+
+def worker_capacity(per_worker: dict, node_types: list[NodeType]) -> float:
+    """How many workers asking ``per_worker`` all of ``node_types`` hold together."""
+    holds = [(workers_per_node(t.resources, per_worker), t.max_count) for t in node_types]
+    return sum(n * count for n, count in holds if n and count)  # (inf * 0 would be nan)
+
+
+def placement_problem(per_worker: dict, num_workers: int, node_types: list[NodeType]) -> str:
+    """Why ``num_workers`` workers asking ``per_worker`` each never fit on ``node_types``
+    (each node holds whole workers), or "" when they fit."""
+    asks = " + ".join(f"{n:g} {k}" for k, n in per_worker.items() if n > 0)
+    if not any(workers_per_node(t.resources, per_worker) for t in node_types):
+        largest = ", ".join(f"{max((t.resources.get(k, 0) for t in node_types), default=0):g} {k}"
+                            for k, n in per_worker.items() if n > 0)
+        return (f"one worker asks for {asks} and no node{' type' if len(node_types) > 1 else ''} of the cluster "
+                f"has that much (the most any has: {largest})")
+    capacity = worker_capacity(per_worker, node_types)
+    if capacity < num_workers:
+        return (f"scaling.num_workers={num_workers} workers of {asks} each, but its nodes (counting the "
+                f"autoscaler's node types up to their max_workers) hold at most {capacity:g}")
+    return ""

@@ -394,7 +394,7 @@ def jobs_table(work: Path, n: int, small: int, old: Path | None, timeout: float)
             run_child("train", "new", ROOT, work, timeout, f"out-prepare-new-{n}")
         for tag, code in codes.items():
             runs["predict", tag, size] = run_child("predict", f"{tag}-{size}", code, work, timeout, raw)
-    lines = [f"| job (full-size JPEGs, 256 px) | images | wall old / new s | wall speed-up | CPU old / new s | "
+    lines = ["| job (full-size JPEGs, 256 px) | images | wall old / new s | wall speed-up | CPU old / new s | "
              "CPU speed-up | driver peak RSS old / new MiB | disk peak old / new MiB |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
     for stage in ("prepare", "predict"):

@@ -19,7 +19,9 @@ clear line when given driver-local paths.
    an `error:` line that says to use a URI or shared storage (not quarantine images, not a
    traceback);
    URI half: prepare (s3 raw -> s3 dataset), train (2 workers x 2 CPUs: one per node; runs in the
-   bucket) and predict (checkpoint and raw images from the bucket, output to the bucket) succeed;
+   bucket) and predict (checkpoint and raw images from the bucket, output to the bucket) succeed,
+   and so does predict from the bucket into a local output folder that node 2 cannot see (its
+   prediction rows stream to the driver);
 5. for every job, counts from Ray's State API where its tasks and actors ran: prepare and predict
    are submitted with `--entrypoint-num-cpus=2 --entrypoint-resources={"driver": 1}`, so the
    driver holds the head's CPUs and every task and actor runs on the masked node;
@@ -44,7 +46,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from two_node_run import ANSI, BIN, REPO, SHARED_APTOS, TINY, TwoNodeCluster, finish, log  # noqa: E402
+from two_node_run import ANSI, REPO, SHARED_APTOS, TINY, TwoNodeCluster, finish, log  # noqa: E402
 
 SHARED_DATA = SHARED_APTOS.parent
 # Prepare and predict: the driver takes the head's 2 CPUs, so their tasks and actors go to node 2.
@@ -182,11 +184,27 @@ def local_half(cluster: TwoNodeCluster, root: Path, raw: Path, masked: str) -> l
                       predict_out=root / "outputs" / "predict")
 
 
-def uri_half(cluster: TwoNodeCluster, s3, bucket: str, raw: Path, masked: str) -> list[dict]:
+def predict_to_local_output(cluster: TwoNodeCluster, bucket: str, raw: Path, masked: str, out: Path) -> dict:
+    """Predict from the bucket (checkpoint and raw images) into a folder on the driver's disk that
+    node 2 cannot see, while every actor runs on node 2: every input must reach the local outputs."""
+    result = run_job(cluster, "masked-predict-s3-local", ["jobs/predict.py",
+                     f"--predict.checkpoint={bucket}/runs/masked", f"--predict.images={bucket}/raw",
+                     f"--predict.output={out}", "--predict.batch_size=16"], True, masked, ON_MASKED_NODE)
+    if result["ok"]:
+        summary = json.loads((out / "predict.json").read_text())
+        complete = summary["num_inputs"] == summary["num_predicted"] + summary["num_unreadable"] > 0
+        result.update(ok=complete, why=f"{result['why']}; {summary['num_predicted']} of {summary['num_inputs']} "
+                                       f"inputs predicted into the driver's local {out.name}/")
+    return result
+
+
+def uri_half(cluster: TwoNodeCluster, s3, bucket: str, raw: Path, masked: str, root: Path) -> list[dict]:
     s3.upload(raw, f"{bucket}/raw")
     results = three_jobs(cluster, "s3", masked, expect_ok=True, raw=f"{bucket}/raw",
                          prepared_out=f"{bucket}/prepared", dataset=f"{bucket}/prepared", runs=f"{bucket}/runs",
                          name="masked", checkpoint=f"{bucket}/runs/masked", predict_out=f"{bucket}/predict")
+    # runs/ is masked on node 2: a staging part written there would never reach the driver
+    results.append(predict_to_local_output(cluster, bucket, raw, masked, root / "runs" / "predict-local"))
     train = next(r for r in results if r["job"] == "masked-train-s3")
     if train["ok"]:
         nodes = cluster.train_worker_nodes("masked-train-s3")
@@ -233,12 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.half in ("both", "local"):
             results += local_half(cluster, root, raw, masked)
         if args.half in ("both", "uri"):
-            results += uri_half(cluster, server, bucket, raw, masked)
+            results += uri_half(cluster, server, bucket, raw, masked, root)
         print("\nMasked-worker run: node 2 sees an empty tmpfs over " + ", ".join(str(d) for d in dirs))
-        print(f"  {'job':<22} {'expected':<13} {'as expected':<12} {'on node 2':>9} {'elsewhere':>9} {'s':>4}  result")
+        print(f"  {'job':<24} {'expected':<13} {'as expected':<12} {'on node 2':>9} {'elsewhere':>9} {'s':>4}  result")
         print("  (tasks and actor calls from the State API; elsewhere = the head, Ray's 0-CPU bookkeeping actors included)")
         for r in results:
-            print(f"  {r['job']:<22} {r['expected']:<13} {'yes' if r['ok'] else 'NO':<12} {r['masked']:>9} "
+            print(f"  {r['job']:<24} {r['expected']:<13} {'yes' if r['ok'] else 'NO':<12} {r['masked']:>9} "
                   f"{r['other']:>9} {r['seconds']:>4}  {r['why']}")
         (root / "results.json").write_text(json.dumps(results, indent=1))
         ok = all(r["ok"] for r in results)

@@ -160,3 +160,15 @@ def user_error_worker(loop_config: dict) -> None:
     with open(Path(cfg.train.output) / f".attempts-{os.getpid()}", "w") as f:
         f.write("1\n")
     raise ConfigError("model.name: unknown timm model 'no_such_net' (found in the worker)")
+
+
+def val_ids_worker(loop_config: dict) -> None:
+    """A Ray Train worker that only lists the validation ids its rank scores (``RayBackend.val_rows``),
+    into ``<train.output>/val_ids-<rank>.json``; swapped in for ``ray_backend.train_worker`` by a test."""
+    from aptos_ray.config import config_from_dict
+    from aptos_ray.train.ray_backend import RayBackend
+
+    cfg = config_from_dict(loop_config["config"])
+    backend = RayBackend(cfg)
+    ids = [str(i) for batch in backend.val_rows() for i in batch["id"]]
+    (Path(cfg.train.output) / f"val_ids-{backend.rank}.json").write_text(json.dumps(ids))

@@ -147,6 +147,56 @@ def test_kuberay_manifests_match_ray_and_the_code():
     assert scripts == {"jobs/train.py", "jobs/tune.py"}
 
 
+def test_gpu_nodes_pin_a_driver_that_runs_the_torch_cuda_build():
+    """The pinned torch from PyPI is a CUDA 13 build (driver R580+): every GPU node of every cluster
+    file asks for such a driver (launcher: a named AMI; KubeRay: node affinity on the driver label),
+    the image says so, and docs/CLUSTER.md names it. Ray's default AMI has an older driver."""
+    from aptos_ray.ray_setup import MIN_DRIVER_FOR_CUDA_13
+
+    assert IMAGE.cluster_pins()["torch"].startswith("2.14"), "torch changed: check its CUDA build and the driver pins"
+    aws = load(CLUSTER / "aws.yaml")
+    for name, node_type in aws["available_node_types"].items():
+        image = node_type["node_config"].get("ImageId", "")
+        assert image.startswith("ami-") or "base-oss-nvidia-driver-gpu" in image, f"aws.yaml {name}: no AMI pinned"
+    for path in KUBERAY:
+        doc = load(path)
+        cluster = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
+        for g in cluster["workerGroupSpecs"]:
+            terms = g["template"]["spec"]["affinity"]["nodeAffinity"][
+                "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            needs = [e for t in terms for e in t["matchExpressions"] if e["key"] == "nvidia.com/cuda.driver.major"]
+            assert needs and all(e["operator"] == "Gt" and int(e["values"][0]) == MIN_DRIVER_FOR_CUDA_13 - 1
+                                 for e in needs), (path, g["groupName"])
+    assert f'nvidia-driver-min="{MIN_DRIVER_FOR_CUDA_13}"' in DOCKERFILE.read_text()
+    assert f"R{MIN_DRIVER_FOR_CUDA_13}" in (REPO / "docs" / "CLUSTER.md").read_text()
+
+
+@pytest.mark.parametrize("cuda, init_error, reason", [
+    ("13.0", RuntimeError("The NVIDIA driver on your system is too old (found version 12040).\nPlease update"),
+     "The NVIDIA driver on your system is too old (found version 12040). Please update"),
+    (None, None, "this torch is a CPU build"),
+])
+def test_a_gpu_ray_assigned_that_torch_cannot_use_is_one_line(monkeypatch, cuda, init_error, reason):
+    from aptos_ray.errors import GpuUnusableError
+    from aptos_ray.ray_setup import check_assigned_gpus_usable
+
+    def init():
+        raise init_error
+
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [0])
+    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: "10.0.0.7")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "init", init)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    with pytest.raises(GpuUnusableError) as e:
+        check_assigned_gpus_usable("Ray Train worker")
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("Ray assigned GPU 0 to this Ray Train worker on node 10.0.0.7")
+    assert reason in message and "R580 or newer" in message
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    check_assigned_gpus_usable("Ray Train worker")  # no GPU assigned: nothing to check
+
+
 def test_runtime_env_uploads_the_code_and_not_data_or_runs(tmp_path):
     from ray._private.runtime_env.packaging import (  # Ray's own matcher
         _dir_travel,

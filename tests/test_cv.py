@@ -215,3 +215,39 @@ def test_a_stopped_cv_resumes_its_unfinished_folds_only(tiny_aptos, tmp_path, mo
     assert epochs == [0, 1]
     oof = [pd.read_parquet(tmp_path / name / "oof.parquet").sort_values("id") for name in ("whole", "stopped")]
     assert np.array_equal(oof[0]["id"], oof[1]["id"]) and np.allclose(oof[0]["score"], oof[1]["score"], atol=1e-6)
+
+
+@pytest.mark.ray
+def test_out_of_fold_predictions_on_the_cluster_match_the_in_process_ones(cv_dir, tiny_aptos, ray_session):
+    """Without --local the out-of-fold images are graded in the predict job's actor pool, not in the
+    driver: the same ids, folds, grades and scores as the in-process predictions of the same models."""
+    from aptos_ray.tune.cv import oof_predictions_ray
+
+    summary = json.loads((cv_dir / "cv.json").read_text())
+    checkpoints = {m["fold"]: m["checkpoint"] for m in summary["models"]}
+    local = pd.read_parquet(cv_dir / "oof.parquet")
+    cfg = parse_args([f"--data.dataset={tiny_aptos}", "--data.folds=2", "--predict.batch_size=16"])
+    on_ray = oof_predictions_ray(cfg, checkpoints)
+    assert list(on_ray["id"]) == list(local["id"])
+    assert list(on_ray["fold"]) == list(local["fold"]) and list(on_ray["grade"]) == list(local["grade"])
+    np.testing.assert_allclose(on_ray["score"], local["score"], atol=1e-5)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("materialize, copies", [("true", 1), ("false", 0)])
+def test_cross_validation_holds_its_rows_in_the_object_store_once(tiny_aptos, tmp_path, ray_session, monkeypatch,
+                                                                  materialize, copies):
+    """data.materialize decides whether the pooled rows are materialised, once; the folds' filters
+    of them are not materialised again (K+1 copies before)."""
+    import ray
+
+    from aptos_ray.train.ray_backend import load_cv_datasets
+    from aptos_ray.tune.cv import fold_config
+
+    calls = []
+    real = ray.data.Dataset.materialize
+    monkeypatch.setattr(ray.data.Dataset, "materialize", lambda self: calls.append(1) or real(self))
+    cfg = parse_args([f"--data.dataset={tiny_aptos}", "--data.folds=3", f"--data.materialize={materialize}"])
+    datasets = load_cv_datasets(cfg, {k: fold_config(cfg, k, str(tmp_path)) for k in range(3)})
+    assert len(calls) == copies
+    assert sum(datasets[k]["val"].count() for k in range(3)) == len(fold_table(str(tiny_aptos), 3, 0))

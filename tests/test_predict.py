@@ -377,3 +377,70 @@ def test_quality_verdicts_and_explanations_end_to_end(run, aptos_dir, ray_sessio
     assert html.count("data:image/png;base64,") == 3 + 1 + len(index)  # figures, contact sheet, overlays
     md = (out / "report.md").read_text()
     assert "| blurred | out of focus |" in md and "](explain/" in md and "quality_flagged.png" in md
+
+
+class _RecordingDataset:
+    """A Ray dataset whose write_parquet calls are noted (path and options) before they run."""
+
+    def __init__(self, ds):
+        self.ds, self.writes = ds, []
+
+    def write_parquet(self, path, **options):
+        self.writes.append((path, options))
+        return self.ds.write_parquet(path, **options)
+
+    def iter_batches(self, **options):
+        return self.ds.iter_batches(**options)
+
+
+@pytest.mark.ray
+def test_prediction_rows_for_a_local_output_reach_the_driver_not_the_workers_disks(tmp_path, ray_session):
+    """On a multi-node cluster a write task to a local path writes to its own node's disk, and the
+    driver would read back only its own part ("predict lost rows"): for a local output the rows
+    stream to the driver instead; no worker writes anything."""
+    import ray
+
+    from aptos_ray.infer.predict import collect
+
+    rows = [{"id": f"img-{i}", "predicted": i % 5, "height": 32} for i in range(40)]
+    ds = _RecordingDataset(ray.data.from_items(rows, override_num_blocks=4))
+    got = collect(ds, str(tmp_path / "out"))
+    assert sorted(got["id"]) == sorted(f"img-{i}" for i in range(40)) and "height" not in got
+    assert ds.writes == []  # nothing staged by the workers
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_ensemble_members_given_as_relative_paths_reach_the_actors_resolved(tmp_path, monkeypatch):
+    """predict.checkpoint=a/model.pt,b/model.pt is read on the driver; the actors, in their own working
+    directory, must get the members as the driver found them."""
+    from aptos_ray.infer.ensemble import read_ensemble
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    spec = read_ensemble("a/model.pt, b").spec  # what checkpoint_for_driver hands to the actors
+    monkeypatch.chdir("/")  # an actor's working directory
+    assert read_ensemble(spec).members == [str(tmp_path / "a" / "model.pt"), str(tmp_path / "b" / "model.pt")]
+
+
+def test_predict_asks_for_gpu_actors_an_autoscaler_can_add(monkeypatch):
+    """--scaling.use_gpu=true on a cluster with no GPU node up yet: the pool is sized from what is
+    asked (predict.num_actors), up to what the autoscaler's GPU node type can hold; an actor no
+    node type can hold is refused before any work."""
+    import ray
+
+    from aptos_ray import ray_setup
+    from aptos_ray.infer.predict import actor_resources
+    from aptos_ray.ray_internals import NodeType
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0})  # the CPU head only, for now
+    monkeypatch.setattr(ray_setup, "autoscaler_node_types", lambda: [
+        NodeType("head", {"CPU": 4}, 1), NodeType("gpu", {"CPU": 8, "GPU": 1}, 3)])
+    gpu = parse_args(["--scaling.use_gpu=true"]).scaling
+    assert actor_resources(2, gpu) == (2, {"num_gpus": 1.0, "num_cpus": 1})
+    assert actor_resources(8, gpu) == (3, {"num_gpus": 1.0, "num_cpus": 1})  # 3 nodes of 1 GPU
+    assert actor_resources(2, parse_args([]).scaling)[1] == {"num_cpus": 1.0}  # CPU actors unless asked
+    with pytest.raises(ConfigError, match=r"predict with --scaling.use_gpu=true: the Ray cluster cannot fit one "
+                                          r"actor: one worker asks for 1 CPU \+ 2 GPU and no node type"):
+        actor_resources(2, parse_args(["--scaling.use_gpu=true", "--scaling.gpus_per_worker=2"]).scaling)

@@ -292,17 +292,41 @@ def test_case12_corrupt_model_pt_says_so_plainly(tmp_path):
 
 
 def test_case10_cluster_too_small_is_refused_before_fit():
+    from aptos_ray.ray_internals import NodeType
     from aptos_ray.train.ray_backend import check_cluster_fits
 
     cfg = parse_args(["--scaling.num_workers=3", "--scaling.cpus_per_worker=2"])
     with pytest.raises(ConfigError) as e:
-        check_cluster_fits(cfg, {"CPU": 4.0})
-    assert str(e.value).startswith("the Ray cluster cannot fit this run: it asks for 6 CPUs")
-    assert "the cluster has 4" in str(e.value)
+        check_cluster_fits(cfg, [NodeType("head", {"CPU": 4.0}, 1)])
+    assert str(e.value).startswith("the Ray cluster cannot fit this run: scaling.num_workers=3 workers of 2 CPU "
+                                   "each, but its nodes (counting the autoscaler's node types up to their "
+                                   "max_workers) hold at most 2")
     gpu = parse_args(["--scaling.num_workers=2", "--scaling.use_gpu=true"])
-    with pytest.raises(ConfigError, match="asks for 2 GPUs .* but the cluster has 0"):
-        check_cluster_fits(gpu, {"CPU": 8.0})
-    check_cluster_fits(parse_args(["--scaling.num_workers=2"]), {"CPU": 2.0})  # fits exactly
+    with pytest.raises(ConfigError, match=r"one worker asks for 1 CPU \+ 1 GPU and no node of the cluster has "
+                                          r"that much \(the most any has: 8 CPU, 0 GPU\)"):
+        check_cluster_fits(gpu, [NodeType("head", {"CPU": 8.0}, 1)])
+    check_cluster_fits(parse_args(["--scaling.num_workers=2"]), [NodeType("head", {"CPU": 2.0}, 1)])  # fits exactly
+
+
+def test_autoscaler_node_types_admit_nodes_not_started_yet():
+    """A CPU head and a GPU node type with min_workers 0: what the node types can hold is admitted,
+    only what none can ever hold (or more workers than max_workers nodes hold) is refused."""
+    from aptos_ray.ray_internals import node_types_from_autoscaling_config
+    from aptos_ray.train.ray_backend import check_cluster_fits
+
+    types = node_types_from_autoscaling_config({
+        "max_workers": 10, "head_node_type": "head",
+        "available_node_types": {"head": {"resources": {"CPU": 2}, "max_workers": 0},
+                                 "gpu": {"resources": {"CPU": 8, "GPU": 2}, "min_workers": 0, "max_workers": 2}}})
+    check_cluster_fits(parse_args(["--scaling.num_workers=4", "--scaling.use_gpu=true"]), types)
+    with pytest.raises(ConfigError, match="workers of 1 CPU \\+ 1 GPU each, but .* hold at most 4"):
+        check_cluster_fits(parse_args(["--scaling.num_workers=5", "--scaling.use_gpu=true"]), types)
+    with pytest.raises(ConfigError, match=r"one worker asks for 1 CPU \+ 4 GPU and no node type .* 2 GPU\)"):
+        check_cluster_fits(parse_args(["--scaling.num_workers=1", "--scaling.use_gpu=true",
+                                       "--scaling.gpus_per_worker=4"]), types)
+    # two workers sharing a GPU (gpus_per_worker=0.5): 2 nodes x 2 GPUs x 2 workers
+    check_cluster_fits(parse_args(["--scaling.num_workers=8", "--scaling.use_gpu=true",
+                                   "--scaling.gpus_per_worker=0.5"]), types)
 
 
 # ---------------------------------------------------------------- 8: code from a planted file

@@ -201,3 +201,61 @@ def test_training_data_options_keep_order_and_raise_no_deprecation_warning():
         warnings.simplefilter("error", DeprecationWarning)
         assert ray_backend.execution_options(True).preserve_order is True
         assert ray_backend.execution_options(False).preserve_order is False
+
+
+class _ShuffledSplit:
+    """A whole split as one worker reads it when its order is not fixed: the rows in a
+    rank-dependent order, cut into batches."""
+
+    def __init__(self, ids: list[str], seed: int):
+        self.ids = np.random.default_rng(seed).permutation(np.array(ids, dtype=object))
+
+    def iter_batches(self, batch_size: int, batch_format: str):
+        for start in range(0, len(self.ids), batch_size):
+            yield {"id": self.ids[start:start + batch_size], "grade": np.zeros(len(self.ids[start:start + batch_size]))}
+
+
+def test_each_validation_row_is_scored_by_exactly_one_worker_in_any_read_order():
+    """Every worker reads the whole val split, each in its own order (streamed, several files,
+    train.deterministic=false): the rows the ranks score still partition the split."""
+    from aptos_ray.train.ray_backend import RayBackend
+
+    ids = [f"img-{i}" for i in range(101)]
+    for world_size in (2, 3):
+        scored = []
+        for rank in range(world_size):
+            backend = RayBackend.__new__(RayBackend)  # the worker's state, without a Ray Train context
+            backend.cfg, backend.rank, backend.world_size = parse_args(["--data.read_batch_size=16"]), rank, world_size
+            backend.val_data = _ShuffledSplit(ids, seed=rank)
+            scored += [i for batch in backend.val_rows() for i in batch["id"]]
+        assert sorted(scored) == sorted(ids)
+
+
+@pytest.mark.ray
+def test_streamed_multi_file_val_split_is_scored_exactly_once_by_two_workers(tmp_path, ray_session, monkeypatch):
+    """The real path: a val split in 4 Parquet files, data.materialize=false, train.deterministic=false,
+    2 Ray Train workers: the union of the ids they score is the val split, each id once."""
+    import helpers
+    import pyarrow.parquet as pq
+
+    from aptos_ray.train import ray_backend
+    from aptos_ray.train.loop import DatasetInfo
+
+    data = helpers.synthetic_subset(tmp_path / "data", size=16, per_grade=2, val_per_grade=8)
+    whole = pq.read_table(data / "val" / "part-0.parquet")
+    (data / "val" / "part-0.parquet").unlink()
+    for k in range(4):  # several files: read by parallel tasks, in no fixed order
+        pq.write_table(whole.slice(k * 10, 10), data / "val" / f"part-{k}.parquet")
+    monkeypatch.setattr(ray_backend, "train_worker", helpers.val_ids_worker)
+    ray.cloudpickle.register_pickle_by_value(helpers)  # the workers cannot import tests/helpers.py
+    cfg = parse_args([f"--data.dataset={data}", f"--train.output={tmp_path}", "--train.name=val",
+                      "--data.materialize=false", "--train.deterministic=false", "--scaling.num_workers=2",
+                      "--scaling.cpus_per_worker=0.5",  # streamed reads need a free CPU on 2 cores
+                      "--data.read_batch_size=4", "--model.name=test_efficientnet", "--model.pretrained=none"])
+    manifest = json.loads((data / "manifest.json").read_text())
+    trainer = ray_backend.build_trainer(cfg, DatasetInfo.for_data(cfg.data, manifest), ray_backend.load_datasets(cfg))
+    trainer.fit()
+    scored = [i for rank in (0, 1) for i in json.loads((tmp_path / f"val_ids-{rank}.json").read_text())]
+    assert sorted(scored) == sorted(whole.column("id").to_pylist())
+    assert len(json.loads((tmp_path / "val_ids-0.json").read_text())) > 0
+    assert len(json.loads((tmp_path / "val_ids-1.json").read_text())) > 0

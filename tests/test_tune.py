@@ -163,6 +163,49 @@ def test_markdown_table():
 # --- one real search -----------------------------------------------------------------------------
 
 
+def one_node(monkeypatch, resources: dict) -> None:
+    """Ray's view of a fixed one-node cluster with ``resources`` (no Ray started)."""
+    import ray
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": "f" * 56, "Alive": True, "Resources": resources}])
+    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(resources))
+
+
+def test_trial_and_fold_concurrency_count_gpus(monkeypatch):
+    """8 CPUs but 1 GPU: one GPU trial (or fold) at a time, not 8 that wait for the GPU."""
+    from aptos_ray.config_checks import check_tune_space
+    from aptos_ray.tune.cv import concurrent_folds
+    from aptos_ray.tune.search import concurrent_trials
+
+    one_node(monkeypatch, {"CPU": 8.0, "GPU": 1.0})
+    gpu = parse_args(["--scaling.num_workers=1", "--scaling.use_gpu=true", "--data.folds=5"])
+    assert concurrent_folds(gpu) == 1
+    assert concurrent_trials(gpu, check_tune_space(gpu)) == 1
+    cpu = parse_args(["--scaling.num_workers=2", "--data.folds=5"])
+    assert concurrent_folds(cpu) == 4 and concurrent_trials(cpu, check_tune_space(cpu)) == 4
+    # the largest worker group the space can ask for sets the pace
+    space = parse_args(["--scaling.num_workers=1", '--tune.space={"scaling.num_workers": {"choice": [1, 4]}}'])
+    assert concurrent_trials(space, check_tune_space(space)) == 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--scaling.use_gpu=true"], r"one worker asks for 1 CPU \+ 1 GPU and no node of the cluster has that much"),
+    (['--tune.space={"scaling.num_workers": {"choice": [1, 3]}}'], r"scaling.num_workers=3 workers of 1 CPU each"),
+])
+def test_a_trial_that_can_never_start_is_refused_before_the_search(toy, tmp_path, monkeypatch, extra, message):
+    """A trial whose workers no node can hold would wait on Ray Train's worker-group start-up,
+    retried without end: refused in one line before any data is read or trial started."""
+    import aptos_ray.tune.search as search
+
+    one_node(monkeypatch, {"CPU": 2.0})
+    monkeypatch.setattr(search, "init_ray", lambda scaling: None)
+    monkeypatch.setattr(search, "load_datasets", lambda cfg: pytest.fail("the search started"))
+    args = [*TINY, f"--data.dataset={toy}", f"--train.output={tmp_path}/runs", f"--tune.output={tmp_path}/tune",
+            "--tune.name=fit", "--scaling.num_workers=1", *extra]
+    with pytest.raises(ConfigError, match="the Ray cluster cannot fit this run: " + message):
+        run_search(parse_args(args))
+
+
 @pytest.fixture(scope="module")
 def tune_ray(ray_session):
     """conftest's Ray: its workers know where its dashboard is (ray_setup.local_ray_options), so

@@ -96,3 +96,8 @@ def keep_ids(batch: dict, ids: frozenset) -> dict:
     """Ray Data ``map_batches`` filter: the rows of ``batch`` whose id is in ``ids``."""
     keep = np.array([str(i) in ids for i in batch["id"]], dtype=bool)
     return {k: np.asarray(v)[keep] for k, v in batch.items()}
+
+
+def with_folds(batch: dict, fold_of: dict) -> dict:
+    """Ray Data ``map_batches``: ``batch`` with each row's ``fold`` (``fold_of``: id -> fold)."""
+    return {**batch, "fold": np.array([fold_of[str(i)] for i in batch["id"]], dtype=np.int64)}

@@ -35,7 +35,7 @@ from aptos_ray.data.layouts import (  # noqa: F401  (re-exported: the names prep
     resolve_image,
 )
 from aptos_ray.data.preprocess import ImageError, Photo, decode_photo, to_rgb_uint8
-from aptos_ray.errors import DataError, DriverOnlyPathError
+from aptos_ray.errors import DataError, DriverOnlyPathError, StorageError
 
 PREPARE_READING = Reading(training=True, csv_names=("train.csv", "labels.csv"), input_key="prepare.input")
 

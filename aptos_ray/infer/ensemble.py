@@ -34,7 +34,7 @@ CV_FILE = "cv.json"  # tune.cv_results writes it; read here as data (infer does 
 class Ensemble:
     """What ``predict.checkpoint`` names: one checkpoint or several, and a cross-validation's decisions."""
 
-    spec: str  # as given: the actors resolve it again where they run
+    spec: str  # resolved on the driver (absolute paths, URIs): the actors read it again where they run
     members: list[str]  # model.pt of each member
     cut_points: list[float] | None
     referral: dict | None  # cv.json's "referral": threshold, target_sensitivity, calibration, ...
@@ -88,9 +88,11 @@ def read_ensemble(spec: str) -> Ensemble:
         cv_dir = storage.absolute(cv_parts[0])
         cv = json.loads(storage.read_text(storage.join(cv_dir, CV_FILE)))
         members = [_cv_member(cv_dir, m) for m in cv["models"]]
-        return Ensemble(spec, members, cv.get("cut_points"), cv.get("referral"), cv_dir, cv.get("cut_rule", "qwk"))
+        return Ensemble(cv_dir, members, cv.get("cut_points"), cv.get("referral"), cv_dir, cv.get("cut_rule", "qwk"))
+    # The members as found here: a relative path would be resolved again in each actor's own
+    # working directory, somewhere else.
     members = [resolve_checkpoint(p) for p in parts]
-    return Ensemble(spec, members, None, None)
+    return Ensemble(",".join(members), members, None, None)
 
 
 def check_heads(heads: dict[str, str]) -> None:

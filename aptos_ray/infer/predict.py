@@ -6,8 +6,10 @@
       prepared   -> ray.data.read_parquet(<dataset>/<split>)              (already preprocessed)
       -> map_batches(GradePredictor, compute=ActorPoolStrategy(size=n))   (Ray actors: the model is
                                                                           loaded once per actor)
-      -> write_parquet(<output>/_staging-XXXX/)                       (from the workers: one row per
-                                                                          input, no image)
+      -> write_parquet(<output>/_staging-XXXX/)                       (one row per input, no image:
+                                                                          from the workers, to a URI
+                                                                          output; to a local one the
+                                                                          rows stream to the driver)
       -> driver: reads back the columns the outputs use (not the image sizes), rows sorted back
          into input order -> infer.outputs (+ infer.report with labels); the staging folder is removed
 
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import math
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import asdict
@@ -34,19 +35,27 @@ import ray
 import torch
 
 from aptos_ray import storage
-from aptos_ray.config import Config, ConfigError, PrepareConfig
+from aptos_ray.config import Config, ConfigError, PrepareConfig, ScalingConfig
 from aptos_ray.data.format import TRAIN_COLUMNS, decode_batch, encode_image
 from aptos_ray.data.preprocess import ImageError, preprocess
 from aptos_ray.data.sources import read_photo, stop_on_driver_only_paths
-from aptos_ray.infer.checkpoint import Checkpoint, prepare_config
+from aptos_ray.infer.checkpoint import Checkpoint, prepare_config, read_checkpoint
 from aptos_ray.infer.ensemble import build_grader, checkpoint_for_driver, read_ensemble
-from aptos_ray.infer.grader import check_tta
+from aptos_ray.infer.grader import PROB_COLUMNS, Grader, check_tta
 from aptos_ray.infer.inputs import Inputs, find_inputs, normalisation_of, preprocessing_differences
 from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
 from aptos_ray.infer.quality import as_columns, assess_photo, decode_size, not_assessed
 from aptos_ray.infer.report import write_report
 from aptos_ray.infer.screening import quality_of_rows, screening_outputs
-from aptos_ray.ray_setup import check_seen_by_every_node, init_ray, ray_progress
+from aptos_ray.ray_setup import (
+    check_assigned_gpus_usable,
+    check_seen_by_every_node,
+    cluster_node_types,
+    init_ray,
+    placement_problem,
+    ray_progress,
+    worker_capacity,
+)
 
 
 def load_rows(batch: dict, prepare: dict) -> dict:
@@ -84,6 +93,7 @@ class GradePredictor:
     """Ray Data actor: loads the checkpoint once, then grades batches of preprocessed rows."""
 
     def __init__(self, checkpoint_path: str, tta: int, encoding: str):
+        check_assigned_gpus_usable("predict actor")
         device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per actor
         self.grader = build_grader(checkpoint_path, device, tta)  # one checkpoint, or an ensemble
         self.encoding = encoding
@@ -106,6 +116,47 @@ class GradePredictor:
         return out
 
 
+class FoldGradePredictor:
+    """Ray Data actor for out-of-fold predictions (jobs/cv.py): loads every fold's checkpoint once,
+    then grades each row with the model of its own ``fold``; ``score`` (+ ``prob_0..4``)."""
+
+    def __init__(self, checkpoints: dict, tta: int, encoding: str):
+        check_assigned_gpus_usable("predict actor")
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES per actor
+        self.graders = {int(k): Grader(read_checkpoint(path), device, tta) for k, path in checkpoints.items()}
+        self.encoding = encoding
+        first = next(iter(self.graders.values()))
+        self.columns = ["score", *(PROB_COLUMNS if first.head.has_probabilities else [])]
+
+    def __call__(self, batch: dict) -> dict:
+        folds = np.asarray(batch["fold"], dtype=np.int64)
+        out = {"id": batch["id"], "grade": np.asarray(batch["grade"], dtype=np.int64), "fold": folds,
+               **{c: np.full(len(folds), np.nan) for c in self.columns}}
+        for fold in np.unique(folds):
+            mine = folds == fold
+            graded = self.graders[int(fold)](decode_batch({k: batch[k][mine] for k in ("image", "height", "width")},
+                                                          self.encoding))
+            for column in self.columns:
+                out[column][mine] = graded[column]
+        return out
+
+
+def predict_folds(ds, checkpoints: dict[int, str], tta: int, encoding: str, batch_size: int, num_actors: int,
+                  scaling: ScalingConfig | None = None) -> pd.DataFrame:
+    """Out-of-fold predictions of ``ds`` (prepared rows with a ``fold`` column) through the same
+    actor pool and staging as ``predict``; rows in no particular order."""
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    size, resources = actor_resources(num_actors, scaling)
+    return collect(ds.map_batches(
+        FoldGradePredictor,
+        fn_constructor_kwargs={"checkpoints": checkpoints, "tta": tta, "encoding": encoding},
+        compute=ray.data.ActorPoolStrategy(size=size),
+        batch_size=batch_size,
+        batch_format="numpy",
+        **resources,
+    ))
+
+
 def _fill(n: int, ok: np.ndarray, values, missing, dtype) -> np.ndarray:
     full = np.full(n, missing, dtype=dtype)
     if values is not None:
@@ -113,8 +164,13 @@ def _fill(n: int, ok: np.ndarray, values, missing, dtype) -> np.ndarray:
     return full
 
 
-def actor_resources(num_actors: int) -> tuple[int, dict]:
-    """(pool size, per-actor resources): one GPU per actor where the cluster has GPUs."""
+def actor_resources(num_actors: int, scaling: ScalingConfig | None = None) -> tuple[int, dict]:
+    """(pool size, per-actor resources). ``scaling.use_gpu``: each actor asks for
+    ``scaling.gpus_per_worker`` GPUs, and the pool is as large as asked (``num_actors``), up to what
+    the cluster's nodes, or its autoscaler's node types, hold: an autoscaler adds the GPU nodes.
+    Otherwise one GPU per actor where the cluster has GPUs now, else CPU actors."""
+    if scaling is not None and scaling.use_gpu:
+        return gpu_actors(num_actors, scaling.gpus_per_worker)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     if gpus:
         return max(1, min(num_actors, gpus)), {"num_gpus": 1, "num_cpus": 1}
@@ -127,8 +183,19 @@ def actor_resources(num_actors: int) -> tuple[int, dict]:
     return size, {"num_cpus": round(max(0.0, min(1.0, (cpus - 1) / size)), 3)}
 
 
+def gpu_actors(num_actors: int, gpus_per_actor: float) -> tuple[int, dict]:
+    per_actor = {"CPU": 1, "GPU": gpus_per_actor}
+    node_types = cluster_node_types()
+    problem = placement_problem(per_actor, 1, node_types)
+    if problem:  # refused before any work: Ray Data would wait for the actors for ever
+        raise ConfigError(f"predict with --scaling.use_gpu=true: the Ray cluster cannot fit one actor: {problem}")
+    capacity = worker_capacity(per_actor, node_types)
+    size = num_actors if math.isinf(capacity) else max(1, min(num_actors, int(capacity)))
+    return size, {"num_gpus": gpus_per_actor, "num_cpus": 1}
+
+
 def build_dataset(inputs: Inputs, checkpoint: Checkpoint, prepare: PrepareConfig, tta: int, batch_size: int,
-                  num_actors: int):
+                  num_actors: int, scaling: ScalingConfig | None = None):
     """The Ray Data pipeline that yields one prediction row per readable or unreadable input row."""
     if inputs.kind == "prepared":
         ds = ray.data.read_parquet(**storage.ray_data_source(storage.join(inputs.dataset, inputs.split)),
@@ -148,7 +215,7 @@ def build_dataset(inputs: Inputs, checkpoint: Checkpoint, prepare: PrepareConfig
     ds = ds.repartition(target_num_rows_per_block=batch_size)
     # No more actors than batches: each one costs a process and a model load.
     num_rows = inputs.num_rows if inputs.kind == "prepared" else len(inputs.items)
-    size, resources = actor_resources(min(num_actors, math.ceil(num_rows / batch_size)))
+    size, resources = actor_resources(min(num_actors, math.ceil(num_rows / batch_size)), scaling)
     return ds.map_batches(
         GradePredictor,
         fn_constructor_kwargs={"checkpoint_path": checkpoint.path, "tta": tta, "encoding": encoding},
@@ -164,12 +231,17 @@ DRIVER_SKIPS = ("height", "width", "orig_height", "orig_width")  # columns no ou
 
 
 def collect(ds, output: str | None = None) -> pd.DataFrame:
-    """Every output row of the pipeline: written by the workers as Parquet into a staging folder
-    of ``output`` (a temporary local folder without one), read back by the driver without the
-    columns no output needs, then removed. No row passes through the driver while Ray runs."""
-    if output is None:
-        with tempfile.TemporaryDirectory(prefix="aptos-predict-") as tmp:
-            return collect(ds, tmp)
+    """Every output row of the pipeline, without the columns no output needs.
+
+    To a URI ``output``: written by the workers as Parquet into a staging folder there, read back
+    by the driver, then removed; no row passes through the driver while Ray runs. To a local
+    folder (or none): streamed to the driver. Workers on other nodes would write a local staging
+    folder to their own disks, and the driver read back only its own part; Ray Data's
+    ``local://``, which runs the writes on the driver's node, is deprecated in Ray 2.60. The rows
+    carry no image: a few hundred bytes each.
+    """
+    if output is None or storage.is_local(output):
+        return _rows_to_driver(ds)
     fs, inner = storage.filesystem(storage.join(output, f"{STAGING}-{uuid.uuid4().hex[:8]}"))
     try:
         ds.write_parquet(inner, filesystem=fs, compression="zstd")
@@ -184,6 +256,15 @@ def collect(ds, output: str | None = None) -> pd.DataFrame:
         fs.delete_dir_contents(inner, missing_dir_ok=True)
         if fs.get_file_info(inner).type != pafs.FileType.NotFound:
             fs.delete_dir(inner)
+
+
+def _rows_to_driver(ds) -> pd.DataFrame:
+    tables = [t.drop_columns([c for c in DRIVER_SKIPS if c in t.column_names])
+              for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
+    if not tables:
+        return pd.DataFrame()
+    # Blocks type their columns alone (a block of failed rows may hold only nulls): one schema for all.
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
 # --------------------------------------------------------------------------- the job
@@ -221,7 +302,7 @@ def predict(cfg: Config) -> dict:
     check_seen_by_every_node({"predict.checkpoint": checkpoint.path, "predict.images": p.images})
     started = time.perf_counter()
     with ray_progress():
-        ds = build_dataset(inputs, for_actors, prepare, p.tta, p.batch_size, p.num_actors)
+        ds = build_dataset(inputs, for_actors, prepare, p.tta, p.batch_size, p.num_actors, cfg.scaling)
         rows = collect(ds, p.output)
     stop_on_driver_only_paths(rows.get("reason", []))  # no shared storage: no predictions
     seconds = time.perf_counter() - started

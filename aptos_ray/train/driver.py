@@ -11,6 +11,7 @@ from aptos_ray.data.embedded import check_validation_split, ensure_dataset, reco
 from aptos_ray.errors import ExistingFileError, MissingFileError
 from aptos_ray.model.factory import check_batch_norm, check_model_name, check_sync_bn_device
 from aptos_ray.ownership import check_is_folder, claimed
+from aptos_ray.ray_internals import CHECKPOINT_MANAGER_SNAPSHOT
 from aptos_ray.train.checkpoint import (
     RunRecord,
     checkpoint_folders,
@@ -31,7 +32,7 @@ from aptos_ray.train.resume import (
 )
 from aptos_ray.train.step import check_precision
 
-RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's kept checkpoints
+RAY_RECORD = CHECKPOINT_MANAGER_SNAPSHOT  # Ray Train's record of a run's kept checkpoints
 
 
 def has_checkpoints(run_dir: str) -> bool:

@@ -5,19 +5,23 @@ Choices for small machines (2 CPU cores), measured, see README "Ray on small mac
   it (``data.materialize=auto``): a lazy, streaming read fed to 2 workers x 1 CPU stalled for
   minutes ("backpressured: ResourceBudget"), because the workers held every CPU the read tasks
   needed; splits bigger than that (EyePACS-size) stream from Parquet rather than spill;
-- only the train split is split across workers; every worker sees the whole (small, never
-  resampled) val split and evaluates every ``world_size``-th row of it, so no validation
-  row is dropped by an equal split and the gathered predictions cover the split exactly once.
+- only the train split is split across workers; every worker reads the whole (small, never
+  resampled) val split and evaluates the rows whose id hashes to its rank (``rows_of_rank``), so
+  no validation row is dropped by an equal split and, in whatever order each worker reads them,
+  the gathered predictions cover the split exactly once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -25,22 +29,32 @@ import torch
 from ray.experimental.tqdm_ray import tqdm as tqdm_ray
 from ray.train import (
     CheckpointConfig,
+    ControllerError,
     DataConfig,
     FailureConfig,
     LoggingConfig,
     RunConfig,
     ScalingConfig,
+    UserCallback,
+    WorkerGroupError,
 )
 from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.v2.api.callback import UserCallback
-from ray.train.v2.api.exceptions import ControllerError, WorkerGroupError
 
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.data.folds import fold_ids, keep_ids
 from aptos_ray.data.format import SPLITS, TRAIN_COLUMNS, split_bytes
 from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError, storage_failure
-from aptos_ray.ray_setup import check_seen_by_every_node, init_ray, ray_train_log_level
+from aptos_ray.ray_internals import NodeType, report_logger_name, worker_error_cause
+from aptos_ray.ray_setup import (
+    check_assigned_gpus_usable,
+    check_seen_by_every_node,
+    cluster_node_types,
+    init_ray,
+    placement_problem,
+    ray_train_log_level,
+    worker_capacity,
+)
 from aptos_ray.train.checkpoint import (
     CHECKPOINT_DIR,
     checkpoint_name,
@@ -105,11 +119,12 @@ def materialize_decision(setting: bool | str, size: int, store: float) -> tuple[
 
 
 def load_fold_datasets(cfg: Config, pool: ray.data.Dataset | None = None) -> dict[str, ray.data.Dataset]:
-    """Fold ``data.fold``'s train and val rows (``data.folds``), filtered from every split's rows
-    (``pool``: those rows already read, e.g. once for all folds of a cross-validation)."""
+    """Fold ``data.fold``'s train and val rows (``data.folds``), filtered from every split's rows,
+    materialised as ``data.materialize`` says; or filtered lazily from ``pool`` (those rows read,
+    and materialised or not, once for all folds of a cross-validation: ``load_cv_datasets``)."""
     root = storage.absolute(cfg.data.dataset)
     train_ids, val_ids = fold_ids(root, cfg.data.folds, cfg.data.fold, cfg.data.fold_seed)
-    materialize = should_materialize(cfg, root, SPLITS)
+    materialize = pool is None and should_materialize(cfg, root, SPLITS)
     datasets = {}
     with rows_in_order(cfg.train.deterministic):
         if pool is None:
@@ -118,6 +133,18 @@ def load_fold_datasets(cfg: Config, pool: ray.data.Dataset | None = None) -> dic
             ds = pool.map_batches(keep_ids, batch_format="numpy", fn_kwargs={"ids": frozenset(ids)})
             datasets[part] = ds.materialize() if materialize else ds
     return datasets
+
+
+def load_cv_datasets(cfg: Config, fold_configs: dict[int, Config]) -> dict[int, dict[str, ray.data.Dataset]]:
+    """Every fold's datasets for a cross-validation, filtered from one read of every split. That
+    read is materialised when ``data.materialize`` says so, and the folds' filters are not: the
+    object store holds the rows once, not once more per fold."""
+    root = storage.absolute(cfg.data.dataset)
+    with rows_in_order(cfg.train.deterministic):  # every fold's rows in one fixed order (train.repeatable)
+        pool = read_pool(root)
+        if should_materialize(cfg, root, SPLITS):
+            pool = pool.materialize()
+    return {k: load_fold_datasets(c, pool) for k, c in fold_configs.items()}
 
 
 def read_pool(dataset: str) -> ray.data.Dataset:
@@ -141,6 +168,7 @@ class RayBackend:
     progress_bar = tqdm_ray  # drawn by the driver, not interleaved into worker logs
 
     def __init__(self, cfg: Config):
+        check_assigned_gpus_usable("Ray Train worker")
         context = ray.train.get_context()
         self.cfg = cfg
         self.rank = context.get_world_rank()
@@ -163,8 +191,7 @@ class RayBackend:
 
     def val_rows(self) -> Iterator[dict]:
         batches = self.val_data.iter_batches(batch_size=self.cfg.data.read_batch_size, batch_format="numpy")
-        for batch in batches:
-            yield {k: v[self.rank :: self.world_size] for k, v in batch.items()}
+        return rows_of_rank(batches, self.rank, self.world_size)
 
     def restored_state(self) -> dict | None:
         """The newest checkpoint that loads: Ray Train's latest registered one, or a newer one in
@@ -212,6 +239,21 @@ def remove_partial_upload(folder: str) -> None:
         fs.delete_dir(inner)
 
 
+def rows_of_rank(batches: Iterator[dict], rank: int, world_size: int) -> Iterator[dict]:
+    """This rank's rows of a split every rank reads whole: those whose id hashes to it. The
+    choice depends on the id alone, not on the order the rows arrive in, which differs between
+    workers when a streamed split (several files, ``train.deterministic=false``) is read without a
+    fixed order: every row is then scored by exactly one rank. (Ray Train's own split,
+    ``streaming_split(equal=True)``, would drop rows to make the parts equal.)"""
+    for batch in batches:
+        if world_size == 1:
+            yield batch
+            continue
+        mine = np.fromiter((zlib.crc32(str(i).encode()) % world_size == rank for i in batch["id"]),
+                           dtype=bool, count=len(batch["id"]))
+        yield {k: v[mine] for k, v in batch.items()}
+
+
 def quiet_ray_train_worker(cfg: Config) -> None:
     """No "Reporting training result N: <every metric>" per worker and epoch, unless --verbose.
 
@@ -220,12 +262,9 @@ def quiet_ray_train_worker(cfg: Config) -> None:
     """
     level = ray_train_log_level(cfg.scaling)
     logging.getLogger("ray.train").setLevel(level)
-    try:
-        from ray.train.v2._internal.execution import context as train_context
-
-        logging.getLogger(train_context.__file__).setLevel(level)
-    except ImportError:  # another Ray version: at worst the lines are back
-        pass
+    name = report_logger_name()
+    if name:  # another Ray version may move it: at worst the lines are back (tests/test_ray_internals.py)
+        logging.getLogger(name).setLevel(level)
 
 
 def train_worker(loop_config: dict) -> None:
@@ -264,7 +303,7 @@ def _user_error(error: BaseException | None) -> UserError | None:
         if isinstance(error, WorkerGroupError):
             found = [e for e in map(_user_error, error.worker_failures.values()) if e is not None]
             return found[0] if found else None
-        error = getattr(error, "controller_failure", None) or getattr(error, "_base_exc", None)
+        error = getattr(error, "controller_failure", None) or worker_error_cause(error)
     return None
 
 
@@ -324,19 +363,25 @@ def execution_options(deterministic: bool) -> ray.data.ExecutionOptions:
                                      verbose_progress=current.verbose_progress)
 
 
-def check_cluster_fits(cfg: Config, resources: dict | None = None) -> None:
-    """Refuse, before fit, a worker group the cluster can never place: Ray Train would wait for
-    it ("startup timed out after 60 s") and retry for ever. ``resources``: ``ray.cluster_resources()``."""
+def check_cluster_fits(cfg: Config, node_types: list[NodeType] | None = None) -> None:
+    """Refuse, before any work, a worker group the cluster can never place: Ray Train would wait
+    for it ("startup timed out after 60 s") and retry for ever. On an autoscaling cluster that is
+    what none of its node types can hold, up to their max count (nodes not started yet count);
+    elsewhere what the nodes up now cannot hold. ``node_types``: ``cluster_node_types()``."""
     s = cfg.scaling
-    have = ray.cluster_resources() if resources is None else resources
-    per_worker = {"CPU": s.cpus_per_worker, "GPU": s.gpus_per_worker if s.use_gpu else 0}
-    asked = {k: s.num_workers * n for k, n in per_worker.items()}
-    short = [f"{asked[k]:g} {k}s (scaling.num_workers={s.num_workers} x "
-             f"{per_worker[k]:g} per worker) but the cluster has {have.get(k, 0):g}"
-             for k in ("CPU", "GPU") if asked[k] > have.get(k, 0)]
-    if short:
-        raise ConfigError(f"the Ray cluster cannot fit this run: it asks for {'; '.join(short)}. Lower "
-                          f"--scaling.num_workers / --scaling.cpus_per_worker or add nodes")
+    per_worker = worker_resources(s)
+    problem = placement_problem(per_worker, s.num_workers, cluster_node_types() if node_types is None else node_types)
+    if problem:
+        raise ConfigError(f"the Ray cluster cannot fit this run: {problem}. Lower --scaling.num_workers / "
+                          f"--scaling.cpus_per_worker / --scaling.gpus_per_worker or add nodes")
+
+
+def runs_that_fit(scaling, most: int, node_types: list[NodeType] | None = None) -> int:
+    """How many runs (Tune trials, folds) of ``scaling``'s worker group the cluster holds at
+    once, counting GPUs as well as CPUs: at least 1, at most ``most``."""
+    types = cluster_node_types() if node_types is None else node_types
+    capacity = worker_capacity(worker_resources(scaling), types)
+    return max(1, min(most, int(capacity // scaling.num_workers) if math.isfinite(capacity) else most))
 
 
 def run_ray(cfg: Config, info: DatasetInfo):

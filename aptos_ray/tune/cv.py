@@ -2,11 +2,13 @@
 
 With Ray the folds are Ray Tune trials over the key ``data.fold`` (a grid, no early stopping: every
 fold trains its full schedule), each a TorchTrainer run as in ``tune.search``, as many at once as the
-cluster's CPUs fit (``cv.max_concurrent_folds``). Every split's rows are read and materialised once by
-this driver and each fold's train/val rows filtered from them before the trials start (a trial that
-read data itself would wait for CPUs the other trials' workers hold). With ``--local`` the folds train
-one after another in this process. The out-of-fold predictions, cut-points and referral operating point
-are then ``tune.cv_results``'.
+cluster holds (GPUs and CPUs; ``cv.max_concurrent_folds``). Every split's rows are read once by this
+driver (materialised when ``data.materialize`` says so: one copy in the object store, not one per
+fold) and each fold's train/val rows filtered from them before the trials start (a trial that read
+data itself would wait for CPUs the other trials' workers hold). The out-of-fold predictions then run
+in the predict job's Ray Data actor pool. With ``--local`` the folds train one after another in this
+process, which also predicts out of fold. Cut-points and referral operating point are then
+``tune.cv_results``'.
 
 Layout of ``<cv.output>/<cv.name>/``: ``config.yaml`` (the config every fold starts from),
 ``folds.csv`` (id, grade, dup_group, fold), ``fold_K/`` (each a normal run directory), ``tune/``
@@ -22,6 +24,8 @@ from __future__ import annotations
 import copy
 import json
 import time
+from typing import TYPE_CHECKING
+
 
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
@@ -39,6 +43,9 @@ from aptos_ray.tune.cv_results import (
     summarise,
     write_results,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def fold_config(cfg: Config, fold: int, cv_dir: str) -> Config:
@@ -99,12 +106,12 @@ def run_fold(params: dict, *, base: dict, infos: dict, datasets: dict, cv_dir: s
 
 
 def concurrent_folds(cfg: Config) -> int:
-    import ray
+    """cv.max_concurrent_folds, or (0) as many folds as the cluster holds at once (GPUs and CPUs)."""
+    from aptos_ray.train.ray_backend import runs_that_fit
 
     if cfg.cv.max_concurrent_folds:
         return cfg.cv.max_concurrent_folds
-    per_fold = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    return max(1, int(ray.cluster_resources().get("CPU", 1) // per_fold))
+    return runs_that_fit(cfg.scaling, most=cfg.data.folds)
 
 
 def train_folds_ray(cfg: Config, cv_dir: str, manifest: dict, done: dict[int, dict]) -> dict[int, dict]:
@@ -112,16 +119,14 @@ def train_folds_ray(cfg: Config, cv_dir: str, manifest: dict, done: dict[int, di
 
     from aptos_ray.ray_setup import init_ray
     from aptos_ray.train.loop import DatasetInfo
-    from aptos_ray.train.ray_backend import check_cluster_fits, load_fold_datasets, read_pool, rows_in_order
+    from aptos_ray.train.ray_backend import check_cluster_fits, load_cv_datasets
     from aptos_ray.tune.search import TRIAL_DRIVER_MEMORY
 
     init_ray(cfg.scaling)
     check_cluster_fits(cfg)
-    with rows_in_order(cfg.train.deterministic):  # every fold's rows in one fixed order (train.repeatable)
-        pool = read_pool(cfg.data.dataset).materialize()
     folds = [k for k in range(cfg.data.folds) if k not in done]
     configs = {k: fold_config(cfg, k, cv_dir) for k in folds}
-    datasets = {k: load_fold_datasets(configs[k], pool) for k in folds}
+    datasets = load_cv_datasets(cfg, configs)
     infos = {k: DatasetInfo.for_data(configs[k].data, manifest).__dict__ for k in folds}
     trainable = ray_tune.with_parameters(run_fold, base=cfg.to_dict(), infos=infos, datasets=datasets,
                                          cv_dir=cv_dir)
@@ -140,6 +145,28 @@ def train_folds_ray(cfg: Config, cv_dir: str, manifest: dict, done: dict[int, di
     if results.errors:
         raise RuntimeError(f"{len(results.errors)} fold(s) failed: {results.errors[0]}")
     return {**done, **finished_folds(cv_dir, cfg.data.folds)}
+
+
+def oof_predictions_ray(cfg: Config, checkpoints: dict[int, str]) -> pd.DataFrame:
+    """``oof_predictions`` on the cluster: every image graded by its own fold's model in the
+    predict job's actor pool (``predict.batch_size``, ``predict.num_actors``, GPUs with
+    ``scaling.use_gpu``), not in this driver process."""
+    from aptos_ray.data.folds import with_folds
+    from aptos_ray.data.format import read_manifest
+    from aptos_ray.infer.grader import PROB_COLUMNS
+    from aptos_ray.infer.predict import predict_folds
+    from aptos_ray.ray_setup import init_ray
+    from aptos_ray.train.ray_backend import read_pool
+
+    init_ray(cfg.scaling)
+    table = fold_table(cfg.data.dataset, cfg.data.folds, cfg.data.fold_seed).to_pandas()
+    fold_of = dict(zip(table["id"].astype(str), table["fold"].astype(int)))
+    ds = read_pool(cfg.data.dataset).map_batches(with_folds, batch_format="numpy", fn_kwargs={"fold_of": fold_of})
+    rows = predict_folds(ds, checkpoints, cfg.cv.oof_tta, read_manifest(cfg.data.dataset).get("encoding", "raw"),
+                         cfg.predict.batch_size, cfg.predict.num_actors, cfg.scaling)
+    rows["id"] = rows["id"].astype(str)
+    columns = ["id", "grade", "fold", "score", *[c for c in PROB_COLUMNS if c in rows]]
+    return rows[columns].sort_values("id", kind="stable").reset_index(drop=True)
 
 
 # --- the job ---------------------------------------------------------------------------------------
@@ -176,7 +203,7 @@ def cv_claimed(cfg: Config, cv_dir: str) -> dict:
     trained = time.perf_counter()
     key = f"{cfg.cv.oof_checkpoint}_checkpoint"
     checkpoints = {k: run[key] for k, run in runs.items()}
-    oof = oof_predictions(cfg, checkpoints)
+    oof = oof_predictions(cfg, checkpoints) if cfg.train.local else oof_predictions_ray(cfg, checkpoints)
     summary, scored = summarise(oof, cfg.cv.target_sensitivity, {k: run["wall_seconds"] for k, run in runs.items()},
                                 cfg.cv.cut_rule)
     summary.update({

@@ -8,8 +8,10 @@ through it, so ASHA can stop a trial after any epoch.
 Choices for small machines (2 CPU cores), measured:
 - a trial's own driver takes no CPU (``tune.with_resources``, see ``make_trainable``): with its
   default 1 CPU, driver + 2 worker CPUs never fit on 2 cores and the search hangs without a word;
-- at most ``tune.max_concurrent_trials`` trials run at once (0 -> cluster CPUs // CPUs of one
-  trial's workers), so trials waiting for CPUs do not time out over and over;
+- every trial's worker group is checked against the cluster before the search starts (as a
+  training run's), and at most ``tune.max_concurrent_trials`` trials run at once (0 -> as many
+  worker groups as the cluster's nodes, or its autoscaler's node types, hold: GPUs and CPUs), so
+  trials waiting for resources do not time out over and over;
 - when ASHA stops a trial, Ray Train's placement-group cleaner frees its workers' CPUs; it
   needs the dashboard's state API (``ray[default]``, and ``ray_setup.local_ray_options`` so that
   it finds the right instance on a machine running several);
@@ -29,7 +31,6 @@ import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
-import ray
 from ray import tune as ray_tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -46,7 +47,7 @@ from aptos_ray.ownership import claimed, fresh_name
 from aptos_ray.ray_setup import check_seen_by_every_node, init_ray
 from aptos_ray.train.loop import DatasetInfo
 from aptos_ray.train.tracking import file_store_uri
-from aptos_ray.train.ray_backend import build_trainer, load_datasets
+from aptos_ray.train.ray_backend import build_trainer, check_cluster_fits, load_datasets, runs_that_fit
 from aptos_ray.tune.results import (
     METRIC,
     SearchFailed,
@@ -64,6 +65,8 @@ __all__ = ["SearchFailed", "SearchInterrupted", "run_search"]
 MODE = "max"
 TIME_ATTR = "epochs_done"  # 1-based epoch count: stays right when a trial's run resumes
 SEARCH_CONFIG = "search_config.yaml"
+# trials at once when the cluster's autoscaler sets no limit on the nodes it starts
+TRIALS_AT_ONCE_UNBOUNDED = 64
 TRIAL_DRIVER_MEMORY = 2**20  # bytes of Ray's logical "memory" resource: a non-empty request, no CPU
 
 
@@ -135,17 +138,34 @@ def check_experiment_dir(cfg: Config, exp_dir: str) -> None:
                               "or pick another --tune.name")
 
 
-def concurrent_trials(cfg: Config) -> int:
-    """tune.max_concurrent_trials, or (0) as many trials as the cluster's CPUs fit, at least 1."""
+def trial_shapes(cfg: Config, params: dict) -> list[Config]:
+    """Configs with every worker group the trials can ask for: the base config, and one per value
+    (the upper end of a range) of every ``scaling.*`` key the space searches."""
+    shapes = [cfg]
+    for key, (kind, args) in params.items():
+        if not key.startswith("scaling."):
+            continue
+        values = list(args) if kind in ("choice", "grid") else [args[1] - 1 if kind == "randint" else args[1]]
+        for value in values:
+            shape = config_from_dict(cfg.to_dict())
+            set_value(shape, key, plain(value))
+            shapes.append(shape)
+    return shapes
+
+
+def check_trials_fit(cfg: Config, params: dict) -> None:
+    """Every trial's worker group must fit the cluster (as a training run's must): a trial that can
+    never get its GPUs would wait for Ray Train's worker-group start-up, retried without end."""
+    for shape in trial_shapes(cfg, params):
+        check_cluster_fits(shape)
+
+
+def concurrent_trials(cfg: Config, params: dict) -> int:
+    """tune.max_concurrent_trials, or (0) as many trials as the cluster holds at once (GPUs and
+    CPUs, the largest trial's worker group), at least 1."""
     if cfg.tune.max_concurrent_trials > 0:
         return cfg.tune.max_concurrent_trials
-    per_trial = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-    cpus = ray.cluster_resources().get("CPU", 0)
-    fits = int(cpus // per_trial) if per_trial > 0 else 1
-    if fits < 1:
-        print(f"warning: one trial's workers need {per_trial:g} CPUs, the cluster has {cpus:g}: "
-              "trials wait for the cluster to grow")
-    return max(fits, 1)
+    return min(runs_that_fit(shape.scaling, most=TRIALS_AT_ONCE_UNBOUNDED) for shape in trial_shapes(cfg, params))
 
 
 def searcher(cfg: Config, max_concurrent: int):
@@ -184,12 +204,12 @@ def make_trainable(cfg: Config, info: DatasetInfo, datasets: dict, runs_dir: str
     return ray_tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
 
 
-def build_tuner(cfg: Config, trainable, exp_dir: str) -> ray_tune.Tuner:
+def build_tuner(cfg: Config, trainable, exp_dir: str, params: dict) -> ray_tune.Tuner:
     if cfg.tune.resume:
         # Finished trials stay finished; unfinished and errored ones run again, and their
         # TorchTrainer continues from its run's last checkpoint.
         return ray_tune.Tuner.restore(**_restore_location(exp_dir), trainable=trainable, resume_errored=True)
-    max_concurrent = concurrent_trials(cfg)
+    max_concurrent = concurrent_trials(cfg, params)
     print(f"At most {max_concurrent} trial(s) at a time, {cfg.scaling.num_workers} worker(s) each")
     scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=cfg.train.epochs, grace_period=cfg.tune.grace_period,
                               reduction_factor=cfg.tune.reduction_factor)
@@ -249,7 +269,8 @@ def search_claimed(cfg: Config, exp_dir: str) -> dict:
         searcher(cfg, 1)
         tracking_callbacks(cfg, exp_dir)
     cfg = search_config(cfg, exp_dir)
-    params = list(check_tune_space(cfg))
+    space = check_tune_space(cfg)
+    params = list(space)
     runs_dir = storage.join(exp_dir, "runs")
     manifest = ensure_dataset(cfg)
     if not cfg.data.folds:
@@ -260,13 +281,14 @@ def search_claimed(cfg: Config, exp_dir: str) -> dict:
     print(f"Search directory: {exp_dir}")
 
     init_ray(cfg.scaling)
+    check_trials_fit(cfg, space)
     check_seen_by_every_node({"data.dataset": storage.join(cfg.data.dataset, "manifest.json")})
     started = time.perf_counter()
     # (init_ray turned Ray Data's progress bars off, unless --verbose: every epoch of every trial
     # would draw them and drown Tune's status table.)
     datasets = load_datasets(cfg)  # once, shared by every trial
     print(f"Datasets loaded in {time.perf_counter() - started:.1f}s")
-    tuner = build_tuner(cfg, make_trainable(cfg, info, datasets, runs_dir), exp_dir)
+    tuner = build_tuner(cfg, make_trainable(cfg, info, datasets, runs_dir), exp_dir, space)
     try:
         results = tuner.fit()
     finally:  # finished, interrupted or failed: what Tune saved is this search's, and may be resumed
