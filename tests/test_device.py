@@ -87,19 +87,29 @@ def test_cpu_always_trains_in_fp32(precision):
     assert isinstance(autocast(torch.device("cpu"), "bf16"), type(autocast(torch.device("cpu"), "fp32")))
 
 
-@pytest.mark.parametrize("bf16_supported, precision, expected", [
-    (True, "auto", "bf16"), (False, "auto", "fp16"), (True, "fp16", "fp16"), (True, "bf16", "bf16"),
-    (True, "fp32", "fp32"), (False, "fp32", "fp32"),
+def simulate_gpu(monkeypatch, capability: tuple[int, int]) -> None:
+    """A CUDA device of ``capability`` on a CPU machine; torch counts emulated bf16 as supported, as it does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+
+@pytest.mark.parametrize("capability, precision, expected", [
+    ((7, 5), "auto", "fp16"), ((7, 0), "auto", "fp16"), ((8, 0), "auto", "bf16"), ((9, 0), "auto", "bf16"),
+    ((8, 6), "bf16", "bf16"), ((7, 5), "fp16", "fp16"), ((9, 0), "fp16", "fp16"), ((7, 5), "fp32", "fp32"),
 ])
-def test_gpu_precision_prefers_bf16_where_supported(monkeypatch, bf16_supported, precision, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
-    assert resolve_precision(precision, torch.device("cuda")) == expected
+def test_gpu_precision_takes_bf16_only_where_native(monkeypatch, capability, precision, expected):
+    # T4 (7.5) and V100 (7.0) emulate bf16, slowly: auto gives them fp16 with a loss scaler.
+    simulate_gpu(monkeypatch, capability)
+    resolved = resolve_precision(precision, torch.device("cuda"))
+    assert resolved == expected
+    assert grad_scaler(resolved).is_enabled() == (expected == "fp16")
     assert resolve_precision(precision, torch.device("cuda"), amp=False) == "fp32"  # train.amp=false still wins
 
 
-def test_bf16_on_a_gpu_without_it_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    with pytest.raises(ValueError, match="train.precision=bf16 but this GPU does not support bfloat16"):
+def test_bf16_on_a_gpu_without_native_bf16_is_a_clear_error(monkeypatch):
+    simulate_gpu(monkeypatch, (7, 5))
+    with pytest.raises(ValueError, match=r"train.precision=bf16 but this GPU \(compute capability 7.5\) has no native"):
         resolve_precision("bf16", torch.device("cuda"))
 
 

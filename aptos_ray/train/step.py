@@ -83,20 +83,30 @@ def resolve_precision(precision: str, device: torch.device, amp: bool = True) ->
     """The arithmetic a run uses on ``device``: ``bf16``, ``fp16`` or ``fp32`` (``train.precision``).
 
     Mixed precision is for GPUs: on the CPU it is always fp32 (CPU autocast is slower than fp32 on
-    most CPUs, and fp16 has no CPU scaler). ``auto`` takes bf16 where the GPU supports it: it has
-    fp32's exponent range, so no loss scaling and no skipped steps; older GPUs (before Ampere) get
-    fp16 with a GradScaler. ``train.amp=false`` (the older switch) means fp32 whatever precision says.
+    most CPUs, and fp16 has no CPU scaler). ``auto`` takes bf16 where the GPU computes it natively: it
+    has fp32's exponent range, so no loss scaling and no skipped steps; older GPUs get fp16 with a
+    GradScaler. ``train.amp=false`` (the older switch) means fp32 whatever precision says.
     """
     check_precision(precision)
     if not amp or precision == "fp32" or device.type != "cuda":
         return "fp32"
-    bf16_ok = torch.cuda.is_bf16_supported()
+    native = native_bf16(device)
     if precision == "auto":
-        return "bf16" if bf16_ok else "fp16"
-    if precision == "bf16" and not bf16_ok:
-        raise ValueError("train.precision=bf16 but this GPU does not support bfloat16: "
-                         "use train.precision=auto or fp16")
+        return "bf16" if native else "fp16"
+    if precision == "bf16" and not native:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"train.precision=bf16 but this GPU (compute capability {major}.{minor}) has no "
+                         "native bfloat16 (8.0 or higher): use train.precision=auto or fp16")
     return precision
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: compute capability 8.0 (Ampere) or higher.
+
+    ``torch.cuda.is_bf16_supported()`` also counts emulation, which a T4 or V100 has: there bf16
+    runs several times slower than fp16, so it is not what ``auto`` should pick.
+    """
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def grad_scaler(precision: str) -> torch.amp.GradScaler:
