@@ -1,8 +1,9 @@
 """GPU training throughput, for when a GPU machine is at hand (benchmarks/gpu_check.sh runs it).
 
     python benchmarks/bench_gpu.py [--models tf_efficientnet_lite0 efficientnet_b0 efficientnet_b2]
-                                   [--sizes 224 384] [--batch 64] [--steps 12] [--modes plain local ray]
-                                   [--budget-s 200] [--tests-log benchmarks/out/gpu_tests.log]
+                                   [--sizes 224 384] [--batch 64] [--steps 20] [--modes plain local ray]
+                                   [--budget-s 200] [--tests-log benchmarks/out/gpu_tests.log ...]
+    python benchmarks/bench_gpu.py --render        # the table from --json alone (any machine)
 
 For each model and size, training images/s three ways on the same GPU, AMP as ``train.precision=auto``
 picks it (bf16 where supported, else fp16 + GradScaler) and channels_last:
@@ -11,9 +12,15 @@ picks it (bf16 where supported, else fp16 + GradScaler) and channels_last:
   augmentation), one process;
 - ray: the same through a 1-worker Ray Train TorchTrainer (Ray Data shard).
 with peak GPU memory and the share of the epoch the training thread waited for its next batch
-(``data_wait_share``, 0 = the data path keeps up). The second epoch is timed. Data: synthetic fundus
-photos at each size (a bare GPU machine has no shared folder). Without CUDA it prints "not run".
-Rows past ``--budget-s`` are skipped, so the whole check fits its time box.
+(``data_wait_share``, 0 = the data path keeps up). Steady state: plain times the steps after 5
+warm-up steps; local and ray report the second epoch's ``steady_images_per_s`` (its steps after the
+first two, which wait for the data path to start). Data: synthetic fundus photos at each size (a
+bare GPU machine has no shared folder). Without CUDA it prints "not run".
+
+Rows past ``--budget-s`` are skipped, so the whole check fits its time box. Each row is added to
+``--json`` as it finishes (so a part run later, e.g. ``--modes ray`` once Ray is installed, adds its
+rows to the same table), and the table is printed when the run ends, also when it is interrupted
+(SIGINT or SIGTERM, as ``timeout`` sends): a time box keeps what finished.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -78,7 +86,8 @@ def project_rate(name: str, size: int, batch: int, steps: int, data: Path, out: 
                       f"--train.local={local}"])
     train(cfg)
     epoch = [json.loads(line) for line in (out / run / "metrics.jsonl").read_text().splitlines()][-1]
-    return {"images_per_s": epoch["images_per_s"], "peak_gpu_gb": max(epoch.get("peak_gpu_memory_mb", [0])) / 1024,
+    return {"images_per_s": epoch["steady_images_per_s"], "epoch_images_per_s": epoch["images_per_s"],
+            "peak_gpu_gb": max(epoch.get("peak_gpu_memory_mb", [0])) / 1024,
             "data_wait_share": epoch["data_wait_share"]}
 
 
@@ -90,36 +99,74 @@ def dataset(size: int, batch: int, steps: int, work: Path) -> Path:
     return synthetic_subset(work / f"data-{size}", size=size, per_grade=8, val_per_grade=4, copies=copies)
 
 
-def tests_summary(log: str | None) -> str:
-    if not log or not Path(log).is_file():
-        return "`pytest -m gpu`: not run here"
-    lines = [line.strip("= ") for line in Path(log).read_text().splitlines() if line.strip()]
-    return f"`pytest -m gpu`: {lines[-1] if lines else 'no output'} (log: {log})"
+def tests_summary(logs: list[str]) -> list[str]:
+    found = [log for log in logs if Path(log).is_file()]
+    if not found:
+        return ["`pytest -m gpu`: not run here"]
+    out = []
+    for log in found:
+        lines = [line.strip("= ") for line in Path(log).read_text().splitlines() if line.strip()]
+        out.append(f"`pytest -m gpu` ({Path(log).name}): {lines[-1] if lines else 'no output'}")
+    return out
 
 
 def cell(r: dict | None, key: str, fmt: str) -> str:
     if r is None:
-        return "-"
+        return "not run"
     if "skipped" in r or "error" in r:
         return r.get("skipped") or f"failed: {r['error']}"
     return format(r[key], fmt)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tf_efficientnet_lite0", "efficientnet_b0", "efficientnet_b2"])
-    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 384])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per run (per epoch for local/ray)")
-    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
-    parser.add_argument("--budget-s", type=float, default=200, help="skip the rows that would start after this")
-    parser.add_argument("--tests-log", default=None, help="pytest -m gpu output to summarise above the table")
-    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "out" / "bench_gpu.json"))
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        print("\n## Results\n\nnot run (no GPU lent): torch sees no CUDA device")
-        return
-    started, rows = time.perf_counter(), {}
+def load_rows(path: Path) -> dict:
+    """Rows saved by earlier parts of the check (``--json``), keyed (model, size, mode)."""
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    return {(r["model"], r["size"], r["mode"]): {k: v for k, v in r.items() if k not in ("model", "size", "mode")}
+            for r in saved.get("rows", [])}
+
+
+def save_rows(path: Path, rows: dict, device: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"device": device, "rows": [{"model": k[0], "size": k[1], "mode": k[2], **v}
+                                                           for k, v in rows.items()]}, indent=2))
+
+
+def print_table(rows: dict, device: dict, models: list[str], sizes: list[int], tests_logs: list[str]) -> None:
+    print("\n## Results\n", flush=True)  # benchmarks/run.py keeps what follows
+    print("\n".join(tests_summary(tests_logs)) + "\n")
+    print(f"{device.get('name', '?')}, torch {device.get('torch', '?')}, precision auto -> "
+          f"{device.get('precision', '?')}, channels_last, batch {device.get('batch', '?')}, "
+          f"{device.get('steps', '?')} steps per epoch, steady-state images/s\n")
+    modes, fed = list(MODES), [m for m in MODES if m != "plain"]
+    headers = ["model", "px", *(f"{MODES[m]} img/s" for m in modes), *(f"{MODES[m]} / plain" for m in fed),
+               f"peak GPU GB ({' / '.join(modes)})", f"waiting for data ({' / '.join(fed)})"]
+    print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
+    for name in models:
+        for size in sizes:
+            r = {m: rows.get((name, size, m)) for m in modes}
+            base = r.get("plain")
+            ratios = [f"{r[m]['images_per_s'] / base['images_per_s']:.2f}"
+                      if base and "images_per_s" in base and r[m] and "images_per_s" in r[m] else "-"
+                      for m in fed]
+            memory = " / ".join(f"{r[m]['peak_gpu_gb']:.1f}" if r[m] and "peak_gpu_gb" in r[m] else "-" for m in modes)
+            waits = " / ".join(f"{r[m]['data_wait_share']:.0%}" if r[m] and "data_wait_share" in r[m] else "-"
+                               for m in fed)
+            print(f"| {name} | {size} | " + " | ".join(cell(r[m], "images_per_s", ".0f") for m in modes) + " | "
+                  + " | ".join(ratios) + f" | {memory} | {waits} |")
+    sys.stdout.flush()
+
+
+def stop_on_sigterm() -> None:
+    """``timeout`` sends SIGTERM by default: end like Ctrl-C, so the table of what finished is printed."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def measure(args, rows: dict, started: float) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = {s: dataset(s, args.batch, args.steps, work) for s in args.sizes if set(args.modes) - {"plain"}}
@@ -138,31 +185,44 @@ def main() -> None:
                     except Exception as error:  # noqa: BLE001 - one failed row must not lose the table
                         rows[name, size, mode] = {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"}
                     print(mode, name, size, rows[name, size, mode], flush=True)
-    precision = resolve_precision("auto", torch.device("cuda"))
-    print("\n## Results\n")  # benchmarks/run.py keeps what follows
-    print(tests_summary(args.tests_log) + "\n")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, precision auto -> {precision}, "
-          f"channels_last, batch {args.batch}, {args.steps} timed steps\n")
-    modes = [m for m in MODES if m in args.modes]
-    fed = [m for m in modes if m != "plain"]
-    headers = ["model", "px", *(f"{MODES[m]} img/s" for m in modes), *(f"{MODES[m]} / plain" for m in fed),
-               f"peak GPU GB ({' / '.join(modes)})", f"waiting for data ({' / '.join(fed)})"]
-    print("| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
-    for name in args.models:
-        for size in args.sizes:
-            r = {m: rows.get((name, size, m)) for m in modes}
-            base = r.get("plain")
-            ratios = [f"{r[m]['images_per_s'] / base['images_per_s']:.2f}"
-                      if base and "images_per_s" in base and r[m] and "images_per_s" in r[m] else "-"
-                      for m in fed]
-            memory = " / ".join(f"{r[m]['peak_gpu_gb']:.1f}" if r[m] and "peak_gpu_gb" in r[m] else "-" for m in modes)
-            waits = " / ".join(f"{r[m]['data_wait_share']:.0%}" if r[m] and "data_wait_share" in r[m] else "-"
-                               for m in fed)
-            print(f"| {name} | {size} | " + " | ".join(cell(r[m], "images_per_s", ".0f") for m in modes) + " | "
-                  + " | ".join(ratios) + f" | {memory} | {waits} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps([{"model": k[0], "size": k[1], "mode": k[2], **v} for k, v in rows.items()],
-                                          indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tf_efficientnet_lite0", "efficientnet_b0", "efficientnet_b2"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 384])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="steps per run (per epoch for local/ray)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
+    parser.add_argument("--budget-s", type=float, default=200, help="skip the rows that would start after this")
+    parser.add_argument("--tests-log", nargs="*", default=[], help="pytest -m gpu outputs to summarise above the table")
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "out" / "bench_gpu.json"),
+                        help="rows of earlier parts are read from it, this part's added")
+    parser.add_argument("--render", action="store_true", help="print the table from --json, measure nothing")
+    args = parser.parse_args()
+    path = Path(args.json)
+    rows = load_rows(path)
+    device = json.loads(path.read_text()).get("device", {}) if path.is_file() else {}
+    if args.render:
+        if not rows:
+            print(f"\n## Results\n\nnot run: no GPU rows in {path}")
+            return
+        print_table(rows, device, args.models, args.sizes, args.tests_log)
+        return
+    if not torch.cuda.is_available():
+        print("\n## Results\n\nnot run (no GPU lent): torch sees no CUDA device")
+        return
+    device = {"name": torch.cuda.get_device_name(), "torch": torch.__version__, "batch": args.batch,
+              "steps": args.steps, "precision": resolve_precision("auto", torch.device("cuda"))}
+    stop_on_sigterm()
+    started = time.perf_counter()
+    try:
+        measure(args, rows, started)
+    except KeyboardInterrupt:
+        print("interrupted: the table holds the rows that finished", flush=True)
+    finally:
+        save_rows(path, rows, device)
+        print_table(rows, device, args.models, args.sizes, args.tests_log)
 
 
 if __name__ == "__main__":
