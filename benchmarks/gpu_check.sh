@@ -30,6 +30,9 @@ JSON=$OUTDIR/bench_gpu.json
 SITE=${SITE:-/tmp/aptos-ray-site}
 STASH=${STASH:-/tmp/aptos-ray-wheels}  # wheel parts wait here for the call that brings the rest
 WHEELS=${WHEELS:-.whl}
+# Time boxes (s), sized so each part ends inside 5 minutes: the borrowed machine gives a session
+# 15 minutes in all, starts included.
+TESTS1_S=${TESTS1_S:-120} BENCH1_S=${BENCH1_S:-170} TESTS2_S=${TESTS2_S:-150} BENCH2_S=${BENCH2_S:-130}
 
 find_python() {
     if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
@@ -46,8 +49,8 @@ echo "interpreter: $(command -v "$PY" || echo "$PY") ($("$PY" -c 'import sys; pr
 install_wheels() {
     # Parts first: stash them outside the tree, join each wheel whose parts are all there (sha256 checked).
     mkdir -p "$STASH"
-    find "$WHEELS" -name '*.whl.part-*' -exec cp -n {} "$STASH"/ \; 2>/dev/null
-    find "$WHEELS" -name '*.whl.sha256' -exec cp -n {} "$STASH"/ \; 2>/dev/null
+    find "$WHEELS" -type f -name '*.whl.part-*' -exec cp -n {} "$STASH"/ \; 2>/dev/null
+    find "$WHEELS" -type f -name '*.whl.sha256' -exec cp -n {} "$STASH"/ \; 2>/dev/null
     for sum in "$STASH"/*.whl.sha256; do
         [ -e "$sum" ] || continue
         wheel=${sum%.sha256}
@@ -62,7 +65,7 @@ install_wheels() {
         (cd "$STASH" && awk '{print $1"  "$2}' "$(basename "$sum")" | sha256sum -c --quiet) \
             || { echo "wheels: $(basename "$wheel"): joined parts do not match their sha256" >&2; rm -f "$wheel"; exit 2; }
     done
-    mapfile -t found < <(find "$WHEELS" "$STASH" -name '*.whl' 2>/dev/null | sort)
+    mapfile -t found < <(find "$WHEELS" "$STASH" -type f -name '*.whl' 2>/dev/null | sort)
     [ "${#found[@]}" -gt 0 ] || return 0
     # One version of each: the stash may hold a wheel the tree also brings.
     mapfile -t wheels < <(printf '%s\n' "${found[@]}" | awk -F/ '!seen[$NF]++')
@@ -108,7 +111,7 @@ bench() {  # bench SECONDS MODES...
     local seconds=$1; shift
     if [ "$HAS_CUDA" = 1 ]; then
         timeout --signal=INT --kill-after=30 "$seconds" "$PY" benchmarks/bench_gpu.py --modes "$@" --json "$JSON" \
-            --budget-s $((seconds - 60)) --tests-log "$OUTDIR"/gpu_tests_*.log
+            --budget-s $((seconds * 2 / 3)) --tests-log "$OUTDIR"/gpu_tests_*.log
         local rc=$?  # 124: its time box ended it, and the table keeps the rows that finished
         if [ "$rc" != 0 ] && [ "$rc" != 124 ]; then status=$rc; fi
     else
@@ -120,8 +123,8 @@ bench() {  # bench SECONDS MODES...
 if [ "$PART" != ray ]; then
     echo "== part 1: GPU tests and throughput rows without Ray"
     rm -f "$JSON" "$OUTDIR"/gpu_tests_*.log
-    run_tests tests/test_gpu.py "$OUTDIR/gpu_tests_noray.log" 150
-    bench 240 plain local
+    run_tests tests/test_gpu.py "$OUTDIR/gpu_tests_noray.log" "$TESTS1_S"
+    bench "$BENCH1_S" plain local
     section "$OUTDIR"/gpu_tests_*.log
 fi
 if [ "$PART" != noray ]; then
@@ -129,8 +132,8 @@ if [ "$PART" != noray ]; then
     if ! "$PY" -c "import ray.train.torch" 2>/dev/null; then
         echo "Ray rows: not run: Ray is not installed for $PY (bring its wheels: benchmarks/GPU_CHECK.md)"
     else
-        run_tests tests/test_gpu_ray.py "$OUTDIR/gpu_tests_ray.log" 210
-        bench 270 ray
+        run_tests tests/test_gpu_ray.py "$OUTDIR/gpu_tests_ray.log" "$TESTS2_S"
+        bench "$BENCH2_S" ray
         section "$OUTDIR"/gpu_tests_*.log
     fi
 fi
