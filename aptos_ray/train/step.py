@@ -70,6 +70,7 @@ def fixed_step_minibatches(
             emitted += 1
 
 
+PROGRESS_EVERY = 10  # steps between the progress bar's loss readings
 STARTUP_STEPS = 2  # an epoch's first steps wait for the data path to start and for cuDNN to pick kernels
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -148,7 +149,9 @@ def train_one_epoch(
     ``progress_bar`` is a tqdm-like class (Ray workers pass Ray's, which draws in the driver).
     """
     model.train()
-    total_loss, images_seen, waited, start = 0.0, 0, 0.0, time.perf_counter()
+    # The loss is summed on the device and read once, at the end: reading it each step (``.item()``)
+    # makes the CPU wait for the GPU, so it cannot queue the next step meanwhile.
+    total_loss, images_seen, waited, start = torch.zeros((), device=device), 0, 0.0, time.perf_counter()
     grade_counts = np.zeros(5, dtype=np.int64)
     batches = prefetch_to_device(minibatches, device, prefetch)
     bar = progress_bar(batches, total=steps, desc=description) if progress else batches
@@ -180,10 +183,10 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total_loss += loss.item() * len(grades)
+        total_loss += loss.detach() * len(grades)
         images_seen += len(grades)
         grade_counts += np.bincount(grades, minlength=5)[:5]
-        if progress:
+        if progress and step % PROGRESS_EVERY == 0:  # the shown loss is a host read: not every step
             bar.set_description(f"{description} loss {loss.item():.3f}")
     if progress:
         bar.close()
@@ -192,7 +195,7 @@ def train_one_epoch(
     rate = images_seen / max(end - start, 1e-9)
     steady = (images_seen - steady_images) / max(end - steady_start, 1e-9) if images_seen > steady_images else rate
     return {
-        "train_loss": total_loss / max(images_seen, 1),
+        "train_loss": total_loss.item() / max(images_seen, 1),
         "train_images": images_seen,
         "images_per_s": rate,
         "steady_images_per_s": steady,
