@@ -41,8 +41,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from aptos_ray.config import ModelConfig, parse_args  # noqa: E402
-from aptos_ray.train.step import autocast, grad_scaler, resolve_precision  # noqa: E402
 from aptos_ray.model.factory import create_model  # noqa: E402
+from aptos_ray.model.heads import get_head  # noqa: E402
+from aptos_ray.train.augment import GRAY, GradeTransforms  # noqa: E402
+from aptos_ray.train.step import autocast, grad_scaler, resolve_precision, train_one_epoch  # noqa: E402
 
 CPUS_PER_WORKER = max(1, min(4, (os.cpu_count() or 2) - 1))  # a typical GPU node's share, leaving one for Ray
 MODES = {"plain": "plain timm + PyTorch", "local": "--local", "ray": "TorchTrainer 1 worker"}
@@ -72,6 +74,74 @@ def plain_rate(name: str, size: int, batch: int, steps: int) -> dict:
     seconds = time.perf_counter() - start
     return {"images_per_s": steps * batch / seconds, "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30,
             "data_wait_share": 0.0, "precision": precision}
+
+
+class PerTensorCopies(GradeTransforms):
+    """The augmentation as it was: every random parameter and constant copied to the GPU on its own."""
+
+    @staticmethod
+    def _to_device(device, *parts):
+        return [{k: v.to(device) for k, v in p.items()} if isinstance(p, dict) else p.to(device) for p in parts]
+
+    def _constants(self, device):
+        return 255 * self.mean.to(device), 255 * self.std.to(device), torch.tensor(GRAY, device=device)
+
+
+# What each of the step's host-sync fixes is worth: the training loop as it is, and with one fix undone.
+FIXES = {
+    "as now": {},
+    "loss read every step (.item())": {"read_loss": True},
+    "cudnn.benchmark off": {"benchmark": False},
+    "augmentation: one copy per parameter": {"transforms": PerTensorCopies},
+}
+
+
+def fix_rates(name: str, size: int, batch: int, steps: int, device: torch.device = torch.device("cuda")) -> dict:
+    """Steady images/s of ``train_one_epoch`` on in-memory uint8 batches (augmentation on the GPU),
+    per row of ``FIXES``."""
+    import numpy as np
+
+    precision = resolve_precision("auto", device)
+    rng = np.random.default_rng(0)
+    stored = size + size // 4
+    batches = [(rng.integers(0, 256, (batch, stored, stored, 3), dtype=np.uint8), rng.integers(0, 5, batch))
+               for _ in range(steps)]
+    head = get_head("regression")
+    rates = {}
+    for label, undo in FIXES.items():
+        torch.backends.cudnn.benchmark = undo.get("benchmark", True)
+        torch.manual_seed(0)
+        model = create_model(ModelConfig(name=name, pretrained="none", head="regression"))
+        model = model.to(device).to(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        loss = head.loss()
+        if undo.get("read_loss"):
+            plain_loss = loss
+
+            def loss(outputs, grades, plain_loss=plain_loss):
+                value = plain_loss(outputs, grades)
+                value.item()  # the host read the step used to make
+                return value
+
+        transforms = undo.get("transforms", GradeTransforms)(size, (0.5,) * 3, (0.25,) * 3)
+        args = (transforms, loss, optimizer, None, device, grad_scaler(precision), precision, True)
+        train_one_epoch(model, batches[:4], *args, steps=4)  # warm-up: cuDNN's autotuning, the allocator
+        stats = train_one_epoch(model, batches, *args, steps=steps)
+        rates[label] = {"images_per_s": stats["steady_images_per_s"]}
+        print("fix", label, rates[label], flush=True)
+    torch.backends.cudnn.benchmark = False
+    return {"model": name, "size": size, "batch": batch, "steps": steps, "rates": rates}
+
+
+def print_fixes(fixes: dict) -> None:
+    base = fixes["rates"].get("as now", {}).get("images_per_s")
+    print(f"\nWhat each fix is worth: `train_one_epoch` of {fixes['model']} at {fixes['size']} px, batch "
+          f"{fixes['batch']}, in-memory uint8 batches augmented on the GPU, steady state, each fix undone in turn\n")
+    print("| training loop | img/s | / as now |\n|---|---|---|")
+    for label in FIXES:
+        rate = fixes["rates"].get(label, {}).get("images_per_s")
+        ratio = f"{rate / base:.2f}" if rate and base else "-"
+        print(f"| {label} | {f'{rate:.0f}' if rate else 'not run'} | {ratio} |")
 
 
 def project_rate(name: str, size: int, batch: int, steps: int, data: Path, out: Path, local: bool) -> dict:
@@ -127,13 +197,14 @@ def load_rows(path: Path) -> dict:
             for r in saved.get("rows", [])}
 
 
-def save_rows(path: Path, rows: dict, device: dict) -> None:
+def save_rows(path: Path, rows: dict, device: dict, fixes: dict | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"device": device, "rows": [{"model": k[0], "size": k[1], "mode": k[2], **v}
-                                                           for k, v in rows.items()]}, indent=2))
+    saved = {"device": device, "rows": [{"model": k[0], "size": k[1], "mode": k[2], **v} for k, v in rows.items()]}
+    path.write_text(json.dumps({**saved, **({"fixes": fixes} if fixes else {})}, indent=2))
 
 
-def print_table(rows: dict, device: dict, models: list[str], sizes: list[int], tests_logs: list[str]) -> None:
+def print_table(rows: dict, device: dict, models: list[str], sizes: list[int], tests_logs: list[str],
+                fixes: dict | None = None) -> None:
     print("\n## Results\n", flush=True)  # benchmarks/run.py keeps what follows
     print("\n".join(tests_summary(tests_logs)) + "\n")
     print(f"{device.get('name', '?')}, torch {device.get('torch', '?')}, precision auto -> "
@@ -155,6 +226,8 @@ def print_table(rows: dict, device: dict, models: list[str], sizes: list[int], t
                                for m in fed)
             print(f"| {name} | {size} | " + " | ".join(cell(r[m], "images_per_s", ".0f") for m in modes) + " | "
                   + " | ".join(ratios) + f" | {memory} | {waits} |")
+    if fixes:
+        print_fixes(fixes)
     sys.stdout.flush()
 
 
@@ -199,15 +272,18 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "out" / "bench_gpu.json"),
                         help="rows of earlier parts are read from it, this part's added")
     parser.add_argument("--render", action="store_true", help="print the table from --json, measure nothing")
+    parser.add_argument("--fixes", action="store_true",
+                        help="also measure what each host-sync fix of the training step is worth (first model and size)")
     args = parser.parse_args()
     path = Path(args.json)
     rows = load_rows(path)
-    device = json.loads(path.read_text()).get("device", {}) if path.is_file() else {}
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    device, fixes = saved.get("device", {}), saved.get("fixes")
     if args.render:
         if not rows:
             print(f"\n## Results\n\nnot run: no GPU rows in {path}")
             return
-        print_table(rows, device, args.models, args.sizes, args.tests_log)
+        print_table(rows, device, args.models, args.sizes, args.tests_log, fixes)
         return
     if not torch.cuda.is_available():
         print("\n## Results\n\nnot run (no GPU lent): torch sees no CUDA device")
@@ -217,12 +293,14 @@ def main() -> None:
     stop_on_sigterm()
     started = time.perf_counter()
     try:
+        if args.fixes:
+            fixes = fix_rates(args.models[0], args.sizes[0], args.batch, args.steps)
         measure(args, rows, started)
     except KeyboardInterrupt:
         print("interrupted: the table holds the rows that finished", flush=True)
     finally:
-        save_rows(path, rows, device)
-        print_table(rows, device, args.models, args.sizes, args.tests_log)
+        save_rows(path, rows, device, fixes)
+        print_table(rows, device, args.models, args.sizes, args.tests_log, fixes)
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ if [ "$PART" != ray ]; then
     echo "== part 1: GPU tests and throughput rows without Ray"
     rm -f "$JSON" "$OUTDIR"/gpu_tests_*.log
     run_tests tests/test_gpu.py "$OUTDIR/gpu_tests_noray.log" "$TESTS1_S"
-    bench "$BENCH1_S" plain local
+    bench "$BENCH1_S" plain local --fixes
     section "$OUTDIR"/gpu_tests_*.log
 fi
 if [ "$PART" != noray ]; then

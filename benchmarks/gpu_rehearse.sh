@@ -20,8 +20,14 @@ cd "$(dirname "$0")/.."
 SOURCE=${1:?usage: bash benchmarks/gpu_rehearse.sh SOURCE_SITE_PACKAGES}
 WORK=${WORK:-/tmp/aptos-gpu-rehearsal}
 LIMIT=$((64 * 1024 * 1024))
-rm -rf "$WORK" && mkdir -p "$WORK"
 PYVER=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+export SITE="$WORK/site" STASH="$WORK/stash"
+# The time boxes are the GPU machine's; here the tests only collect and skip, slowly on shared cores.
+export TESTS1_S=900 TESTS2_S=900
+if [ "${ONLY_RAY_RUN:-0}" = 1 ]; then  # step 5 alone, on an earlier rehearsal's $WORK
+    export PATH="$WORK/emu/bin:$PATH"
+else
+rm -rf "$WORK" && mkdir -p "$WORK"
 
 echo "== 1. wheels for Python $PYVER, sizes per call"
 PYVER=$PYVER OUT="$WORK/whl" bash benchmarks/gpu_wheels.sh 2>&1 | grep -v "WARNING: Location"
@@ -30,9 +36,6 @@ echo "== 2. an environment with the GPU machine's packages only"
 python3 benchmarks/gpu_emulate.py "$SOURCE" "$WORK/emu"
 export PATH="$WORK/emu/bin:$PATH"
 if python3 -c "import ray" 2>/dev/null; then echo "the emulated environment has Ray: it should not" >&2; exit 1; fi
-export SITE="$WORK/site" STASH="$WORK/stash"
-# The time boxes are the GPU machine's; here the tests only collect and skip, slowly on shared cores.
-export TESTS1_S=900 TESTS2_S=900
 
 call() {  # call N PART: a copy of the tree as one device call gets it, with .whl/N, then gpu_check.sh PART
     local tree="$WORK/tree$1"
@@ -47,11 +50,15 @@ call() {  # call N PART: a copy of the tree as one device call gets it, with .wh
 }
 call 1 noray
 call 2 ray
+fi
 
 echo "== 5. a one-epoch TorchTrainer run with the wheels brought (CPU)"
 cd "$WORK/tree2"
-PYTHONPATH="$SITE:$PWD" timeout 600 python3 jobs/train.py --model.name=test_efficientnet --model.pretrained=none \
-    --data.image_size=32 --train.batch_size=8 --train.epochs=1 --train.max_steps_per_epoch=2 --train.progress=false \
+# A prepared synthetic dataset, as the GPU tests write it (preparing photos needs imagehash, not brought).
+PYTHONPATH="$SITE:$PWD:$PWD/tests" python3 -c "from helpers import synthetic_subset; from pathlib import Path; \
+synthetic_subset(Path('$WORK/data'), size=32, per_grade=4, copies=1)"
+PYTHONPATH="$SITE:$PWD" timeout 900 python3 jobs/train.py --model.name=test_efficientnet --model.pretrained=none \
+    --data.dataset="$WORK/data" --data.image_size=32 --train.batch_size=8 --train.epochs=1 --train.max_steps_per_epoch=2 --train.progress=false \
     --scaling.num_workers=1 --train.output="$WORK/runs" --train.name=rehearsal
 test -s "$WORK/runs/rehearsal/metrics.jsonl"
 echo "rehearsal: OK (Python $PYVER here; the GPU machine's is 3.12, whose wheels gpu_wheels.sh fetches by default)"
