@@ -4,7 +4,7 @@
                                     [--batch 16] [--steps 8] [--rounds 3]
 
 Each round times one epoch of ``train_one_epoch`` (augmentation on the CPU, forward, backward,
-AdamW) in a fresh process per checkout, old and new in turns, on the same in-memory batches, so
+AdamW) in a fresh process per checkout, old and new in turns (alternating which goes first), on the same in-memory batches, so
 load from other processes falls on both alike. Reported: images/s per checkout (median of the
 rounds) and new / old. A CPU step has no queue to keep full, so what this guards is that moving the
 loss sum and the augmentation parameters around for the GPU's sake costs the CPU nothing.
@@ -74,9 +74,10 @@ def main() -> None:
         return
     old = Path(args.old).resolve()
     rates: dict[str, list[float]] = {"old": [], "new": []}
-    for _ in range(args.rounds):
-        rates["old"].append(measure(old, args))
-        rates["new"].append(measure(ROOT, args))
+    for round_ in range(args.rounds):
+        # old first in even rounds, new first in odd ones: load that drifts falls on both alike
+        for which in (("old", "new") if round_ % 2 == 0 else ("new", "old")):
+            rates[which].append(measure(old if which == "old" else ROOT, args))
         print(f"old {rates['old'][-1]:.1f} img/s, new {rates['new'][-1]:.1f} img/s", flush=True)
     old_rate, new_rate = statistics.median(rates["old"]), statistics.median(rates["new"])
     print("\n## Results\n")
