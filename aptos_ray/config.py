@@ -157,7 +157,7 @@ class TrainConfig:
     keep_checkpoints: Count = 2  # besides the best one
     max_steps_per_epoch: Count = 0  # 0 = one pass worth of samples
     amp: bool = True  # false: fp32 everywhere, whatever precision says (the older switch)
-    # GPU arithmetic: auto (bf16 where the GPU supports it, else fp16 + loss scaling) | bf16 | fp16 | fp32.
+    # GPU arithmetic: auto (bf16 where native, compute capability >= 8.0; else fp16 + loss scaling) | bf16 | fp16 | fp32.
     # The CPU always trains in fp32.
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: bool = True  # GPU only

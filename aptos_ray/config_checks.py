@@ -45,6 +45,8 @@ def check_rules(cfg: Any, sections: set[str]) -> None:
                           f"train.output={cfg.train.output} is a URI: give --train.tracking_uri")
     if "tune" in sections:
         _check_tune(cfg)
+    if "scaling" in sections:
+        check_gpus_per_worker(cfg.scaling)
     for key, choice in (("train.tracking", cfg.train.tracking), ("tune.tracking", cfg.tune.tracking)):
         if key.split(".")[0] not in sections:
             continue
@@ -52,6 +54,14 @@ def check_rules(cfg: Any, sections: set[str]) -> None:
             _needs(f"{key}=mlflow", "mlflow", "aptos-ray[mlflow]")
         if choice == "tensorboard":
             _needs(f"{key}=tensorboard", "tensorboardX", "tensorboardX")
+
+
+def check_gpus_per_worker(scaling: Any) -> None:
+    """A worker is one DDP rank on one GPU: more GPUs per worker would be reserved and sit idle."""
+    if scaling.use_gpu and scaling.gpus_per_worker > 1:
+        raise ConfigError(f"scaling.gpus_per_worker={scaling.gpus_per_worker:g}: a worker trains on one GPU (one "
+                          f"DDP rank per GPU), the others would sit idle; use scaling.num_workers=<GPUs> with "
+                          f"scaling.gpus_per_worker=1")
 
 
 def check_folds(cfg: Any) -> None:

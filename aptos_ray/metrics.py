@@ -58,7 +58,13 @@ def grading_metrics(y_true, y_pred, prefix: str = "") -> dict:
 
 
 def apply_cut_points(scores, cut_points) -> np.ndarray:
-    """Continuous grade scores -> grades 0..4 by thresholds."""
+    """Continuous grade scores -> grades 0..4 by thresholds: THE decoding of a score, used by the
+    cut-point optimiser, validation, predict, export and cross-validation alike.
+
+    A score equal to a cut-point takes the higher grade (``cut[k-1] <= score < cut[k]`` is grade k);
+    cut-points are sorted first (the optimiser may swap them). Compared in float64, so a float32
+    score and a fitted cut such as 1.4625 compare the same way wherever they are decoded.
+    """
     return np.digitize(np.asarray(scores, dtype=float), np.sort(np.asarray(cut_points, dtype=float)))
 
 

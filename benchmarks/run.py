@@ -4,6 +4,7 @@
     python benchmarks/run.py --skip-quality       # speed only (about 20 min on 2 cores)
     python benchmarks/run.py --only train data    # rerun some sections, keep the others
     python benchmarks/run.py --render             # rewrite RESULTS.md from out/results.json
+    python benchmarks/run.py --splice-section gpu FILE  # a section from a benchmark's saved output
 
 Each benchmark is its own script (run alone for details); this runner calls them one after
 another, so they never compete for the cores, and collects the Markdown tables they print.
@@ -124,7 +125,7 @@ NOTES = {
     "gpu": "`plain` is a bare timm + PyTorch loop on in-memory batches (the GPU's ceiling); `--local` and "
            "TorchTrainer run the whole data path (Parquet, uint8 batches readied by a background thread, "
            "augmentation on the GPU). `waiting for data` is the share of the epoch the training thread waited "
-           "for its next batch. Second epoch timed; synthetic photos at each size.",
+           "for its next batch. Steady state: the second epoch after its first two steps (plain: after 5 warm-up steps); synthetic photos at each size.",
     "scale": "Inputs: jittered 512 px upscales of the shared APTOS photographs (JPEG, ~30 KB), made in /tmp. "
              "Each stage is its own driver process with a local Ray of 2 CPUs and a 3 GiB object store: prepare "
              "(256 px, data card included), one epoch of test_efficientnet at 64 px (1 Ray Train worker; "
@@ -259,7 +260,8 @@ def not_run(name: str) -> str:
 
 def section(r: dict) -> str:
     """One benchmark's part of RESULTS.md, from its title to the line before the next section."""
-    when = f"{r['minutes']} min" + (f", {r['date']}" if "date" in r else "")
+    when = ", ".join(part for part in (f"{r['minutes']} min" if r.get("minutes") is not None else "", r.get("date", ""))
+                     if part)
     lines = [f"## {BENCHMARKS[r['name']][0]}", "", f"`{r['command']}` ({when})", ""]
     lines += [spaced(r["table"]) or "(no table: see out/results.json)", "", NOTES[r["name"]], ""] if r["ok"] else \
              ["Failed:", "", "```", r["stderr_tail"], "```", ""]
@@ -281,6 +283,16 @@ def splice(results: list[dict]) -> None:
     (HERE / "RESULTS.md").write_text(text)
 
 
+def saved_report(name: str, path: Path) -> dict:
+    """A result as ``run`` makes it, from a benchmark's saved output (what follows its ``## Results``)."""
+    lines = [ANSI.sub("", line).rstrip() for line in path.read_text().splitlines()]
+    start = len(lines) - lines[::-1].index(MARKER) if MARKER in lines else 0
+    command = {"gpu": "bash benchmarks/gpu_check.sh"}.get(name, " ".join(["python", f"benchmarks/{BENCHMARKS[name][1][0]}"]))
+    return {"name": name, "command": command, "ok": True,
+            "date": datetime.fromtimestamp(path.stat().st_mtime, timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "table": "\n".join(lines[start:]).strip()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS))
@@ -288,7 +300,15 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="rewrite RESULTS.md from out/results.json, run nothing")
     parser.add_argument("--splice", action="store_true",
                         help="replace only the sections run in RESULTS.md, keep the rest (no out/results.json needed)")
+    parser.add_argument("--splice-section", nargs=2, metavar=("NAME", "FILE"),
+                        help="replace section NAME of RESULTS.md with the report in FILE (a benchmark's output), "
+                             "e.g. gpu benchmarks/out/gpu_check.md copied back from a GPU machine")
     args = parser.parse_args()
+    if args.splice_section:
+        name, path = args.splice_section
+        splice([saved_report(name, Path(path))])
+        print(f"spliced the '{name}' section of {HERE / 'RESULTS.md'} from {path}")
+        return
     if args.render:
         saved = json.loads((HERE / "out" / "results.json").read_text())
         write_results(saved["machine"], saved["results"])

@@ -87,19 +87,29 @@ def test_cpu_always_trains_in_fp32(precision):
     assert isinstance(autocast(torch.device("cpu"), "bf16"), type(autocast(torch.device("cpu"), "fp32")))
 
 
-@pytest.mark.parametrize("bf16_supported, precision, expected", [
-    (True, "auto", "bf16"), (False, "auto", "fp16"), (True, "fp16", "fp16"), (True, "bf16", "bf16"),
-    (True, "fp32", "fp32"), (False, "fp32", "fp32"),
+def simulate_gpu(monkeypatch, capability: tuple[int, int]) -> None:
+    """A CUDA device of ``capability`` on a CPU machine; torch counts emulated bf16 as supported, as it does."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+
+@pytest.mark.parametrize("capability, precision, expected", [
+    ((7, 5), "auto", "fp16"), ((7, 0), "auto", "fp16"), ((8, 0), "auto", "bf16"), ((9, 0), "auto", "bf16"),
+    ((8, 6), "bf16", "bf16"), ((7, 5), "fp16", "fp16"), ((9, 0), "fp16", "fp16"), ((7, 5), "fp32", "fp32"),
 ])
-def test_gpu_precision_prefers_bf16_where_supported(monkeypatch, bf16_supported, precision, expected):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
-    assert resolve_precision(precision, torch.device("cuda")) == expected
+def test_gpu_precision_takes_bf16_only_where_native(monkeypatch, capability, precision, expected):
+    # T4 (7.5) and V100 (7.0) emulate bf16, slowly: auto gives them fp16 with a loss scaler.
+    simulate_gpu(monkeypatch, capability)
+    resolved = resolve_precision(precision, torch.device("cuda"))
+    assert resolved == expected
+    assert grad_scaler(resolved).is_enabled() == (expected == "fp16")
     assert resolve_precision(precision, torch.device("cuda"), amp=False) == "fp32"  # train.amp=false still wins
 
 
-def test_bf16_on_a_gpu_without_it_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    with pytest.raises(ValueError, match="train.precision=bf16 but this GPU does not support bfloat16"):
+def test_bf16_on_a_gpu_without_native_bf16_is_a_clear_error(monkeypatch):
+    simulate_gpu(monkeypatch, (7, 5))
+    with pytest.raises(ValueError, match=r"train.precision=bf16 but this GPU \(compute capability 7.5\) has no native"):
         resolve_precision("bf16", torch.device("cuda"))
 
 
@@ -129,3 +139,73 @@ def test_ddp_backend_is_gloo_where_workers_share_a_gpu(use_gpu, gpus, backend, e
 def test_unknown_ddp_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="scaling.ddp_backend' must be one of auto, nccl, gloo, got 'mpi'"):
         parse_args(["--scaling.ddp_backend=mpi"])
+
+
+# --- what a GPU step waits for: host reads and small copies --------------------------------------
+
+def count_calls(monkeypatch, cls, name: str, keep=lambda *a, **k: True) -> list:
+    """Calls of ``cls.name`` from here on (those ``keep`` selects), the method still doing its work."""
+    calls, original = [], getattr(cls, name)
+
+    def counted(*args, **kwargs):
+        if keep(*args, **kwargs):
+            calls.append(args[1:])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
+def test_a_training_epoch_reads_the_loss_from_the_device_once(monkeypatch):
+    # .item() each step makes the CPU wait for the GPU to finish the step before queueing the next.
+    import numpy as np
+
+    from aptos_ray.model.heads import get_head
+    from aptos_ray.train.augment import GradeTransforms
+    from aptos_ray.train.step import train_one_epoch
+
+    model = create_model(parse_args(TINY).model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 256, (4, 40, 40, 3), dtype=np.uint8), rng.integers(0, 5, 4)) for _ in range(6)]
+    reads = count_calls(monkeypatch, torch.Tensor, "item")
+    stats = train_one_epoch(model, batches, GradeTransforms(32, (0.5,) * 3, (0.25,) * 3),
+                            get_head("classification").loss(), optimizer, None, torch.device("cpu"), steps=6)
+    assert stats["train_images"] == 24 and np.isfinite(stats["train_loss"])
+    assert len(reads) == 1, f"{len(reads)} host reads of the loss in 6 steps"
+    assert stats["steady_images_per_s"] > 0
+
+
+def test_augmentation_sends_its_random_parameters_to_the_device_in_one_copy(monkeypatch):
+    # "meta" stands in for a GPU: every .to(meta) would be a host-to-device copy there.
+    from aptos_ray.train.augment import CAMERA, GradeTransforms
+
+    images = torch.zeros(4, 80, 80, 3, dtype=torch.uint8, device="meta")
+    for extra in ({}, CAMERA):
+        tf = GradeTransforms(64, (0.5,) * 3, (0.25,) * 3, **extra)
+        tf.train(images)  # the first call also copies mean, std and the luma weights, once
+        copies = count_calls(monkeypatch, torch.Tensor, "to",
+                             keep=lambda t, *a, **k: t.device.type == "cpu" and "meta" in str(a) + str(k))
+        assert tf.train(images).shape == (4, 3, 64, 64)
+        assert len(copies) == 1, f"{len(copies)} host-to-device copies per augmentation call ({extra})"
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("deterministic, device, expected", [
+    (False, "cuda", True), (True, "cuda", False), (False, "cpu", False),
+])
+def test_cudnn_picks_its_fastest_kernels_where_repeatability_is_off(deterministic, device, expected):
+    from aptos_ray.train.repeatable import repeatable
+
+    before = torch.backends.cudnn.benchmark
+    with repeatable(0, deterministic, torch.device(device)):
+        assert torch.backends.cudnn.benchmark == (expected or before)
+    assert torch.backends.cudnn.benchmark == before
+
+
+def test_more_than_one_gpu_per_worker_is_refused_in_one_line():
+    from aptos_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^scaling.gpus_per_worker=2: a worker trains on one GPU[^\n]*$"):
+        parse_args(["--scaling.use_gpu=true", "--scaling.gpus_per_worker=2"])
+    assert parse_args(["--scaling.use_gpu=false", "--scaling.gpus_per_worker=2"]).scaling.gpus_per_worker == 2

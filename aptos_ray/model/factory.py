@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import timm
+import torch
 from timm.data import resolve_data_config
 from torch import nn
 
@@ -71,6 +72,7 @@ def create_model(cfg: ModelConfig, load_pretrained: bool = True) -> nn.Module:
         head_loaded = loaded["head_loaded"]
     if not head_loaded:  # weights may carry a head that fits (e.g. a previous fine-tune): keep it
         init_grade_head(model)
+    keep_grade_head_fp32(model)
     if cfg.batch_norm == "frozen":
         # Here rather than in the loop, so a checkpoint restores into the same module types
         # (frozen BatchNorm has no num_batches_tracked). timm's converter keeps the fused activation.
@@ -91,6 +93,39 @@ def init_grade_head(model: nn.Module) -> None:
     if isinstance(head, nn.Linear):
         nn.init.normal_(head.weight, std=0.01)
         nn.init.zeros_(head.bias)
+
+
+class Fp32Linear(nn.Linear):
+    """A linear grade head that computes in fp32 under autocast (same parameters and state-dict keys).
+
+    Under bf16 autocast a head's output has 8 significant bits: every regression score within about
+    0.008 of x.5 comes out as exactly x.5, where the default cut-points sit, so decoding would turn
+    on ties. The head is one small matrix product, so fp32 costs nothing measurable.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Only under autocast: outside it (export traces, fp32 runs) the plain Linear is what runs.
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+def keep_grade_head_fp32(model: nn.Module) -> None:
+    """Swap the model's linear classifier for an ``Fp32Linear`` sharing its parameters.
+
+    Other head types (a convolution, a Sequential) are left as they are: timm's image models,
+    EfficientNet included, end in one ``nn.Linear``.
+    """
+    head = model.get_classifier()
+    if type(head) is not nn.Linear:
+        return
+    fp32 = Fp32Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                      device=head.weight.device, dtype=head.weight.dtype)
+    fp32.load_state_dict(head.state_dict())
+    name = next(n for n, m in model.named_modules() if m is head)
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, fp32)
 
 
 def _timm_model(name: str, cfg: ModelConfig, pretrained: bool) -> nn.Module:

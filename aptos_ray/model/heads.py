@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aptos_ray.metrics import DEFAULT_CUT_POINTS, NUM_GRADES, optimise_cut_points
+from aptos_ray.metrics import DEFAULT_CUT_POINTS, NUM_GRADES, apply_cut_points, optimise_cut_points
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -46,15 +46,12 @@ class Head:
         return None
 
     def grades(self, outputs: torch.Tensor, cut_points: list[float] | None = None) -> torch.Tensor:
-        """Integer grades (int64): the score cut at ``cut_points`` (default 0.5, 1.5, 2.5, 3.5).
-
-        A score equal to a cut point takes the lower grade; cut points are sorted first
-        (the optimiser may swap them).
+        """Integer grades (int64, CPU): the score cut at ``cut_points`` (default 0.5, 1.5, 2.5, 3.5)
+        by ``metrics.apply_cut_points``, the one decoding the cut-points were fitted with: a score
+        equal to a cut-point takes the higher grade.
         """
-        scores = self.scores(outputs)
-        cuts = torch.tensor(sorted(DEFAULT_CUT_POINTS if cut_points is None else cut_points),
-                            dtype=scores.dtype, device=scores.device)
-        return torch.bucketize(scores, cuts, right=False)
+        cuts = DEFAULT_CUT_POINTS if cut_points is None else cut_points
+        return torch.from_numpy(apply_cut_points(self.scores(outputs).cpu().numpy(), cuts).astype(np.int64))
 
     def fit_cut_points(self, outputs: torch.Tensor, grades: np.ndarray) -> list[float] | None:
         """QWK-optimal cut-points on validation outputs, or None where the head decodes without."""
@@ -93,7 +90,7 @@ class RegressionHead(Head):
         return outputs.reshape(len(outputs), -1)[:, 0]
 
     def decoding(self, cut_points: list[float] | None) -> str:
-        return "outputs[:, 0] cut at cut_points (a score equal to a cut point takes the lower grade)"
+        return "outputs[:, 0] cut at cut_points (a score equal to a cut point takes the higher grade)"
 
 
 class ClassificationHead(Head):
@@ -137,7 +134,7 @@ class ClassificationHead(Head):
     def decoding(self, cut_points: list[float] | None) -> str:
         if cut_points is None:
             return f"argmax of the {self.num_grades} outputs"
-        return "expected grade sum(softmax(outputs)_k * k), cut at cut_points"
+        return "expected grade sum(softmax(outputs)_k * k), cut at cut_points (a tie takes the higher grade)"
 
 
 HEADS: dict[str, type[Head]] = {"regression": RegressionHead, "classification": ClassificationHead}

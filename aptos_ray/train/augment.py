@@ -125,6 +125,7 @@ class GradeTransforms:
         self.scale, self.ratio, self.degrees = scale, ratio, degrees
         self.brightness, self.contrast = brightness, contrast
         self.channel_gain, self.gamma = channel_gain, gamma
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     # --- the two entry points -----------------------------------------------------------------
 
@@ -133,10 +134,10 @@ class GradeTransforms:
             return self.eval(images)
         x = self._shrink(as_float_nchw(images))
         n, _, h, w = x.shape
-        theta = self.random_affine(n, h, w).to(x.device)
+        theta, colour = self._to_device(x.device, self.random_affine(n, h, w), self.colour_factors(n))
         grid = F.affine_grid(theta, [n, 3, self.size, self.size], align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return self._normalise(self.random_colour(x))
+        return self._normalise(self.apply_colour(x, colour))
 
     def eval(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = as_float_nchw(images)
@@ -175,23 +176,58 @@ class GradeTransforms:
         With ``gamma`` / ``channel_gain`` (data.colour=camera) first another camera's response: an
         exposure curve 255 (x / 255) ** g, g log-uniform in [1 / (1 + gamma), 1 + gamma], and a gain
         per channel (white balance, sensor) in 1 +- channel_gain. Black stays black.
-
-        In place: on the CPU every pass over a batch of 224 px floats costs as much as the warp.
         """
-        n = x.shape[0]
+        (colour,) = self._to_device(x.device, self.colour_factors(x.shape[0]))
+        return self.apply_colour(x, colour)
+
+    def colour_factors(self, n: int) -> dict[str, torch.Tensor]:
+        """``random_colour``'s per-image factors, drawn on the CPU from torch's global generator."""
+        factors = {}
         if self.gamma:
             log_g = math.log(1 + self.gamma)
-            g = torch.empty(n, 1, 1, 1).uniform_(-log_g, log_g).exp().to(x.device)
-            x = x.div_(255).pow_(g).mul_(255)
+            factors["gamma"] = torch.empty(n, 1, 1, 1).uniform_(-log_g, log_g).exp()
         if self.channel_gain:
-            gain = torch.empty(n, 3, 1, 1).uniform_(1 - self.channel_gain, 1 + self.channel_gain).to(x.device)
-            x = x.mul_(gain).clamp_(0, 255)
-        b = torch.empty(n, 1, 1, 1).uniform_(1 - self.brightness, 1 + self.brightness).to(x.device)
-        c = torch.empty(n, 1, 1, 1).uniform_(1 - self.contrast, 1 + self.contrast).to(x.device)
-        x = x.mul_(b).clamp_(0, 255)
+            factors["gain"] = torch.empty(n, 3, 1, 1).uniform_(1 - self.channel_gain, 1 + self.channel_gain)
+        factors["brightness"] = torch.empty(n, 1, 1, 1).uniform_(1 - self.brightness, 1 + self.brightness)
+        factors["contrast"] = torch.empty(n, 1, 1, 1).uniform_(1 - self.contrast, 1 + self.contrast)
+        return factors
+
+    def apply_colour(self, x: torch.Tensor, factors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """In place: on the CPU every pass over a batch of 224 px floats costs as much as the warp."""
+        if "gamma" in factors:
+            x = x.div_(255).pow_(factors["gamma"]).mul_(255)
+        if "gain" in factors:
+            x = x.mul_(factors["gain"]).clamp_(0, 255)
+        c = factors["contrast"]
+        x = x.mul_(factors["brightness"]).clamp_(0, 255)
         # contrast blends with the image's mean grey level (the mean of the luma = luma of the means)
-        grey = (x.mean((2, 3)) @ torch.tensor(GRAY, device=x.device)).view(n, 1, 1, 1)
+        grey = (x.mean((2, 3)) @ self._constants(x.device)[2]).view(-1, 1, 1, 1)
         return x.mul_(c).add_((1 - c) * grey).clamp_(0, 255)
+
+    @staticmethod
+    def _to_device(device: torch.device, *parts):
+        """CPU tensors (or dicts of them) -> the same on ``device`` in ONE host-to-device copy: each small
+        copy to a GPU is a separate transfer the training step waits behind."""
+        if device.type == "cpu":
+            return parts
+        flat = [t for part in parts for t in (part.values() if isinstance(part, dict) else [part])]
+        packed = torch.cat([t.reshape(-1) for t in flat]).to(device, non_blocking=True)
+        pieces = iter(packed.split([t.numel() for t in flat]))
+        out = []
+        for part in parts:
+            if isinstance(part, dict):
+                out.append({k: next(pieces).view(v.shape) for k, v in part.items()})
+            else:
+                out.append(next(pieces).view(part.shape))
+        return out
+
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """255 * mean, 255 * std and the luma weights on ``device``, copied there once."""
+        if device not in self._on_device:
+            self._on_device[device] = (255 * self.mean.to(device), 255 * self.std.to(device),
+                                       torch.tensor(GRAY, device=device))
+        return self._on_device[device]
+
     def _shrink(self, x: torch.Tensor) -> torch.Tensor:
         """Antialiased downscale of stored images much larger than the model size (grid_sample does
         not antialias): the short side to the model size, so a crop is resampled by at most ~1.1x."""
@@ -204,7 +240,8 @@ class GradeTransforms:
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         """[0, 255] -> (x / 255 - mean) / std, in place: the 1/255 is folded into mean and std."""
-        return x.sub_(255 * self.mean.to(x.device)).div_(255 * self.std.to(x.device))
+        mean, std, _ = self._constants(x.device)
+        return x.sub_(mean).div_(std)
 
 
 def as_float_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -272,8 +272,10 @@ def _fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
             description=f"epoch {epoch}", progress_bar=backend.progress_bar, prefetch=cfg.data.prefetch_batches,
         )
         totals = gather((train_stats["images_per_s"], train_stats["train_grade_counts"], peak_memory_mb(),
-                         train_stats["data_wait_share"], peak_gpu_memory_mb(device)))
+                         train_stats["data_wait_share"], peak_gpu_memory_mb(device),
+                         train_stats["steady_images_per_s"]))
         train_stats["images_per_s"] = sum(t[0] for t in totals)
+        train_stats["steady_images_per_s"] = sum(t[5] for t in totals)
         train_stats["train_grade_counts"] = np.sum([t[1] for t in totals], axis=0).tolist()
         train_stats["peak_memory_mb"] = [round(t[2]) for t in totals]  # per worker
         train_stats["data_wait_share"] = max(t[3] for t in totals)  # the slowest-fed worker's

@@ -33,13 +33,18 @@ def repeatable(threads: int, deterministic: bool, device: torch.device) -> Itera
     """Fixed thread count and deterministic kernels (CPU) while the block runs; restored after it
     (a test process runs several fits)."""
     old_threads, old_mode = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    old_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    old_warn, old_benchmark = torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark
     if threads:
         torch.set_num_threads(threads)
     if deterministic and device.type == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if not deterministic and device.type == "cuda":
+        # cuDNN times its kernels for each input shape once and keeps the fastest; which one wins
+        # can differ between runs, so only where repeatability was not asked for.
+        torch.backends.cudnn.benchmark = True
     try:
         yield
     finally:
         torch.set_num_threads(old_threads)
         torch.use_deterministic_algorithms(old_mode, warn_only=old_warn)
+        torch.backends.cudnn.benchmark = old_benchmark

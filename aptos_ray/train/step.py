@@ -70,6 +70,9 @@ def fixed_step_minibatches(
             emitted += 1
 
 
+PROGRESS_EVERY = 10  # steps between the progress bar's loss readings
+STARTUP_STEPS = 2  # an epoch's first steps wait for the data path to start and for cuDNN to pick kernels
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -83,20 +86,30 @@ def resolve_precision(precision: str, device: torch.device, amp: bool = True) ->
     """The arithmetic a run uses on ``device``: ``bf16``, ``fp16`` or ``fp32`` (``train.precision``).
 
     Mixed precision is for GPUs: on the CPU it is always fp32 (CPU autocast is slower than fp32 on
-    most CPUs, and fp16 has no CPU scaler). ``auto`` takes bf16 where the GPU supports it: it has
-    fp32's exponent range, so no loss scaling and no skipped steps; older GPUs (before Ampere) get
-    fp16 with a GradScaler. ``train.amp=false`` (the older switch) means fp32 whatever precision says.
+    most CPUs, and fp16 has no CPU scaler). ``auto`` takes bf16 where the GPU computes it natively: it
+    has fp32's exponent range, so no loss scaling and no skipped steps; older GPUs get fp16 with a
+    GradScaler. ``train.amp=false`` (the older switch) means fp32 whatever precision says.
     """
     check_precision(precision)
     if not amp or precision == "fp32" or device.type != "cuda":
         return "fp32"
-    bf16_ok = torch.cuda.is_bf16_supported()
+    native = native_bf16(device)
     if precision == "auto":
-        return "bf16" if bf16_ok else "fp16"
-    if precision == "bf16" and not bf16_ok:
-        raise ValueError("train.precision=bf16 but this GPU does not support bfloat16: "
-                         "use train.precision=auto or fp16")
+        return "bf16" if native else "fp16"
+    if precision == "bf16" and not native:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"train.precision=bf16 but this GPU (compute capability {major}.{minor}) has no "
+                         "native bfloat16 (8.0 or higher): use train.precision=auto or fp16")
     return precision
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: compute capability 8.0 (Ampere) or higher.
+
+    ``torch.cuda.is_bf16_supported()`` also counts emulation, which a T4 or V100 has: there bf16
+    runs several times slower than fp16, so it is not what ``auto`` should pick.
+    """
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def grad_scaler(precision: str) -> torch.amp.GradScaler:
@@ -128,19 +141,27 @@ def train_one_epoch(
     progress_bar=tqdm,
     prefetch: int = 2,
 ) -> dict:
-    """One pass over ``minibatches`` (uint8 NHWC images, grades); returns mean loss, images, images/s
+    """One pass over ``minibatches`` (uint8 NHWC images, grades); returns mean loss, images, images/s,
+    ``steady_images_per_s`` (after the first ``STARTUP_STEPS`` steps: what longer epochs approach)
     and ``data_wait_share``, the part of the epoch spent waiting for the next batch.
 
     ``prefetch`` batches are readied by a background thread while the current one computes.
     ``progress_bar`` is a tqdm-like class (Ray workers pass Ray's, which draws in the driver).
     """
     model.train()
-    total_loss, images_seen, waited, start = 0.0, 0, 0.0, time.perf_counter()
+    # The loss is summed on the device and read once, at the end: reading it each step (``.item()``)
+    # makes the CPU wait for the GPU, so it cannot queue the next step meanwhile.
+    total_loss, images_seen, waited, start = torch.zeros((), device=device), 0, 0.0, time.perf_counter()
     grade_counts = np.zeros(5, dtype=np.int64)
     batches = prefetch_to_device(minibatches, device, prefetch)
     bar = progress_bar(batches, total=steps, desc=description) if progress else batches
     iterator = iter(bar)
+    steady_start, steady_images, step = start, 0, 0
     while True:
+        if step == STARTUP_STEPS:  # one wait per epoch, so the steady rate counts finished GPU work
+            synchronize(device)
+            steady_start, steady_images = time.perf_counter(), images_seen
+        step += 1
         asked = time.perf_counter()
         try:
             images, y, grades = next(iterator)
@@ -162,21 +183,31 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total_loss += loss.item() * len(grades)
+        total_loss += loss.detach() * len(grades)
         images_seen += len(grades)
         grade_counts += np.bincount(grades, minlength=5)[:5]
-        if progress:
+        if progress and step % PROGRESS_EVERY == 0:  # the shown loss is a host read: not every step
             bar.set_description(f"{description} loss {loss.item():.3f}")
     if progress:
         bar.close()
-    seconds = time.perf_counter() - start
+    synchronize(device)
+    end = time.perf_counter()
+    rate = images_seen / max(end - start, 1e-9)
+    steady = (images_seen - steady_images) / max(end - steady_start, 1e-9) if images_seen > steady_images else rate
     return {
-        "train_loss": total_loss / max(images_seen, 1),
+        "train_loss": total_loss.item() / max(images_seen, 1),
         "train_images": images_seen,
-        "images_per_s": images_seen / max(seconds, 1e-9),
-        "data_wait_share": waited / max(seconds, 1e-9),
+        "images_per_s": rate,
+        "steady_images_per_s": steady,
+        "data_wait_share": waited / max(end - start, 1e-9),
         "train_grade_counts": grade_counts.tolist(),  # what the weighted sampling delivered
     }
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a GPU runs behind the Python that queues it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
