@@ -15,8 +15,7 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aptos_ray.config import HELP_FLAGS, Config, parse_args, wants_help
-from aptos_ray.config_help import help_text
+from aptos_ray.config import HELP_FLAGS, SECTIONS, help_text, parse_args, wants_help
 from aptos_ray.errors import ExportError, SearchFailed, SearchInterrupted, UserError
 
 # (exception, exit status): besides UserError's 2
@@ -105,7 +104,7 @@ JOBS = {job.name: job for job in (
 
 
 def job_help(job: Job, prog: str) -> str:
-    others = [s for s in Config.__dataclass_fields__ if s not in job.sections]
+    others = [s for s in SECTIONS if s not in job.sections]
     lines = [
         f"usage: {prog} [--config FILE.yaml ...] [--section.key=VALUE ...]",
         "",
@@ -114,7 +113,7 @@ def job_help(job: Job, prog: str) -> str:
         "Examples:",
         *("  " + example.replace("{prog}", prog) for example in job.examples),
         "",
-        "Values: dataclass defaults, then each --config YAML file, then --section.key=VALUE (a YAML value).",
+        "Values: the defaults, then each --config YAML file, then --section.key=VALUE (a YAML value).",
         "A key that only one section has may be given alone (--lr=0.01 is --optim.lr=0.01).",
         "Shortcuts: --local, --resume, --card-only, --verbose (= --train.local=true, ...). "
         f"{' / '.join(HELP_FLAGS)}: this text.",

@@ -109,7 +109,7 @@ def test_only_fp16_gets_a_loss_scaler():
 
 
 def test_unknown_precision_fails_on_the_command_line(tmp_path):
-    with pytest.raises(ValueError, match="train.precision' must be one of auto, bf16, fp16, fp32, got 'fp8'"):
+    with pytest.raises(ValueError, match="'train.precision': input should be 'auto', 'bf16', 'fp16' or 'fp32', got 'fp8'"):
         parse_args([*TINY, "--local", f"--train.output={tmp_path}", "--train.precision=fp8"])
     assert not list(tmp_path.iterdir())
 
@@ -127,5 +127,5 @@ def test_ddp_backend_is_gloo_where_workers_share_a_gpu(use_gpu, gpus, backend, e
 
 
 def test_unknown_ddp_backend_is_a_clear_error():
-    with pytest.raises(ValueError, match="scaling.ddp_backend' must be one of auto, nccl, gloo, got 'mpi'"):
+    with pytest.raises(ValueError, match="'scaling.ddp_backend': input should be 'auto', 'nccl' or 'gloo', got 'mpi'"):
         parse_args(["--scaling.ddp_backend=mpi"])

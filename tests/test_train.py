@@ -187,7 +187,7 @@ def test_materialize_is_decided_by_size_against_the_object_store(aptos_small):
     assert split_bytes(str(aptos_small), "test") == 0  # no such split
     assert parse_args(["--data.materialize=false"]).data.materialize is False
     assert parse_args([]).data.materialize == "auto"
-    with pytest.raises(Exception, match="must be one of true, false, auto"):
+    with pytest.raises(Exception, match="must be one of true, false, auto, got 'sometimes'"):
         parse_args(["--data.materialize=sometimes"])
 
 
