@@ -322,11 +322,16 @@ class Config:
     @model_validator(mode="after")
     def _rules_of_the_job(self, info: ValidationInfo) -> Config:
         """Rules between sections that hold only for the job that reads them (``context["sections"]``)."""
-        sections = (info.context or {}).get("sections", ())
+        sections = set((info.context or {}).get("sections", ()))
         t = self.train
         if "train" in sections and t.tracking == "mlflow" and not t.tracking_uri and "://" in t.output:
             raise ValueError(f"train.tracking=mlflow keeps a local file store in the run directory, but "
                              f"train.output={t.output} is a URI: give --train.tracking_uri")
+        if {"model", "scaling"} <= sections and self.model.batch_norm == "sync" and not t.local \
+                and self.scaling.num_workers > 1 and not self.scaling.use_gpu:
+            raise ValueError("model.batch_norm=sync needs GPU workers: torch's SyncBatchNorm does not run on CPU "
+                             "under DDP. On CPU use --model.batch_norm=local or frozen (with pretrained weights), "
+                             "or --scaling.use_gpu=true.")
         if "tune" in sections and self.tune.grace_period > t.epochs:
             raise ValueError(f"tune.grace_period must be <= train.epochs={t.epochs}, got {self.tune.grace_period}")
         return self

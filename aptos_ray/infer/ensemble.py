@@ -23,7 +23,7 @@ import torch
 from aptos_ray import storage
 from aptos_ray.errors import ConfigError, MissingFileError
 from aptos_ray.infer.checkpoint import Checkpoint, read_checkpoint, resolve_checkpoint
-from aptos_ray.infer.grader import PROB_COLUMNS, Grader, check_tta
+from aptos_ray.infer.grader import PROB_COLUMNS, Grader
 from aptos_ray.metrics import p_referable
 
 CV_FILE = "cv.json"  # tune.cv_results writes it; read here as data (infer does not import tune)
@@ -95,7 +95,6 @@ class EnsembleGrader:
 
     def __init__(self, checkpoints: list[Checkpoint], device: torch.device | str = "cpu", tta: int = 0,
                  cut_points: list[float] | None = None, referral: dict | None = None):
-        check_tta(tta)
         self.graders = [Grader(c, device, tta) for c in checkpoints]
         heads = {g.head.name for g in self.graders}
         if len(heads) > 1:

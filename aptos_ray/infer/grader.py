@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from aptos_ray.config import ConfigError
 from aptos_ray.infer.checkpoint import Checkpoint
 from aptos_ray.metrics import NUM_GRADES
 from aptos_ray.model.factory import create_model, model_data_config
@@ -34,16 +33,10 @@ TTA_VIEWS = (
 )
 
 
-def check_tta(tta: int) -> None:
-    if not 0 <= tta <= len(TTA_VIEWS):
-        raise ConfigError(f"predict.tta must be 0..{len(TTA_VIEWS)} (extra flipped/rotated views), got {tta}")
-
-
 class Grader:
     """A checkpoint's model with its transforms: uint8 NHWC images -> grades, scores, probabilities."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device | str = "cpu", tta: int = 0):
-        check_tta(tta)
         cfg = checkpoint.config
         self.device = torch.device(device)
         self.head = get_head(cfg.model.head, cfg.model.num_classes)

@@ -40,7 +40,6 @@ from aptos_ray.data.preprocess import ImageError, preprocess
 from aptos_ray.data.sources import read_image, stop_on_driver_only_paths
 from aptos_ray.infer.checkpoint import Checkpoint, prepare_config
 from aptos_ray.infer.ensemble import build_grader, checkpoint_for_driver, read_ensemble
-from aptos_ray.infer.grader import check_tta
 from aptos_ray.infer.inputs import Inputs, find_inputs, preprocessing_differences
 from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
 from aptos_ray.infer.quality import as_columns, assess, not_assessed
@@ -191,11 +190,6 @@ def collect(ds, output: str | None = None) -> pd.DataFrame:
 def predict(cfg: Config) -> dict:
     """Predict ``cfg.predict.images`` with ``cfg.predict.checkpoint``; returns the summary (predict.json)."""
     p = cfg.predict
-    if p.batch_size < 1 or p.num_actors < 1:
-        raise ConfigError(f"predict.batch_size and predict.num_actors must be >= 1, got {p.batch_size}, {p.num_actors}")
-    check_tta(p.tta)
-    if p.explain < 0:
-        raise ConfigError(f"predict.explain must be >= 0 (images per group to explain), got {p.explain}")
     ensemble = read_ensemble(p.checkpoint)  # one checkpoint, several, or a cross-validation's fold models
     checkpoint, for_actors = checkpoint_for_driver(ensemble)
     inputs = find_inputs(p.images, p.split)

@@ -11,13 +11,12 @@ import timm
 from timm.data import resolve_data_config
 from torch import nn
 
-from aptos_ray.config import ConfigError, ModelConfig
+from aptos_ray.config import ModelConfig
 from aptos_ray.model.heads import get_head
 from aptos_ray.model.weights import (
     LITE_MEAN,
     LITE_STD,
     WeightsError,
-    check_package_fits,
     load_weights,
     package_name,
     package_weights_path,
@@ -30,19 +29,7 @@ from aptos_ray.model.weights import (
 
 log = logging.getLogger(__name__)
 
-BATCH_NORM_MODES = ("local", "sync", "frozen")
 # --- the factory ----------------------------------------------------------------------------------
-
-
-def check_model_name(cfg: ModelConfig) -> str:
-    """The timm name ``cfg.name`` stands for; ``ConfigError`` when timm has no such model."""
-    name = resolve_model_name(cfg)
-    if not timm.is_model(name):
-        raise ConfigError(
-            f"model.name: unknown timm model '{name}'; list candidates with "
-            f"timm.list_models('*{name.split('_')[0]}*')"
-        )
-    return name
 
 
 def create_model(cfg: ModelConfig, load_pretrained: bool = True) -> nn.Module:
@@ -51,11 +38,8 @@ def create_model(cfg: ModelConfig, load_pretrained: bool = True) -> nn.Module:
     ``load_pretrained=False`` builds the same architecture (and normalisation) without touching
     any weights source: for restoring a checkpoint, where the weights come from the checkpoint.
     """
-    name = check_model_name(cfg)
+    name = resolve_model_name(cfg)  # model.name and the weights were checked with the config
     kind = pretrained_kind(cfg.pretrained)
-    check_batch_norm(cfg)
-    if kind == "package":
-        check_package_fits(cfg.pretrained, name)
 
     hub = load_pretrained and kind == "hub"
     model = _hub_model(name, cfg) if hub else _timm_model(name, cfg, pretrained=False)
@@ -182,21 +166,3 @@ def maybe_sync_bn(model: nn.Module, enabled: bool) -> nn.Module:
     return convert_sync_batchnorm(model)
 
 
-def check_sync_bn_device(batch_norm: str, world_size: int, on_gpu: bool) -> None:
-    """torch's SyncBatchNorm raises on CPU tensors under DDP: say so before any worker starts."""
-    if batch_norm == "sync" and world_size > 1 and not on_gpu:
-        raise ConfigError(
-            "model.batch_norm=sync needs GPU workers: torch's SyncBatchNorm does not run on CPU under DDP. "
-            "On CPU use --model.batch_norm=local or frozen (with pretrained weights), or --scaling.use_gpu=true."
-        )
-
-
-def check_batch_norm(cfg: ModelConfig) -> None:
-    if cfg.batch_norm not in BATCH_NORM_MODES:
-        raise ConfigError(f"model.batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, got '{cfg.batch_norm}'")
-    if cfg.batch_norm == "frozen" and pretrained_kind(cfg.pretrained) == "none":
-        raise ConfigError(
-            "model.batch_norm=frozen keeps the pretrained BatchNorm statistics, but model.pretrained=none "
-            "has none (every layer would normalise with mean 0, variance 1). Use pretrained weights, or "
-            "--model.batch_norm=local / sync."
-        )

@@ -13,7 +13,6 @@ from aptos_ray import storage
 from aptos_ray.config import Config
 from aptos_ray.data.embedded import check_validation_split, ensure_dataset
 from aptos_ray.errors import ExistingFileError, MissingFileError
-from aptos_ray.model.factory import check_batch_norm, check_model_name, check_sync_bn_device
 from aptos_ray.train.checkpoint import (
     RunRecord,
     checkpoint_folders,
@@ -24,7 +23,6 @@ from aptos_ray.train.checkpoint import (
 )
 from aptos_ray.train.local import LocalBackend
 from aptos_ray.train.loop import DatasetInfo, fit
-from aptos_ray.train.step import check_precision
 
 RAY_RECORD = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's kept checkpoints
 
@@ -67,11 +65,6 @@ def train(cfg: Config) -> dict:
     cfg.train.output = storage.absolute(cfg.train.output)
     run_dir = storage.join(cfg.train.output, cfg.train.name)
     check_run_dir(cfg, run_dir)
-    check_batch_norm(cfg.model)  # here, not first inside the Ray workers
-    check_precision(cfg.train.precision)
-    check_model_name(cfg.model)
-    if not cfg.train.local:
-        check_sync_bn_device(cfg.model.batch_norm, cfg.scaling.num_workers, cfg.scaling.use_gpu)
     manifest = ensure_dataset(cfg)
     if not cfg.data.folds:  # with folds, validation is a fold of the pooled rows
         check_validation_split(cfg, manifest)

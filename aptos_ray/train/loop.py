@@ -24,7 +24,6 @@ from aptos_ray import storage
 from aptos_ray.config import Config, OptimConfig
 from aptos_ray.metrics import grading_metrics
 from aptos_ray.model.factory import (
-    check_sync_bn_device,
     create_model,
     maybe_sync_bn,
     model_data_config,
@@ -212,7 +211,6 @@ def _fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     restored = backend.restored_state()
     # A restored run takes its weights from the checkpoint: no hub or package read.
     model = create_model(cfg.model, load_pretrained=restored is None)
-    check_sync_bn_device(cfg.model.batch_norm, backend.world_size, device.type == "cuda")
     model = maybe_sync_bn(model, cfg.model.batch_norm == "sync" and backend.world_size > 1)
     if restored is not None:
         load_weights(model, restored, cfg, restored.get("path", "the restored checkpoint"))

@@ -70,13 +70,7 @@ def fixed_step_minibatches(
             emitted += 1
 
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
 
 
 def resolve_precision(precision: str, device: torch.device, amp: bool = True) -> str:
@@ -87,7 +81,6 @@ def resolve_precision(precision: str, device: torch.device, amp: bool = True) ->
     fp32's exponent range, so no loss scaling and no skipped steps; older GPUs (before Ampere) get
     fp16 with a GradScaler. ``train.amp=false`` (the older switch) means fp32 whatever precision says.
     """
-    check_precision(precision)
     if not amp or precision == "fp32" or device.type != "cuda":
         return "fp32"
     bf16_ok = torch.cuda.is_bf16_supported()
