@@ -31,6 +31,8 @@ def check_environment(cfg: Any, sections: set[str]) -> None:
             if grids:
                 raise ConfigError(f"tune.search=optuna cannot search a grid ({', '.join(grids)}): use choice")
             _needs("tune.search=optuna", "optuna", "aptos-ray[optuna]")
+    if "predict" in sections and cfg.predict.explain:
+        _needs("predict.explain", "pytorch_grad_cam", "aptos-ray[explain]")
     for key, choice in (("train.tracking", cfg.train.tracking), ("tune.tracking", cfg.tune.tracking)):
         if key.split(".")[0] not in sections:
             continue

@@ -94,6 +94,17 @@ def test_bad_values_fail_at_parse_time_naming_the_key(args, message):
         parse_args(args, sections=SECTIONS)  # as the tune job: every rule
 
 
+def test_explain_without_grad_cam_is_one_line_naming_the_extra(monkeypatch):
+    from aptos_ray import config_checks
+
+    found = config_checks.importlib.util.find_spec
+    monkeypatch.setattr(config_checks.importlib.util, "find_spec",
+                        lambda name: None if name == "pytorch_grad_cam" else found(name))
+    with pytest.raises(ConfigError, match=r"predict.explain needs pytorch_grad_cam: pip install 'aptos-ray\[explain\]'"):
+        parse_args(["--predict.explain=2"], sections=["predict"])
+    parse_args(["--predict.explain=0"], sections=["predict"])
+
+
 def test_output_below_a_file_is_refused(tmp_path):
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(ConfigError, match="'train.output': '.*a_file/runs' is below the file"):
