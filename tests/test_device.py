@@ -6,14 +6,15 @@ import pytest
 import torch
 from tqdm import tqdm
 
+import helpers
 from aptos_ray.config import parse_args
 from aptos_ray.model.factory import create_model
 from aptos_ray.train import loop
 from aptos_ray.train.loop import DatasetInfo, build_optimizer, build_scheduler, fit
 from aptos_ray.train.step import autocast, grad_scaler, resolve_precision
 
-TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
-        "--data.image_size=32", "--train.batch_size=4", "--train.progress=false", "--train.epochs=2"]
+TINY = [*helpers.TINY, "--train.batch_size=4", "--train.eval_batch_size=64", "--optim.warmup_epochs=1",
+        "--train.epochs=2"]
 
 
 class RestoreProbe(Exception):

@@ -16,7 +16,7 @@ import ray
 import torch
 from helpers import failing_worker, synthetic_subset
 
-from aptos_ray.config import ModelConfig, parse_args
+from aptos_ray.config import parse_args
 from aptos_ray.model.factory import create_model
 from aptos_ray.model.heads import get_head
 from aptos_ray.train import ray_backend
@@ -26,9 +26,7 @@ from aptos_ray.train.step import AUTOCAST_DTYPES, autocast, grad_scaler, train_o
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
-        "--data.image_size=64", "--train.batch_size=8", "--train.eval_batch_size=32", "--train.progress=false",
-        "--optim.warmup_epochs=0", "--train.max_steps_per_epoch=4", "--scaling.use_gpu=true"]
+TINY = [*helpers.TINY, "--data.image_size=64", "--train.max_steps_per_epoch=4", "--scaling.use_gpu=true"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -42,7 +40,7 @@ def history(run_dir: Path) -> list[dict]:
 
 
 def tiny_model() -> torch.nn.Module:
-    return create_model(ModelConfig(name="test_efficientnet", pretrained="none", head="classification"))
+    return create_model(helpers.tiny_model())
 
 
 def test_resume_on_cuda_keeps_the_optimizer_on_the_gpu(fundus_data, tmp_path):

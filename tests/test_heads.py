@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from aptos_ray.config import ModelConfig
+import helpers
 from aptos_ray.model.factory import create_model
 from aptos_ray.model.heads import HEADS, ClassificationHead, RegressionHead, get_head
 
@@ -53,7 +53,7 @@ def test_tta_merging():
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_every_head_sets_the_models_output_width_and_trains(name):
     head = get_head(name)
-    model = create_model(ModelConfig(name="test_efficientnet", pretrained="none", head=name))
+    model = create_model(helpers.tiny_model(head=name))
     outputs = model(torch.rand(2, 3, 32, 32))
     assert outputs.shape == (2, head.num_outputs)
     loss = head.loss()(outputs, torch.tensor([0, 4]))

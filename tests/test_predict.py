@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import helpers
 from helpers import aptos_subset
 from sklearn.metrics import accuracy_score, cohen_kappa_score, recall_score
 
@@ -37,10 +38,7 @@ from aptos_ray.train.driver import train
 REPO = Path(__file__).resolve().parents[1]
 # lr 0.01 for 2 epochs: a poor model, but one that predicts several grades (lower rates give
 # one constant grade, which would make the metric checks below trivially true)
-TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
-        "--data.image_size=32", "--train.batch_size=8",
-        "--train.eval_batch_size=32", "--train.progress=false", "--optim.lr=0.01",
-        "--optim.warmup_epochs=0", "--train.epochs=2"]
+TINY = [*helpers.TINY, "--optim.lr=0.01", "--train.epochs=2"]
 
 
 @pytest.fixture(scope="module")

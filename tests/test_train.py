@@ -23,10 +23,7 @@ from aptos_ray.train.checkpoint import checkpoint_folders, record_from_folders
 from aptos_ray.train.driver import train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
-        "--data.image_size=32", "--train.batch_size=8",
-        "--train.eval_batch_size=32", "--train.progress=false", "--optim.lr=0.003",
-        "--optim.warmup_epochs=0"]
+TINY = [*helpers.TINY, "--optim.lr=0.003"]
 
 
 @pytest.fixture(scope="module")

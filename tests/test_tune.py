@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+import helpers
 from helpers import write_split
 
 from aptos_ray.config import Config, ConfigError, parse_args
@@ -20,9 +21,7 @@ from aptos_ray.tune.results import best_config, markdown
 from aptos_ray.tune.search import run_search, trial_config
 from aptos_ray.tune.space import search_space
 
-TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
-        "--data.image_size=32", "--train.batch_size=8", "--train.eval_batch_size=32", "--train.progress=false",
-        "--optim.warmup_epochs=0"]
+TINY = helpers.TINY
 ALL = list(Config.__dataclass_fields__)  # the tune job's validation: every section's rules
 GOOD, HOPELESS = 1e-2, 1e-6
 # On the toy data below lr 1e-2 reaches validation QWK ~0.9 in one epoch and 1e-6 stays near 0
