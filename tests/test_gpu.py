@@ -22,7 +22,7 @@ from aptos_ray.model.heads import get_head
 from aptos_ray.train import ray_backend
 from aptos_ray.train.augment import GradeTransforms, prefetch_to_device
 from aptos_ray.train.driver import train
-from aptos_ray.train.step import AUTOCAST_DTYPES, autocast, grad_scaler, train_one_epoch
+from aptos_ray.train.step import AUTOCAST_DTYPES, Training, autocast, grad_scaler, train_one_epoch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -77,8 +77,9 @@ def test_mixed_precision_steps_train(precision):
     scaler = grad_scaler(precision)
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 256, (8, 72, 72, 3), dtype=np.uint8), rng.integers(0, 5, 8)) for _ in range(6)]
-    stats = train_one_epoch(model, batches, GradeTransforms(64, MEAN, STD), get_head("classification", 5).loss(None, 0.0),
-                            optimizer, None, device, scaler, precision, channels_last=True, steps=6)
+    training = Training(model, GradeTransforms(64, MEAN, STD), get_head("classification").loss(None, 0.0), optimizer,
+                        None, device, scaler, precision, channels_last=True)
+    stats = train_one_epoch(training, batches, steps=6)
     assert stats["train_images"] == 48 and np.isfinite(stats["train_loss"])
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert scaler.is_enabled() == (precision == "fp16")

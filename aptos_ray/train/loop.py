@@ -38,6 +38,7 @@ from aptos_ray.train.sampling import repeat_rates, resample_batches
 from aptos_ray.train.augment import CAMERA, GradeTransforms
 from aptos_ray.train.tracking import Tracker
 from aptos_ray.train.step import (
+    Training,
     fixed_step_minibatches,
     grad_scaler,
     predict_outputs,
@@ -202,9 +203,33 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
         return _fit(cfg, backend, info)
 
 
+@dataclass
+class Run:
+    """One rank's run, built once: what every epoch trains with, and where the record goes."""
+
+    training: Training
+    head: Head
+    steps: int
+    rates: dict[int, float]  # per-grade repeat rates of the weighted resampling
+    start_epoch: int
+    history: list[dict]
+    tracker: Tracker | None  # rank 0's TensorBoard / MLflow history
+
+
 def _fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
+    run = build_run(cfg, backend, info)
+    metrics: dict = {}
+    for epoch in range(run.start_epoch, cfg.train.epochs):
+        metrics, cut_points = run_epoch(cfg, backend, info, run, epoch)
+        save_epoch(cfg, backend, run, metrics, cut_points)
+    if run.tracker is not None:
+        run.tracker.close()
+    return metrics
+
+
+def build_run(cfg: Config, backend: Backend, info: DatasetInfo) -> Run:
+    """The model (restored when the backend has a checkpoint), transforms, loss, optimizer and schedule."""
     rank, device = backend.rank, backend.device
-    is_main = rank == 0
     torch.manual_seed(cfg.train.seed + rank)
     if device.type == "cuda":  # peak_gpu_memory_mb is this run's, also when a process runs several
         torch.cuda.reset_peak_memory_stats(device)
@@ -238,63 +263,63 @@ def _fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
             scaler.load_state_dict(restored["scaler"])
         start_epoch = restored["epoch"] + 1
         history = [h for h in restored.get("history", []) if h["epoch"] < start_epoch]
-    if is_main:
+    if rank == 0:
         if restored is not None:
             print(f"Resumed from the checkpoint of epoch {start_epoch - 1}")
         print(f"{info.num_train} training images, {steps} steps/epoch x {backend.world_size} "
               f"workers x batch {cfg.train.batch_size}, input {size}px, sampling={cfg.data.sampling}")
-
-    rates = repeat_rates(info.train_counts, cfg.data.sampling)
     weights = class_weights(info.train_counts) if cfg.optim.class_weighted_loss else None
-    loss_fn = head.loss(weights, cfg.optim.label_smoothing)
-    metrics: dict = {}
-    # Rank 0's TensorBoard / MLflow history. A failed run leaves its MLflow run open: --resume continues it.
-    tracker = Tracker(cfg, run_dir(cfg), history) if is_main else None
-    for epoch in range(start_epoch, cfg.train.epochs):
-        started = time.perf_counter()
-        torch.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))  # augmentation, dropout: see train.repeatable
-        rows = resample_batches(backend.train_rows(epoch), rates, cfg.train.seed, epoch)
-        batches = fixed_step_minibatches(
-            rows, cfg.train.batch_size, steps, seed=cfg.train.seed * 100003 + epoch * 101 + rank,
-            encoding=info.encoding,
-        )
-        train_stats = train_one_epoch(
-            model, batches, transforms, loss_fn, optimizer, scheduler, device, scaler, precision,
-            channels_last, steps, progress=cfg.train.progress and is_main,
-            description=f"epoch {epoch}", progress_bar=backend.progress_bar, prefetch=cfg.data.prefetch_batches,
-        )
-        totals = gather((train_stats["images_per_s"], train_stats["train_grade_counts"], peak_memory_mb(),
-                         train_stats["data_wait_share"], peak_gpu_memory_mb(device)))
-        train_stats["images_per_s"] = sum(t[0] for t in totals)
-        train_stats["train_grade_counts"] = np.sum([t[1] for t in totals], axis=0).tolist()
-        train_stats["peak_memory_mb"] = [round(t[2]) for t in totals]  # per worker
-        train_stats["data_wait_share"] = max(t[3] for t in totals)  # the slowest-fed worker's
-        if device.type == "cuda":
-            train_stats["peak_gpu_memory_mb"] = [round(t[4]) for t in totals]  # per worker
-        val_metrics, cut_points = validate(model, backend, transforms, head, loss_fn, cfg, info, precision)
-        metrics = {
-            "epoch": epoch,
-            **train_stats,
-            **val_metrics,
-            "lr": optimizer.param_groups[-1]["lr"],
-            "epoch_seconds": time.perf_counter() - started,
-        }
-        history.append(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint_dir = None
-            if is_main:
-                state = {
-                    "model": unwrap(model).state_dict(), "config": cfg.to_dict(), "cut_points": cut_points,
-                    "epoch": epoch, "metrics": metrics, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                }
-                checkpoint_dir = save_checkpoint(Path(tmp) / "checkpoint", state, cfg, history)
-                print(epoch_line(metrics), flush=True)
-                tracker.log_epoch(metrics, checkpoint_dir)
-            backend.report(metrics, checkpoint_dir, epoch)
-    if tracker is not None:
-        tracker.close()
-    return metrics
+    training = Training(model, transforms, head.loss(weights, cfg.optim.label_smoothing), optimizer, scheduler,
+                        device, scaler, precision, channels_last)
+    # A failed run leaves its MLflow run open: --resume continues it.
+    tracker = Tracker(cfg, run_dir(cfg), history) if rank == 0 else None
+    return Run(training, head, steps, repeat_rates(info.train_counts, cfg.data.sampling), start_epoch, history,
+               tracker)
+
+
+def run_epoch(cfg: Config, backend: Backend, info: DatasetInfo, run: Run, epoch: int) -> tuple[dict, list | None]:
+    """Train one epoch on this rank's resampled rows, validate over every rank: (metrics, cut-points)."""
+    started, rank, t = time.perf_counter(), backend.rank, run.training
+    torch.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))  # augmentation, dropout: see train.repeatable
+    rows = resample_batches(backend.train_rows(epoch), run.rates, cfg.train.seed, epoch)
+    batches = fixed_step_minibatches(
+        rows, cfg.train.batch_size, run.steps, seed=cfg.train.seed * 100003 + epoch * 101 + rank,
+        encoding=info.encoding,
+    )
+    train_stats = train_one_epoch(
+        t, batches, run.steps, progress=cfg.train.progress and rank == 0, description=f"epoch {epoch}",
+        progress_bar=backend.progress_bar, prefetch=cfg.data.prefetch_batches,
+    )
+    totals = gather((train_stats["images_per_s"], train_stats["train_grade_counts"], peak_memory_mb(),
+                     train_stats["data_wait_share"], peak_gpu_memory_mb(t.device)))
+    train_stats["images_per_s"] = sum(x[0] for x in totals)
+    train_stats["train_grade_counts"] = np.sum([x[1] for x in totals], axis=0).tolist()
+    train_stats["peak_memory_mb"] = [round(x[2]) for x in totals]  # per worker
+    train_stats["data_wait_share"] = max(x[3] for x in totals)  # the slowest-fed worker's
+    if t.device.type == "cuda":
+        train_stats["peak_gpu_memory_mb"] = [round(x[4]) for x in totals]  # per worker
+    val_metrics, cut_points = validate(t.model, backend, t.transforms, run.head, t.loss_fn, cfg, info, t.precision)
+    metrics = {"epoch": epoch, **train_stats, **val_metrics, "lr": t.optimizer.param_groups[-1]["lr"],
+               "epoch_seconds": time.perf_counter() - started}
+    run.history.append(metrics)
+    return metrics, cut_points
+
+
+def save_epoch(cfg: Config, backend: Backend, run: Run, metrics: dict, cut_points: list | None) -> None:
+    """Rank 0 writes the epoch's checkpoint and history; every rank reports to the backend."""
+    t = run.training
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint_dir = None
+        if backend.rank == 0:
+            state = {
+                "model": unwrap(t.model).state_dict(), "config": cfg.to_dict(), "cut_points": cut_points,
+                "epoch": metrics["epoch"], "metrics": metrics, "optimizer": t.optimizer.state_dict(),
+                "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(),
+            }
+            checkpoint_dir = save_checkpoint(Path(tmp) / "checkpoint", state, cfg, run.history)
+            print(epoch_line(metrics), flush=True)
+            run.tracker.log_epoch(metrics, checkpoint_dir)
+        backend.report(metrics, checkpoint_dir, metrics["epoch"])
 
 
 def run_dir(cfg: Config) -> str:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -104,29 +106,30 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    minibatches: Iterable[tuple[np.ndarray, np.ndarray]],
-    transforms: GradeTransforms,
-    loss_fn,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    device: torch.device,
-    scaler: torch.amp.GradScaler | None = None,
-    precision: str = "fp32",
-    channels_last: bool = False,
-    steps: int | None = None,
-    progress: bool = False,
-    description: str = "train",
-    progress_bar=tqdm,
-    prefetch: int = 2,
-) -> dict:
+@dataclass
+class Training:
+    """What every optimizer step of a run uses, built once (``train.loop.build_run``)."""
+
+    model: torch.nn.Module
+    transforms: GradeTransforms
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None  # stepped after every optimizer step
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling
+    precision: str = "fp32"  # resolved: bf16, fp16 or fp32
+    channels_last: bool = False
+
+
+def train_one_epoch(t: Training, minibatches: Iterable[tuple[np.ndarray, np.ndarray]], steps: int | None = None,
+                    progress: bool = False, description: str = "train", progress_bar=tqdm, prefetch: int = 2) -> dict:
     """One pass over ``minibatches`` (uint8 NHWC images, grades); returns mean loss, images, images/s
     and ``data_wait_share``, the part of the epoch spent waiting for the next batch.
 
     ``prefetch`` batches are readied by a background thread while the current one computes.
     ``progress_bar`` is a tqdm-like class (Ray workers pass Ray's, which draws in the driver).
     """
+    model, device, optimizer, scaler = t.model, t.device, t.optimizer, t.scaler
     model.train()
     total_loss, images_seen, waited, start = 0.0, 0, 0.0, time.perf_counter()
     grade_counts = np.zeros(5, dtype=np.int64)
@@ -140,11 +143,11 @@ def train_one_epoch(
         except StopIteration:
             break
         waited += time.perf_counter() - asked
-        x = transforms.train(images)
-        if channels_last and device.type == "cuda":
+        x = t.transforms.train(images)
+        if t.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            loss = loss_fn(model(x), y)
+        with autocast(device, t.precision):
+            loss = t.loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()
@@ -153,8 +156,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        if t.scheduler is not None:
+            t.scheduler.step()
         total_loss += loss.item() * len(grades)
         images_seen += len(grades)
         grade_counts += np.bincount(grades, minlength=5)[:5]
