@@ -149,8 +149,8 @@ def test_tta_averages_the_probabilities_of_flipped_views(run, dataset):
     np.testing.assert_allclose(np.stack([got[f"prob_{g}"] for g in range(5)], 1), expected.numpy(), atol=1e-5)
     np.testing.assert_array_equal(got["predicted"], expected.argmax(1).numpy())
     assert np.allclose(got["p_referable"], expected[:, 2:].sum(1).numpy(), atol=1e-5)
-    with pytest.raises(ConfigError, match="predict.tta"):
-        Grader(checkpoint, tta=len(TTA_VIEWS) + 1)
+    with pytest.raises(ConfigError, match="'predict.tta': input should be less than or equal to 7"):
+        parse_args([f"--predict.tta={len(TTA_VIEWS) + 1}"], sections=["predict"])  # checked once, there
 
 
 def test_regression_head_applies_the_saved_cut_points(dataset, tmp_path):
