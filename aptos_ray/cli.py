@@ -15,7 +15,7 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aptos_ray.config import HELP_FLAGS, SECTIONS, help_text, parse_args, wants_help
+from aptos_ray.config import HELP_FLAGS, SECTIONS, Config, help_text, parse_args, wants_help
 from aptos_ray.errors import ExportError, SearchFailed, SearchInterrupted, UserError
 
 # (exception, exit status): besides UserError's 2

@@ -1,13 +1,10 @@
-import dataclasses
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import pytest
 
-from aptos_ray.config import Config, ConfigError, config_from_dict, parse_args
-from aptos_ray.config import SECTIONS, help_text
+from aptos_ray.config import SECTIONS, Config, ConfigError, config_from_dict, help_text, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
