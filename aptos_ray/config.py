@@ -408,8 +408,8 @@ def _problem(error: dict) -> str:
     msg = error["msg"].removeprefix("Value error, ")
     if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         return f"unknown config {'key' if len(loc) > 1 else 'section'} '{'.'.join(loc)}'"
-    if len(loc) < 2:  # a rule between keys: its message names them
-        return msg
+    if len(loc) < 2:  # a rule between keys names them; else a section that is no mapping
+        return msg if error["type"] == "value_error" else f"config section '{''.join(loc)}': {msg[0].lower()}{msg[1:]}"
     name = ".".join(loc[:2])
     if len(loc) > 2:  # one of a union's options
         msg = f"must be one of {type_text(*loc[:2]).strip('{}').replace(',', ', ')}, got {error['input']!r}"

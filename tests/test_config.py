@@ -28,6 +28,10 @@ def test_unknown_and_mistyped_keys_are_errors(tmp_path):
         parse_args(["--train.epochs=many"])
     with pytest.raises(ConfigError, match="ambiguous"):
         parse_args(["--seed=1"])  # prepare.seed, train.seed, synthetic.seed
+    empty = tmp_path / "empty_section.yaml"
+    empty.write_text("model:\n")
+    with pytest.raises(ConfigError, match=f"{empty}: config section 'model': input should be a dictionary"):
+        parse_args(["--config", str(empty)])
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  nmae: efficientnet_b3\n")
     with pytest.raises(ConfigError, match=f"{bad}.*model.nmae"):
