@@ -2,7 +2,7 @@
 VENV = $(shell scripts/venv.sh)
 PYTHON = $(VENV)/bin/python
 
-.PHONY: demo test test-all bench venv two-node image
+.PHONY: demo test test-fast test-all bench venv two-node image
 
 venv:
 	@echo $(VENV)
@@ -14,6 +14,10 @@ demo:
 # What CI runs (.ci/run): everything except the `slow` marker, well under 15 min on 2 cores.
 test:
 	$(PYTHON) -m pytest -m "not slow" -q --durations=12
+
+# After every change: no Ray start (a test that starts Ray unmarked fails), nothing slow.
+test-fast:
+	APTOS_RAY_FAST_TIER=1 $(PYTHON) -m pytest -m "not slow and not ray" -q --durations=12
 
 test-all:
 	$(PYTHON) -m pytest -q

@@ -15,9 +15,8 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aptos_ray.config import HELP_FLAGS, Config, parse_args, wants_help
-from aptos_ray.config_help import help_text
 from aptos_ray import storage
+from aptos_ray.config import HELP_FLAGS, SECTIONS, Config, help_text, parse_args, wants_help
 from aptos_ray.errors import ExportError, SearchFailed, SearchInterrupted, UserError, storage_failure
 
 # (exception, exit status): besides UserError's 2
@@ -115,7 +114,7 @@ JOBS = {job.name: job for job in (
 
 
 def job_help(job: Job, prog: str) -> str:
-    others = [s for s in Config.__dataclass_fields__ if s not in job.sections]
+    others = [s for s in SECTIONS if s not in job.sections]
     lines = [
         f"usage: {prog} [--config FILE.yaml ...] [--section.key=VALUE ...]",
         "",
@@ -124,7 +123,7 @@ def job_help(job: Job, prog: str) -> str:
         "Examples:",
         *("  " + example.replace("{prog}", prog) for example in job.examples),
         "",
-        "Values: dataclass defaults, then each --config YAML file, then --section.key=VALUE (a YAML value).",
+        "Values: the defaults, then each --config YAML file, then --section.key=VALUE (a YAML value).",
         "A key that only one section has may be given alone (--lr=0.01 is --optim.lr=0.01).",
         "Shortcuts: --local, --resume, --card-only, --verbose (= --train.local=true, ...). "
         f"{' / '.join(HELP_FLAGS)}: this text.",

@@ -1,8 +1,7 @@
-"""The rules between config keys, run by ``Config.validate()`` before any job starts: split
-fractions, the model and its weights, tracking and search packages, and the search space of
-``tune.space`` (every value it allows checked against the key's type and range).
-
-Works on any ``Config`` without importing ``aptos_ray.config`` (which imports this module).
+"""The config rules that need the environment, in one place, run once by ``Config.validate()``
+before a job starts: the model and its weights (timm names, installed weights packages), the optional
+packages a choice needs (tracking, optuna), and the search space of ``tune.space`` (every value it
+allows checked against the key's type and range, and the models it names).
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from aptos_ray import config_types as ct
+from aptos_ray.config import shown
 from aptos_ray.errors import ConfigError
 from aptos_ray.model import names
 
@@ -22,31 +21,19 @@ NOT_SEARCHABLE = {"train.name", "train.output", "train.resume", "train.local", "
 STEP_ONLY = ("optim.gamma", "optim.step_size")  # what only the StepLR schedule reads
 
 
-def sections_of(cfg: Any) -> dict[str, type]:
-    return {f.name: type(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-
-
-def check_rules(cfg: Any, sections: set[str]) -> None:
-    """The rules between the keys of ``sections`` (the sections a job reads)."""
-    p = cfg.prepare
-    if p.ben_graham and p.normalise not in ("none", "ben_graham"):
-        raise ConfigError(f"prepare.ben_graham=true is prepare.normalise=ben_graham: it cannot be combined "
-                          f"with prepare.normalise={p.normalise}")
-    if p.val_fraction + p.test_fraction >= 1:
-        raise ConfigError(f"prepare.val_fraction + prepare.test_fraction must be < 1 (no training images "
-                          f"left), got {p.val_fraction} + {p.test_fraction}")
+def check_environment(cfg: Any, sections: set[str]) -> None:
+    """The rules of the sections a job reads that depend on what is installed here."""
     if "model" in sections:
         check_model(cfg.model)
-    if "data" in sections:
-        check_folds(cfg)
-    if "train" in sections and cfg.train.tracking == "mlflow" and not cfg.train.tracking_uri \
-            and "://" in cfg.train.output:
-        raise ConfigError(f"train.tracking=mlflow keeps a local file store in the run directory, but "
-                          f"train.output={cfg.train.output} is a URI: give --train.tracking_uri")
     if "tune" in sections:
-        _check_tune(cfg)
-    if "scaling" in sections:
-        check_gpus_per_worker(cfg.scaling)
+        check_tune_space(cfg)
+        if cfg.tune.search == "optuna":
+            grids = [k for k, spec in cfg.tune.space.items() if isinstance(spec, dict) and "grid" in spec]
+            if grids:
+                raise ConfigError(f"tune.search=optuna cannot search a grid ({', '.join(grids)}): use choice")
+            _needs("tune.search=optuna", "optuna", "aptos-ray[optuna]")
+    if "predict" in sections and cfg.predict.explain:
+        _needs("predict.explain", "pytorch_grad_cam", "aptos-ray[explain]")
     for key, choice in (("train.tracking", cfg.train.tracking), ("tune.tracking", cfg.tune.tracking)):
         if key.split(".")[0] not in sections:
             continue
@@ -56,41 +43,12 @@ def check_rules(cfg: Any, sections: set[str]) -> None:
             _needs(f"{key}=tensorboard", "tensorboardX", "tensorboardX")
 
 
-def check_gpus_per_worker(scaling: Any) -> None:
-    """A worker is one DDP rank on one GPU: more GPUs per worker would be reserved and sit idle."""
-    if scaling.use_gpu and scaling.gpus_per_worker > 1:
-        raise ConfigError(f"scaling.gpus_per_worker={scaling.gpus_per_worker:g}: a worker trains on one GPU (one "
-                          f"DDP rank per GPU), the others would sit idle; use scaling.num_workers=<GPUs> with "
-                          f"scaling.gpus_per_worker=1")
-
-
-def check_folds(cfg: Any) -> None:
-    """data.fold names one of data.folds; jobs/cv.py (which reads the cv section) needs folds."""
-    d = cfg.data
-    if d.folds and d.fold >= d.folds:
-        raise ConfigError(f"data.fold must be 0..{d.folds - 1} with data.folds={d.folds}, got {d.fold}")
-    if not d.folds and d.fold:
-        raise ConfigError(f"data.fold={d.fold} needs data.folds >= 2 (K-fold cross-validation)")
-
-
 def check_cv(cfg: Any) -> None:
     """What jobs/cv.py needs besides the training keys (the job runs it: other jobs ignore cv)."""
     if cfg.data.folds < 2:
         raise ConfigError("jobs/cv.py needs --data.folds >= 2 (e.g. --data.folds=5): the folds it trains")
     if cfg.train.resume and not cfg.cv.name:
         raise ConfigError("jobs/cv.py --resume finishes one cross-validation: name it with --cv.name")
-
-
-def _check_tune(cfg: Any) -> None:
-    if cfg.tune.grace_period > cfg.train.epochs:
-        raise ConfigError(f"tune.grace_period must be <= train.epochs={cfg.train.epochs}, got "
-                          f"{cfg.tune.grace_period}")
-    check_tune_space(cfg)
-    if cfg.tune.search == "optuna":
-        grids = [k for k, spec in cfg.tune.space.items() if isinstance(spec, dict) and "grid" in spec]
-        if grids:
-            raise ConfigError(f"tune.search=optuna cannot search a grid ({', '.join(grids)}): use choice")
-        _needs("tune.search=optuna", "optuna", "aptos-ray[optuna]")
 
 
 def _needs(what: str, module: str, install: str) -> None:
@@ -128,51 +86,41 @@ def check_model(model: Any, key: str = "model") -> None:
 
 # --- tune.space ----------------------------------------------------------------------------------
 
-SPEC_KINDS = ("loguniform", "uniform", "choice", "randint", "grid")
-# Fields every trial sets itself, or that only the search driver reads.
-NOT_SEARCHABLE = {"train.name", "train.output", "train.resume", "train.local", "train.epochs", "scaling.address"}
-STEP_ONLY = ("optim.gamma", "optim.step_size")
-
-
-def _check_values(sections: dict[str, type], key: str, values: list) -> None:
-    """Each value must be one the config field accepts (same check as a YAML file or --key=value)."""
+def _check_values(cfg: Any, key: str, values: list) -> None:
+    """Each value must be one the config key accepts (same check as a YAML file or --key=value)."""
     section, name = key.split(".")
-    cls = sections[section]
     for value in values:
         try:
-            typed = ct.coerce(value, ct.field_type(cls, name), key)
+            dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section))}).set_value(key, value)
         except ConfigError as e:
             raise ConfigError(f"tune.space['{key}']: {e}") from None
-        problem = ct.field_problem(cls, name, typed)
-        if problem:
-            raise ConfigError(f"tune.space['{key}']: {key} {problem}")
 
 
-def check_space_spec(sections: dict[str, type], key: str, spec: Any) -> tuple[str, Any]:
+def check_space_spec(cfg: Any, key: str, spec: Any) -> tuple[str, Any]:
     """One ``{kind: args}`` spec checked against the key's type and range -> (kind, args)."""
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SPEC_KINDS:
         raise ConfigError(f"tune.space['{key}'] must be one of {{kind: args}} with kind in "
-                          f"{', '.join(SPEC_KINDS)}; got {ct.shown(spec)}")
+                          f"{', '.join(SPEC_KINDS)}; got {shown(spec)}")
     kind, args = next(iter(spec.items()))
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
-            raise ConfigError(f"tune.space['{key}']: {kind} needs a non-empty list, got {ct.shown(args)}")
-        _check_values(sections, key, args)
+            raise ConfigError(f"tune.space['{key}']: {kind} needs a non-empty list, got {shown(args)}")
+        _check_values(cfg, key, args)
         return kind, args
     if isinstance(args, list):  # '1e-4' from a YAML 1.1 reader: a number all the same
         args = [_number(a) for a in args]
     if not (isinstance(args, list) and len(args) == 2
             and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)):
-        raise ConfigError(f"tune.space['{key}']: {kind} needs [low, high], got {ct.shown(args)}")
+        raise ConfigError(f"tune.space['{key}']: {kind} needs [low, high], got {shown(args)}")
     low, high = args
     if not low < high:
-        raise ConfigError(f"tune.space['{key}']: {kind} needs low < high, got {ct.shown(args)}")
+        raise ConfigError(f"tune.space['{key}']: {kind} needs low < high, got {shown(args)}")
     if kind == "randint":  # Tune's randint excludes high
-        _check_values(sections, key, [int(low), int(high) - 1])
+        _check_values(cfg, key, [int(low), int(high) - 1])
         return kind, [int(low), int(high)]
     if kind == "loguniform" and low <= 0:
-        raise ConfigError(f"tune.space['{key}']: loguniform needs low > 0, got {ct.shown(args)}")
-    _check_values(sections, key, [float(low), float(high), (low + high) / 2.0])
+        raise ConfigError(f"tune.space['{key}']: loguniform needs low > 0, got {shown(args)}")
+    _check_values(cfg, key, [float(low), float(high), (low + high) / 2.0])
     return kind, [float(low), float(high)]
 
 
@@ -189,16 +137,13 @@ def check_tune_space(cfg: Any) -> dict[str, tuple[str, Any]]:
     """``tune.space`` (empty: ``default_tune_space``) checked -> {full dotted key: (kind, args)}
     ('lr' -> 'optim.lr')."""
     space = cfg.tune.space or default_tune_space(cfg)
-    sections = sections_of(cfg)
-    if not isinstance(space, dict):
-        raise ConfigError(f"tune.space must be a mapping 'section.key: {{kind: args}}', got {ct.shown(space)}")
     checked = {}
     for key, spec in space.items():
-        section, name = ct.resolve_key(sections, str(key))
+        section, name = cfg.resolve_key(str(key))
         full = f"{section}.{name}"
         if section == "tune" or full in NOT_SEARCHABLE:
             raise ConfigError(f"tune.space: '{full}' cannot be searched (the search sets it itself)")
-        checked[full] = check_space_spec(sections, full, spec)
+        checked[full] = check_space_spec(cfg, full, spec)
     searched = set(checked)
     if cfg.optim.scheduler != "step" and "optim.scheduler" not in searched:
         wasted = [k for k in STEP_ONLY if k in searched]

@@ -138,7 +138,7 @@ def training_rates(dataset: Path, model_name: str, steps: int, rounds: int) -> d
     from aptos_ray.data.format import read_split, table_batches
     from aptos_ray.model.factory import create_model, model_data_config
     from aptos_ray.model.heads import get_head
-    from aptos_ray.train.step import train_one_epoch
+    from aptos_ray.train.step import Training, train_one_epoch
 
     table = read_split(str(dataset), "train")
     model = create_model(ModelConfig(name=model_name, pretrained="none", head="regression"))
@@ -152,7 +152,7 @@ def training_rates(dataset: Path, model_name: str, steps: int, rounds: int) -> d
         for path, (tf, prefetch) in paths.items():
             batches = fixed_step_minibatches(table_batches(table, 256), 16, steps, seed=epoch)
             cpu, wall = time.process_time(), time.perf_counter()
-            stats = train_one_epoch(model, batches, tf, loss_fn, optimizer, None, torch.device("cpu"), prefetch=prefetch)
+            stats = train_one_epoch(Training(model, tf, loss_fn, optimizer), batches, prefetch=prefetch)
             if epoch:  # the first round warms up
                 runs[path].append((stats["train_images"] / (time.perf_counter() - wall),
                                    stats["train_images"] / (time.process_time() - cpu), stats["data_wait_share"]))

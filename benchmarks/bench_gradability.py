@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 from aptos_ray.config import PrepareConfig  # noqa: E402
 from aptos_ray.data.preprocess import load_image, preprocess  # noqa: E402
 from aptos_ray.data.synthetic import render_fundus  # noqa: E402
-from aptos_ray.infer.quality import DEFAULT_THRESHOLDS, DEGRADATIONS, assess, degrade  # noqa: E402
+from aptos_ray.infer.quality import DEFAULT_THRESHOLDS, assess  # noqa: E402
+from benchmarks.degradations import DEGRADATIONS, degrade  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "aptos2019-224"
 # statistic, threshold, the degradation it is meant to catch, which side is bad

@@ -88,7 +88,7 @@ def test_scores(checkpoint: Path, dataset: Path) -> dict:
     transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=False)
     table = read_split(str(dataset), "test")
     outputs, grades, _ = predict_outputs(model, table_batches(table, 256), transforms, torch.device("cpu"))
-    head = get_head(cfg.model.head, cfg.model.num_classes)
+    head = get_head(cfg.model.head)
     predicted = head.grades(outputs, state["cut_points"]).numpy()
     scores = {k: v for k, v in grading_metrics(grades, predicted, prefix="test_").items()}
     if head.has_probabilities:

@@ -15,6 +15,25 @@ s3_server.set_environment()
 SHARED_DATA = Path(os.environ.get("APTOS_RAY_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that uses Ray (through the ``ray_session`` fixture) is marked ``ray`` without saying so."""
+    for item in items:
+        if "ray_session" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def no_ray_in_the_fast_tier(request, monkeypatch):
+    """``make test-fast`` (APTOS_RAY_FAST_TIER=1) runs no Ray: a test that starts it unmarked fails."""
+    if os.environ.get("APTOS_RAY_FAST_TIER") and "ray" not in request.keywords:
+        import ray
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError(f"{request.node.nodeid} starts Ray: mark it @pytest.mark.ray")
+
+        monkeypatch.setattr(ray, "init", refuse)
+
+
 @pytest.fixture(scope="session")
 def aptos_dir() -> Path:
     path = SHARED_DATA / "aptos2019-224"

@@ -14,6 +14,19 @@ from PIL import Image
 
 from aptos_ray.data.format import SCHEMA, encode_image
 
+# The tiny model every training test starts from: timm's test_efficientnet (builds in milliseconds),
+# random init, 32 px, batches of 8; a test appends what it changes (a later --key=value wins).
+TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
+        "--data.image_size=32", "--train.batch_size=8", "--train.eval_batch_size=32", "--train.progress=false",
+        "--optim.warmup_epochs=0"]
+
+
+def tiny_model(**changes):
+    """The model section of ``TINY``, for tests that build a model without a config."""
+    from aptos_ray.config import ModelConfig
+
+    return ModelConfig(**{"name": "test_efficientnet", "pretrained": "none", "head": "classification", **changes})
+
 
 def write_split(out: Path, split: str, ids, grades, images) -> None:
     n = len(ids)

@@ -24,16 +24,15 @@ from aptos_ray.data.synthetic import render_fundus
 # ----------------------------------------------------------------------------- a small dataset
 
 
-def make_dataset(root: Path, encoding: str = "raw", originals: bool = True, n: int = 40, version: int = 2) -> Path:
+def make_dataset(root: Path, encoding: str = "raw", originals: bool = True, n: int = 40) -> Path:
     """A prepared dataset written by hand (records.SCHEMA, the manifest keys of ARCHITECTURE.md and
-    the per-image sidecar; ``version=1``: the older layout, per-image maps in the manifest and no
-    sidecar): ``n`` synthetic photographs, 2 quarantined inputs, two near-duplicate groups (one with
+    the per-image sidecar): ``n`` synthetic photographs, 2 quarantined inputs, two near-duplicate groups (one with
     conflicting grades), one very dark and one very bright original."""
     rng = np.random.default_rng(0)
     raw, out = root / "raw", root / "dataset"
     raw.mkdir(parents=True)
     grades = [g for g in GRADES for _ in range(n // 5)]
-    rows, sizes, brightness = [], {}, {}
+    rows, brightness = [], {}
     for k, grade in enumerate(grades):
         id_ = f"img_{k:03d}"
         original = render_fundus(grade, np.random.default_rng([9, k]), 96)[:, 8:88]  # 96 x 80, not square
@@ -49,7 +48,6 @@ def make_dataset(root: Path, encoding: str = "raw", originals: bool = True, n: i
         rows.append(dict(id=id_, grade=grade, split=split, image=encode_image(stored, encoding), height=48, width=48,
                          orig_height=96, orig_width=80, source=str(source) if originals else f"npz:{split}:{k}",
                          phash="0" * 64, dup_group=-1))
-        sizes[id_] = [96, 80]
         brightness[id_] = round(float(original.mean()), 2)
     groups = [["img_001", "img_002"], ["img_020", "img_021", "img_030"]]  # second: grades 2, 2, 3
     for g, ids in enumerate(groups):
@@ -66,9 +64,8 @@ def make_dataset(root: Path, encoding: str = "raw", originals: bool = True, n: i
         {"id": "bad_000", "source": str(raw / "bad_000.png"), "reason": "unreadable image: cannot identify image file"},
         {"id": "bad_001", "source": str(raw / "bad_001.png"), "reason": "tiny image: 20x20 < 32 | odd"},
     ]
-    grade_of = {r["id"]: r["grade"] for r in rows}
     manifest = {
-        "format_version": version, "created": "2026-01-01T00:00:00+00:00", "encoding": encoding, "image_size": 48,
+        "format_version": 2, "created": "2026-01-01T00:00:00+00:00", "encoding": encoding, "image_size": 48,
         "num_inputs": len(rows) + len(quarantined), "num_written": len(rows), "num_quarantined": len(quarantined),
         "counts": counts,
         "config": {"input": str(raw), "image_size": 48, "crop_border": True, "circle_mask": True, "ben_graham": False,
@@ -76,18 +73,12 @@ def make_dataset(root: Path, encoding: str = "raw", originals: bool = True, n: i
                    "dedup_max_distance": 4, "limit": 0},
         "input": {"path": str(raw)}, "content_hash": "ab" * 32,
     }
-    if version == 1:
-        manifest.update({"quarantined": quarantined, "original_sizes": sizes, "brightness": brightness,
-                         "duplicates": {"groups": groups, "conflicting": [
-                             {"ids": ids, "grades": [grade_of[i] for i in ids]} for ids in groups
-                             if len({grade_of[i] for i in ids}) > 1]}})
-    else:
-        manifest["duplicates"] = {"num_groups": len(groups), "num_cross_split": 0}
-        details = [{**{k: r[k] for k in ("id", "grade", "split", "source", "orig_height", "orig_width", "dup_group")},
-                    "reason": "", "brightness": brightness[r["id"]], "phash": r["phash"], "digest": "0" * 64}
-                   for r in rows]
-        details += [{**q, "grade": -1, "split": "", "dup_group": -1} for q in quarantined]
-        write_details(str(out), pa.Table.from_pylist(details, schema=DETAILS_SCHEMA))
+    manifest["duplicates"] = {"num_groups": len(groups), "num_cross_split": 0}
+    details = [{**{k: r[k] for k in ("id", "grade", "split", "source", "orig_height", "orig_width", "dup_group")},
+                "reason": "", "brightness": brightness[r["id"]], "phash": r["phash"], "digest": "0" * 64}
+               for r in rows]
+    details += [{**q, "grade": -1, "split": "", "dup_group": -1} for q in quarantined]
+    write_details(str(out), pa.Table.from_pylist(details, schema=DETAILS_SCHEMA))
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return out
 
@@ -195,17 +186,6 @@ def test_card_rewrite_replaces_the_old_card_atomically(tmp_path):
     assert (dataset / "card" / "README.md").read_text() == first, "same dataset, same card"
     assert not (dataset / "card" / "stale.png").exists()
     assert sorted(p.name for p in dataset.iterdir()) == [DETAILS, "card", "manifest.json", "test", "train", "val"]
-
-
-def test_card_of_a_format_1_dataset(tmp_path):
-    """Datasets prepared before the sidecar keep their per-image maps in the manifest: same card."""
-    dataset = make_dataset(tmp_path, version=1)
-    write_card(str(dataset))
-    text = check_card_against_manifest(dataset)
-    assert "| 96 x 80 | 40 |" in text and "2 inputs were left out: unreadable image (1), tiny image (1)" in text
-    assert "2 near-duplicate groups (5 images), 1 with conflicting grades" in text
-    under = next(line for line in text.splitlines() if line.startswith("- under-exposed"))
-    assert "`img_003`" in under
 
 
 def test_card_of_a_minimal_manifest(tmp_path):

@@ -105,4 +105,14 @@ def test_console_scripts_are_declared():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["scripts"]["aptos-ray"] == "aptos_ray.cli:main"
     assert "numpy>=2" in project["dependencies"]
-    assert {"optuna", "mlflow"} <= set(project["optional-dependencies"])
+    assert {"optuna", "mlflow", "explain"} <= set(project["optional-dependencies"])
+
+
+def test_declared_dependencies_are_the_imported_ones():
+    """What the package imports is declared, and a core dependency it never imports is not."""
+    tomllib = pytest.importorskip("tomllib")
+    core = " ".join(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"])
+    source = "\n".join(p.read_text() for p in (REPO / "aptos_ray").rglob("*.py"))
+    assert "safetensors" in core and "from safetensors" in source
+    assert "torchvision" not in core and not re.search(r"^\s*(import|from) torchvision", source, re.M)
+    assert "grad-cam" not in core  # --predict.explain's extra

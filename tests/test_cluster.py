@@ -267,8 +267,9 @@ def test_cluster_pins_lie_in_the_core_ranges_and_are_what_is_installed():
     for pin in pins:
         (spec,) = pin.specifier
         assert spec.operator == "==", pin
-        assert core[pin.name].specifier.contains(spec.version), f"{pin} is outside the core range {core[pin.name]}"
-        assert pin.extras == core[pin.name].extras, pin
+        if pin.name != "torchvision":  # timm's dependency, pinned only to match torch's build
+            assert core[pin.name].specifier.contains(spec.version), f"{pin} is outside the core range {core[pin.name]}"
+            assert pin.extras == core[pin.name].extras, pin
         installed = Version(version(pin.name)).public  # 2.14.1+cu130 -> 2.14.1: the build, not the version
         assert installed == spec.version, f"{pin.name} {installed} is installed, the cluster pin says {spec.version}"
 

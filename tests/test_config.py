@@ -1,13 +1,10 @@
-import dataclasses
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import pytest
 
-from aptos_ray.config import Config, ConfigError, config_from_dict, parse_args
-from aptos_ray.config_help import field_help, help_text
+from aptos_ray.config import SECTIONS, Config, ConfigError, config_from_dict, help_text, parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,10 +24,14 @@ def test_unknown_and_mistyped_keys_are_errors(tmp_path):
         parse_args(["--optim.lrr=0.1"])
     with pytest.raises(ConfigError, match="unknown config section 'optimm'"):
         parse_args(["--optimm.lr=0.1"])
-    with pytest.raises(ConfigError, match="'train.epochs' expects int"):
+    with pytest.raises(ConfigError, match="'train.epochs': input should be a valid integer"):
         parse_args(["--train.epochs=many"])
     with pytest.raises(ConfigError, match="ambiguous"):
         parse_args(["--seed=1"])  # prepare.seed, train.seed, synthetic.seed
+    empty = tmp_path / "empty_section.yaml"
+    empty.write_text("model:\n")
+    with pytest.raises(ConfigError, match=f"{empty}: config section 'model': input should be a dictionary"):
+        parse_args(["--config", str(empty)])
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  nmae: efficientnet_b3\n")
     with pytest.raises(ConfigError, match=f"{bad}.*model.nmae"):
@@ -63,37 +64,51 @@ def test_shipped_configs_load():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--train.epochs=0"], "train.epochs must be >= 1, got 0"),
-    (["--train.batch_size=0"], "train.batch_size must be >= 1, got 0"),
-    (["--optim.lr=-0.001"], "optim.lr must be > 0, got -0.001"),
-    (["--optim.lr=0"], "optim.lr must be > 0"),
-    (["--optim.scheduler=cosin"], "'optim.scheduler' must be one of cosine, step, none, got 'cosin'"),
-    (["--data.sampling=balanced"], "'data.sampling' must be one of none, inverse, sqrt"),
-    (["--model.head=ordinal"], "'model.head' must be one of regression, classification"),
+    (["--train.epochs=0"], "'train.epochs': input should be greater than or equal to 1, got 0"),
+    (["--train.batch_size=0"], "'train.batch_size': input should be greater than or equal to 1, got 0"),
+    (["--optim.lr=-0.001"], "'optim.lr': input should be greater than 0, got -0.001"),
+    (["--optim.lr=0"], "'optim.lr': input should be greater than 0"),
+    (["--optim.scheduler=cosin"], "'optim.scheduler': input should be 'cosine', 'step' or 'none', got 'cosin'"),
+    (["--data.sampling=balanced"], "'data.sampling': input should be 'none', 'inverse' or 'sqrt'"),
+    (["--model.head=ordinal"], "'model.head': input should be 'regression' or 'classification'"),
+    (["--data.materialize=maybe"], "'data.materialize' must be one of true, false, auto, got 'maybe'"),
     (["--model.name=efficientnet_bx", "--model.pretrained=none"], "model.name: 'efficientnet_bx' is not a timm model"),
     (["--model.name=efficientnet_b0"], "holds weights for timm's 'tf_efficientnet_lite0'"),  # default weights
     (["--model.name=auto", "--model.pretrained=none"], "model.name=auto picks the model from a weights package"),
     (["--model.pretrained=no_such_weights_package"], "no weights package or file 'no_such_weights_package'"),
     (["--model.batch_norm=frozen", "--model.pretrained=none", "--model.name=test_efficientnet"],
      "model.batch_norm=frozen keeps the pretrained BatchNorm statistics"),
-    (["--data.image_size=7"], "data.image_size must be 0 or >= 32, got 7"),
-    (["--scaling.num_workers=0"], "scaling.num_workers must be >= 1, got 0"),
-    (["--prepare.val_fraction=1"], "prepare.val_fraction must be >= 0 and < 1"),
+    (["--data.image_size=7"], "'data.image_size' must be 0 or >= 32, got 7"),
+    (["--data.folds=3", "--data.fold=3"], "data.fold must be 0..2 with data.folds=3, got 3"),
+    (["--scaling.num_workers=0"], "'scaling.num_workers': input should be greater than or equal to 1, got 0"),
+    (["--prepare.val_fraction=1"], "'prepare.val_fraction': input should be less than 1"),
     (["--prepare.val_fraction=0.5", "--prepare.test_fraction=0.5"], "no training images left"),
-    (["--model.drop_rate=1.5"], "model.drop_rate must be >= 0 and < 1"),
-    (["--predict.tta=9"], "predict.tta must be >= 0 and <= 7"),
+    (["--model.drop_rate=1.5"], "'model.drop_rate': input should be less than 1"),
+    (["--predict.tta=9"], "'predict.tta': input should be less than or equal to 7"),
     (["--tune.grace_period=5", "--train.epochs=3"], "tune.grace_period must be <= train.epochs=3"),
-    (["--tune.space={'optim.lr': {'uniform': [0, 0.01]}}"], r"tune.space\['optim.lr'\]: optim.lr must be > 0"),
-    (["--train.output=/proc/aptos"], "train.output '/proc/aptos' is inside /proc"),
+    (["--tune.space={'optim.lr': {'uniform': [0, 0.01]}}"],
+     r"tune.space\['optim.lr'\]: config key 'optim.lr': input should be greater than 0"),
+    (["--train.output=/proc/aptos"], "'train.output': '/proc/aptos' is inside /proc"),
 ])
 def test_bad_values_fail_at_parse_time_naming_the_key(args, message):
     with pytest.raises(ConfigError, match=message):
-        parse_args(args, sections=[*Config.__dataclass_fields__])  # as the tune job: every rule
+        parse_args(args, sections=SECTIONS)  # as the tune job: every rule
+
+
+def test_explain_without_grad_cam_is_one_line_naming_the_extra(monkeypatch):
+    from aptos_ray import config_checks
+
+    found = config_checks.importlib.util.find_spec
+    monkeypatch.setattr(config_checks.importlib.util, "find_spec",
+                        lambda name: None if name == "pytorch_grad_cam" else found(name))
+    with pytest.raises(ConfigError, match=r"predict.explain needs pytorch_grad_cam: pip install 'aptos-ray\[explain\]'"):
+        parse_args(["--predict.explain=2"], sections=["predict"])
+    parse_args(["--predict.explain=0"], sections=["predict"])
 
 
 def test_output_below_a_file_is_refused(tmp_path):
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(ConfigError, match="train.output '.*a_file/runs' is below the file"):
+    with pytest.raises(ConfigError, match="'train.output': '.*a_file/runs' is below the file"):
         parse_args([f"--train.output={tmp_path}/a_file/runs"])
     parse_args([f"--train.output={tmp_path}/new/runs"])  # a folder still to be made is fine
 
@@ -128,22 +143,16 @@ def test_validation_only_of_the_sections_a_job_reads():
 
 def test_every_field_has_a_help_line_type_and_default():
     text = help_text()
-    for section in dataclasses.fields(Config):
-        cls = typing.get_type_hints(Config)[section.name]
-        helps = field_help(cls)
-        for f in dataclasses.fields(cls):
-            assert helps.get(f.name), f"{section.name}.{f.name} has no comment in aptos_ray/config.py"
-            assert f"--{section.name}.{f.name}=" in text
+    for section, cls in SECTIONS.items():
+        for name, info in cls.__pydantic_fields__.items():
+            assert info.description, f"{section}.{name} has no description in aptos_ray/config.py"
+            assert f"--{section}.{name}=" in text
     assert "--optim.scheduler={cosine,step,none}  [default: cosine]" in text
     assert "--train.epochs=INT (>= 1)  [default: 10]" in text
     assert "--data.image_size=INT (0 or >= 32)  [default: 0]" in text
-    assert "StepLR decay" in text  # the comment in the source
-
-
-def test_field_help_reads_trailing_and_preceding_comments():
-    helps = field_help(type(Config().model))
-    assert helps["batch_norm"].startswith("BatchNorm statistics under DDP: local")  # the lines above it
-    assert helps["num_classes"] == "DR grades 0-4"  # the end of its line
+    assert "--data.materialize={true,false,auto}  [default: auto]" in text
+    assert "--prepare.val_fraction=FLOAT (>= 0 and < 1)  [default: 0.15]" in text
+    assert "StepLR decay" in text  # the field's description
 
 
 def test_bad_value_exits_2_before_torch_or_ray_is_imported():
@@ -152,12 +161,16 @@ def test_bad_value_exits_2_before_torch_or_ray_is_imported():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        "error: config key 'optim.scheduler' must be one of cosine, step, none, got 'cosin'"]
+        "error: config key 'optim.scheduler': input should be 'cosine', 'step' or 'none', got 'cosin'"]
 
 
-def test_a_checkpoint_of_an_earlier_version_still_reads():
+def test_a_checkpoint_saved_with_the_removed_keys_still_reads():
     saved = Config().to_dict()
-    saved["train"]["fail_at_epoch"] = -1  # saved into every checkpoint before the layout step
+    saved["model"]["num_classes"] = 5  # every config.yaml saved before the keys went
+    saved["train"]["amp"] = True
     assert config_from_dict(saved) == Config()
-    with pytest.raises(ConfigError, match="fail_at_epoch"):
-        parse_args(["--train.fail_at_epoch=1"])  # typed by a person, it is an unknown key
+    saved["train"]["amp"] = False  # meant fp32 whatever train.precision said
+    assert config_from_dict(saved).train.precision == "fp32"
+    for key in ("model.num_classes=3", "train.amp=false"):
+        with pytest.raises(ConfigError, match=f"unknown config key '{key.split('=')[0]}'"):
+            parse_args([f"--{key}"])  # typed by a person, it is an unknown key

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import helpers
 from helpers import aptos_subset
 
 from aptos_ray.config import parse_args
@@ -27,10 +28,8 @@ from aptos_ray.train.loop import DatasetInfo
 from aptos_ray.tune.cv import run_cv
 from aptos_ray.tune.cv_results import cross_fitted, decisions
 
-TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--data.image_size=32",
-        "--train.batch_size=8", "--train.eval_batch_size=32", "--train.progress=false", "--optim.lr=0.003",
-        "--optim.warmup_epochs=0", "--train.tracking=none", "--train.max_steps_per_epoch=2", "--train.threads=1",
-        "--local"]
+TINY = [*helpers.TINY, "--model.head=regression", "--optim.lr=0.003", "--train.tracking=none",
+        "--train.max_steps_per_epoch=2", "--train.threads=1", "--local"]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from aptos_ray.config import Config, ModelConfig
+import helpers
+from aptos_ray.config import Config
 from aptos_ray.infer.checkpoint import Checkpoint
 from aptos_ray.infer.explain import GROUPS, Explainer, last_conv_layer, overlay, select, write_explanations
 from aptos_ray.infer.grader import Grader
@@ -21,7 +22,7 @@ def tiny_grader(head: str, size: int = SIZE) -> Grader:
     """An untrained timm test_efficientnet as a Grader (weights seeded: the maps are reproducible)."""
     torch.manual_seed(0)
     cfg = Config()
-    cfg.model = ModelConfig(name="test_efficientnet", pretrained="none", head=head)
+    cfg.model = helpers.tiny_model(head=head)
     cfg.data.image_size = size
     model = create_model(cfg.model, load_pretrained=False)
     return Grader(Checkpoint("memory", cfg, model.state_dict(), None, 0, {}))

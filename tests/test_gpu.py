@@ -11,23 +11,22 @@ import copy
 import json
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
 from helpers import synthetic_subset
 
-from aptos_ray.config import ModelConfig, parse_args
+from aptos_ray.config import parse_args
 from aptos_ray.model.factory import create_model
 from aptos_ray.model.heads import get_head
 from aptos_ray.train.augment import GradeTransforms, prefetch_to_device
 from aptos_ray.train.driver import train
-from aptos_ray.train.step import AUTOCAST_DTYPES, autocast, grad_scaler, native_bf16, train_one_epoch
+from aptos_ray.train.step import AUTOCAST_DTYPES, Training, autocast, grad_scaler, native_bf16, train_one_epoch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
-        "--data.image_size=64", "--train.batch_size=8", "--train.eval_batch_size=32", "--train.progress=false",
-        "--optim.warmup_epochs=0", "--train.max_steps_per_epoch=4", "--scaling.use_gpu=true"]
+TINY = [*helpers.TINY, "--data.image_size=64", "--train.max_steps_per_epoch=4", "--scaling.use_gpu=true"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -41,7 +40,7 @@ def history(run_dir: Path) -> list[dict]:
 
 
 def tiny_model() -> torch.nn.Module:
-    return create_model(ModelConfig(name="test_efficientnet", pretrained="none", head="classification"))
+    return create_model(helpers.tiny_model())
 
 
 def test_resume_on_cuda_keeps_the_optimizer_on_the_gpu(fundus_data, tmp_path):
@@ -67,8 +66,9 @@ def test_mixed_precision_steps_train(precision):
     scaler = grad_scaler(precision)
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 256, (8, 72, 72, 3), dtype=np.uint8), rng.integers(0, 5, 8)) for _ in range(6)]
-    stats = train_one_epoch(model, batches, GradeTransforms(64, MEAN, STD), get_head("classification", 5).loss(None, 0.0),
-                            optimizer, None, device, scaler, precision, channels_last=True, steps=6)
+    training = Training(model, GradeTransforms(64, MEAN, STD), get_head("classification").loss(None, 0.0), optimizer,
+                        None, device, scaler, precision, channels_last=True)
+    stats = train_one_epoch(training, batches, steps=6)
     assert stats["train_images"] == 48 and np.isfinite(stats["train_loss"])
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert scaler.is_enabled() == (precision == "fp16")

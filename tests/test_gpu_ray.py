@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.ray,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
-def test_ray_restarts_a_failed_cuda_worker_from_its_checkpoint(fundus_data, tmp_path, ray_session, monkeypatch):
+def test_ray_restarts_a_failed_cuda_worker_from_its_checkpoint(fundus_data, tmp_path, ray_session, monkeypatch):  # noqa: F811  (the fixture imported from test_gpu)
     monkeypatch.setattr(ray_backend, "train_worker", failing_worker)  # rank 0 dies once in epoch 1
     ray.cloudpickle.register_pickle_by_value(helpers)  # the workers cannot import tests/helpers.py
     args = [*TINY, f"--data.dataset={fundus_data}", f"--train.output={tmp_path}", "--train.name=restart",
@@ -32,7 +32,7 @@ def test_ray_restarts_a_failed_cuda_worker_from_its_checkpoint(fundus_data, tmp_
 
 
 
-def test_two_ddp_ranks_share_one_gpu(fundus_data, tmp_path, ray_session):
+def test_two_ddp_ranks_share_one_gpu(fundus_data, tmp_path, ray_session):  # noqa: F811  (the fixture imported from test_gpu)
     """Two Ray Train workers on one GPU (0.5 each): NCCL refuses two ranks on one device, so gloo."""
     train(parse_args([*TINY, f"--data.dataset={fundus_data}", f"--train.output={tmp_path}", "--train.name=ddp",
                       "--scaling.num_workers=2", "--scaling.gpus_per_worker=0.5", "--train.epochs=1"]))
@@ -41,7 +41,7 @@ def test_two_ddp_ranks_share_one_gpu(fundus_data, tmp_path, ray_session):
     assert np.isfinite(epoch["train_loss"])
 
 
-def test_sync_batchnorm_on_two_ranks(fundus_data, tmp_path, ray_session):
+def test_sync_batchnorm_on_two_ranks(fundus_data, tmp_path, ray_session):  # noqa: F811  (the fixture imported from test_gpu)
     share = 1 if torch.cuda.device_count() >= 2 else 0.5  # one GPU per rank (NCCL, the real setup) if there are 2
     args = [*TINY, f"--data.dataset={fundus_data}", f"--train.output={tmp_path}", "--train.name=syncbn",
             "--scaling.num_workers=2", f"--scaling.gpus_per_worker={share}", "--train.epochs=1",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aptos_ray.config import ModelConfig
+from aptos_ray.config import ConfigError, ModelConfig, parse_args
 from aptos_ray.model import weights as models
 from aptos_ray.model.factory import (
     create_model,
@@ -55,13 +55,13 @@ def test_heads_and_output_shapes():
     with torch.no_grad():
         assert tiny().eval()(x).shape == (2, 5)
         assert tiny(head="regression")(x).shape == (2, 1)
-    with pytest.raises(ValueError, match="model.head"):
+    with pytest.raises(ValueError, match="head\n  Input should be 'regression' or 'classification'"):
         tiny(head="ordinal")
 
 
 def test_unknown_model_name_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown timm model 'efficientnet_b99'"):
-        create_model(plain_config(name="efficientnet_b99"))
+    with pytest.raises(ConfigError, match="'efficientnet_b99' is not a timm model"):
+        parse_args(["--model.name=efficientnet_b99", "--model.pretrained=none"])
 
 
 def test_drop_path_rate_only_where_accepted():
@@ -98,8 +98,8 @@ def test_auto_name_and_package_mapping():
 
 @pytest.mark.parametrize("name", ["efficientnet_b0", "efficientnet_lite0"])
 def test_package_for_the_wrong_model_says_which_fits(name):
-    with pytest.raises(ValueError, match="--model.name=tf_efficientnet_lite0"):
-        create_model(plain_config(name=name, pretrained=LITE0))
+    with pytest.raises(ConfigError, match="--model.name=tf_efficientnet_lite0"):
+        parse_args([f"--model.name={name}", f"--model.pretrained={LITE0}"])
 
 
 def test_missing_package_suggests_install():
@@ -111,7 +111,7 @@ def test_missing_package_suggests_install():
 
 
 def test_lite0_package_loads_every_tensor_in_order(lite0_state):
-    model = create_model(plain_config(name="auto", pretrained=LITE0, num_classes=1000))
+    model = create_model(plain_config(name="auto", pretrained=LITE0), num_outputs=1000)
     loaded = list(model.state_dict().values())
     assert len(loaded) == len(lite0_state) == 296
     for ours, theirs in zip(loaded, lite0_state.values()):
@@ -120,7 +120,7 @@ def test_lite0_package_loads_every_tensor_in_order(lite0_state):
 
 def test_lite0_matches_reference_outputs_recorded(lite0_state):
     """Logits of the package's reference model (efficientnet_lite_pytorch, recorded once)."""
-    model = create_model(plain_config(name="auto", pretrained=LITE0, num_classes=1000)).eval()
+    model = create_model(plain_config(name="auto", pretrained=LITE0), num_outputs=1000).eval()
     with torch.no_grad():
         out = model(probe_input())
     assert out.argmax(1).tolist() == [782, 978]
@@ -141,7 +141,7 @@ def test_lite_matches_reference_model_exactly(index, size):
     reference = reference_lib.EfficientNet.from_pretrained(
         f"efficientnet-lite{index}", weights_path=str(models.package_weights_path(package))
     ).eval()
-    ours = create_model(plain_config(name="auto", pretrained=package, num_classes=1000)).eval()
+    ours = create_model(plain_config(name="auto", pretrained=package), num_outputs=1000).eval()
     x = probe_input(size)[:1]
     with torch.no_grad():
         assert (reference(x) - ours(x)).abs().max().item() == 0.0
@@ -196,7 +196,7 @@ def test_b0_cannot_take_lite_weights_from_a_file(lite0_state, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_file_loading_keeps_backbone_drops_mismatched_head(tmp_path, suffix):
-    source = create_model(plain_config(name=TINY, num_classes=1000)).eval()
+    source = create_model(plain_config(name=TINY), num_outputs=1000).eval()
     path = tmp_path / f"weights{suffix}"
     if suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -292,7 +292,7 @@ def test_frozen_bn_keeps_pretrained_statistics_while_training(lite0_state):
 
 
 def test_frozen_bn_without_pretrained_weights_is_a_clear_error():
-    with pytest.raises(ValueError, match="batch_norm=frozen.*pretrained=none"):
-        create_model(plain_config(name=TINY, batch_norm="frozen"))
-    with pytest.raises(ValueError, match="model.batch_norm must be one of"):
-        create_model(plain_config(name=TINY, batch_norm="syncbn"))
+    with pytest.raises(ConfigError, match="batch_norm=frozen.*pretrained=none"):
+        parse_args([f"--model.name={TINY}", "--model.pretrained=none", "--model.batch_norm=frozen"])
+    with pytest.raises(ValueError, match="batch_norm\n  Input should be 'local', 'sync' or 'frozen'"):
+        plain_config(name=TINY, batch_norm="syncbn")

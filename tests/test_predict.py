@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import helpers
 from helpers import aptos_subset
 from sklearn.metrics import accuracy_score, cohen_kappa_score, recall_score
 
@@ -37,10 +38,7 @@ from aptos_ray.train.driver import train
 REPO = Path(__file__).resolve().parents[1]
 # lr 0.01 for 2 epochs: a poor model, but one that predicts several grades (lower rates give
 # one constant grade, which would make the metric checks below trivially true)
-TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
-        "--data.image_size=32", "--train.batch_size=8",
-        "--train.eval_batch_size=32", "--train.progress=false", "--optim.lr=0.01",
-        "--optim.warmup_epochs=0", "--train.epochs=2"]
+TINY = [*helpers.TINY, "--optim.lr=0.01", "--train.epochs=2"]
 
 
 @pytest.fixture(scope="module")
@@ -151,8 +149,8 @@ def test_tta_averages_the_probabilities_of_flipped_views(run, dataset):
     np.testing.assert_allclose(np.stack([got[f"prob_{g}"] for g in range(5)], 1), expected.numpy(), atol=1e-5)
     np.testing.assert_array_equal(got["predicted"], expected.argmax(1).numpy())
     assert np.allclose(got["p_referable"], expected[:, 2:].sum(1).numpy(), atol=1e-5)
-    with pytest.raises(ConfigError, match="predict.tta"):
-        Grader(checkpoint, tta=len(TTA_VIEWS) + 1)
+    with pytest.raises(ConfigError, match="'predict.tta': input should be less than or equal to 7"):
+        parse_args([f"--predict.tta={len(TTA_VIEWS) + 1}"], sections=["predict"])  # checked once, there
 
 
 def test_regression_head_applies_the_saved_cut_points(dataset, tmp_path):
@@ -339,7 +337,7 @@ def test_quality_verdicts_and_explanations_end_to_end(run, aptos_dir, ray_sessio
     the Kaggle submission unchanged, Grad-CAM overlays written and the report showing both."""
     from PIL import Image
 
-    from aptos_ray.infer.quality import degrade
+    from benchmarks.degradations import degrade
 
     root = tmp_path / "raw"
     (root / "test_images").mkdir(parents=True)

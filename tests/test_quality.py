@@ -10,16 +10,8 @@ import pytest
 from PIL import Image
 
 from aptos_ray.data.synthetic import render_fundus
-from aptos_ray.infer.quality import (
-    DEGRADATIONS,
-    QUALITY_COLUMNS,
-    REASONS,
-    Thresholds,
-    assess,
-    assess_many,
-    degrade,
-    verdict,
-)
+from aptos_ray.infer.quality import QUALITY_COLUMNS, REASONS, Thresholds, assess, assess_many, verdict
+from benchmarks.degradations import DEGRADATIONS, degrade
 
 EXPECTED = {kind: reason for kind, reason in DEGRADATIONS.items() if reason is not None}
 

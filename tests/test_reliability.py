@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import helpers
 from helpers import aptos_subset
 from PIL import Image
 
@@ -42,9 +43,7 @@ from aptos_ray.train import local as local_backend
 from aptos_ray.train.checkpoint import checkpoint_folders
 from aptos_ray.train.driver import train
 
-TINY = ["--local", "--model.name=test_efficientnet", "--model.pretrained=none", "--data.image_size=32",
-        "--train.batch_size=8", "--train.eval_batch_size=32", "--train.progress=false",
-        "--optim.warmup_epochs=0"]
+TINY = ["--local", *helpers.TINY, "--model.head=regression"]
 
 
 @pytest.fixture(scope="module")

@@ -229,12 +229,12 @@ def test_generate_never_overwrites_a_foreign_folder(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not synthetic")
     with pytest.raises(FileExistsError):
-        generate(SyntheticConfig(output=str(foreign), num_images=5, image_size=64))
+        generate(SyntheticConfig(output=str(foreign), num_images=10, image_size=64))
     assert (foreign / "notes.txt").read_text() == "not synthetic"
 
 
 def test_generate_redoes_an_interrupted_output(tmp_path):
-    cfg = SyntheticConfig(output=str(tmp_path / "raw"), num_images=6, image_size=64)
+    cfg = SyntheticConfig(output=str(tmp_path / "raw"), num_images=10, image_size=64)
     out = generate(cfg)
     (out / COMPLETE_MARKER).write_text("{}")  # e.g. written by an older generator version
     (out / "train.csv").unlink()

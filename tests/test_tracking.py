@@ -11,11 +11,10 @@ import pytest
 
 from aptos_ray.config import parse_args
 from aptos_ray.train.driver import train
+import helpers
 from helpers import aptos_subset
 
-TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
-        "--data.image_size=32", "--train.batch_size=8", "--train.eval_batch_size=32", "--train.progress=false",
-        "--optim.warmup_epochs=0", "--local"]
+TINY = [*helpers.TINY, "--local"]
 
 
 @pytest.fixture(scope="module")

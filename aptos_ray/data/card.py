@@ -361,7 +361,7 @@ def _id_list(ids: list[str], values: dict, limit: int = 30) -> str:
 
 def _dup_groups_ordered(groups: list[dict], info: dict) -> list[dict]:
     """Duplicate groups (``details.duplicate_groups``), conflicting ones first (then the larger ones)."""
-    for g in groups:  # a format-1 sidecar (from the manifest) knows no grades: the rows do
+    for g in groups:  # an input without a usable grade (-1): the stored rows may still know it
         g["grades"] = [info["grade"].get(i, "?") if gr is None or gr < 0 else gr for i, gr in zip(g["ids"], g["grades"])]
         g["conflicting"] = len(set(g["grades"])) > 1
     return sorted(groups, key=lambda g: (not g["conflicting"], -len(g["ids"]), g["ids"]))

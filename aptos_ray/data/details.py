@@ -8,7 +8,6 @@ be per-image maps in ``manifest.json`` (``original_sizes``, ``brightness``, ``qu
 
 The leading underscore keeps it out of the rows: Ray Data and pyarrow datasets skip ``_`` and
 ``.`` files when they read a folder, so ``read_parquet(<dataset>)`` still yields only images.
-Datasets of format 1 (maps in the manifest, no sidecar) are read through ``from_manifest``.
 """
 
 from __future__ import annotations
@@ -46,34 +45,13 @@ def write_details(dataset: str, table: pa.Table) -> None:
 
 
 def read_details(dataset: str, manifest: dict, columns: list[str] | None = None) -> pa.Table:
-    """The sidecar's rows (only ``columns`` when given); from the manifest's maps for format 1."""
+    """The sidecar's rows (only ``columns`` when given); none for a dataset written without one."""
     path = storage.join(dataset, DETAILS)
     if not storage.exists(path):
-        table = from_manifest(manifest)
+        table = SCHEMA.empty_table()
         return table.select(columns) if columns else table
     fs, inner = storage.filesystem(path)
     return pq.read_table(inner, filesystem=fs, columns=columns)
-
-
-def from_manifest(manifest: dict) -> pa.Table:
-    """A format-1 manifest's per-image maps as sidecar rows (the columns it has; the rest empty)."""
-    sizes, brightness = manifest.get("original_sizes") or {}, manifest.get("brightness") or {}
-    group_of = {i: g for g, ids in enumerate((manifest.get("duplicates") or {}).get("groups", [])) for i in ids}
-    written = sorted(set(sizes) | set(brightness))
-    quarantined = manifest.get("quarantined") or []
-    ids = written + [str(q.get("id", "")) for q in quarantined]
-    n_w = len(written)
-    return pa.table({
-        "id": ids, "grade": pa.array([-1] * len(ids), pa.int8()),
-        "split": [""] * len(ids), "source": [""] * n_w + [str(q.get("source", "")) for q in quarantined],
-        "reason": [""] * n_w + [str(q.get("reason", "")) for q in quarantined],
-        "orig_height": pa.array([(sizes.get(i) or [None])[0] for i in written] + [None] * len(quarantined), pa.int32()),
-        "orig_width": pa.array([(sizes.get(i) or [None, None])[1] for i in written] + [None] * len(quarantined),
-                               pa.int32()),
-        "brightness": pa.array([brightness.get(i) for i in written] + [None] * len(quarantined), pa.float64()),
-        "phash": [""] * len(ids), "digest": [""] * len(ids),
-        "dup_group": pa.array([group_of.get(i, -1) for i in written] + [-1] * len(quarantined), pa.int32()),
-    }, schema=SCHEMA)
 
 
 def written(table: pa.Table) -> pa.Table:

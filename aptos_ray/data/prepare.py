@@ -39,7 +39,7 @@ from PIL import Image
 from ray.data.datasource import FilenameProvider
 
 from aptos_ray import storage
-from aptos_ray.config import Config, ConfigError, PrepareConfig
+from aptos_ray.config import Config, PrepareConfig
 from aptos_ray.data.card import write_card
 from aptos_ray.data.details import write_details
 from aptos_ray.data.format import (
@@ -120,7 +120,6 @@ def prepare(cfg: Config) -> Path | str:
     p = cfg.prepare
     if p.card_only:
         return _card_only(p.output)
-    _check_fractions(p)
     _check_output(p.output)
     _check_output_outside_input(p)
     src = read_source(p)
@@ -134,17 +133,6 @@ def prepare(cfg: Config) -> Path | str:
     if p.card:
         _write_card(p.output, required=False)
     return p.output if storage.is_uri(p.output) else Path(p.output)
-
-
-def _check_fractions(p: PrepareConfig) -> None:
-    if not (0 <= p.val_fraction < 1 and 0 <= p.test_fraction < 1 and p.val_fraction + p.test_fraction < 1):
-        raise ConfigError(
-            f"prepare.val_fraction ({p.val_fraction}) + prepare.test_fraction ({p.test_fraction}) must be in [0, 1)"
-        )
-    if p.encoding not in ("raw", "png"):
-        raise ConfigError(f"prepare.encoding must be raw or png, got {p.encoding!r}")
-    if p.image_size < 8:
-        raise ConfigError(f"prepare.image_size must be at least 8, got {p.image_size}")
 
 
 def _check_output(output: str) -> None:

@@ -24,7 +24,7 @@ from aptos_ray import storage
 from aptos_ray.data.embedded import LOOK_KEYS
 from aptos_ray.errors import ConfigError, MissingFileError
 from aptos_ray.infer.checkpoint import Checkpoint, read_checkpoint, resolve_checkpoint
-from aptos_ray.infer.grader import PROB_COLUMNS, Grader, check_tta
+from aptos_ray.infer.grader import PROB_COLUMNS, Grader
 from aptos_ray.metrics import p_referable
 
 CV_FILE = "cv.json"  # tune.cv_results writes it; read here as data (infer does not import tune)
@@ -133,7 +133,6 @@ class EnsembleGrader:
 
     def __init__(self, checkpoints: list[Checkpoint], device: torch.device | str = "cpu", tta: int = 0,
                  cut_points: list[float] | None = None, referral: dict | None = None):
-        check_tta(tta)
         self.graders = [Grader(c, device, tta) for c in checkpoints]
         check_heads({c.path: f"{g.head.name} head" for c, g in zip(checkpoints, self.graders)})
         self.head = self.graders[0].head

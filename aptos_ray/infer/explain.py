@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-REFERABLE_GRADE = 2
+from aptos_ray.metrics import REFERABLE_GRADE
+
 GROUPS = {
     "confident_referable": "most confident referable (predicted grade >= 2, highest score)",
     "uncertain": "most uncertain (score nearest a grade boundary)",

@@ -25,6 +25,7 @@ from aptos_ray import storage
 from aptos_ray.config import Config, ConfigError
 from aptos_ray.data.format import GRADE_NAMES
 from aptos_ray.errors import ExportError
+from aptos_ray.metrics import NUM_GRADES
 from aptos_ray.infer.checkpoint import prepare_config, read_checkpoint
 from aptos_ray.infer.grader import Grader
 
@@ -111,7 +112,7 @@ def metadata(grader: Grader, checkpoint, exporter: str, parity: dict, prepare: d
                        "steps": "crop the black border, pad-resize to image_size square, Ben Graham (if set), "
                                 "circle mask (if set): aptos_ray.data.preprocess.preprocess"},
         },
-        "head": head.name, "num_classes": cfg.model.num_classes, "cut_points": grader.cut_points,
+        "head": head.name, "num_classes": NUM_GRADES, "cut_points": grader.cut_points,
         "decode": head.decoding(grader.cut_points),
         "grade_names": list(GRADE_NAMES),
         "model": cfg.model.name, "checkpoint": checkpoint.path, "epoch": checkpoint.epoch,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from aptos_ray.config import ConfigError
 from aptos_ray.infer.checkpoint import Checkpoint
 from aptos_ray.metrics import NUM_GRADES
 from aptos_ray.model.factory import create_model, model_data_config
@@ -34,24 +33,18 @@ TTA_VIEWS = (
 )
 
 
-def check_tta(tta: int) -> None:
-    if not 0 <= tta <= len(TTA_VIEWS):
-        raise ConfigError(f"predict.tta must be 0..{len(TTA_VIEWS)} (extra flipped/rotated views), got {tta}")
-
-
 class Grader:
     """A checkpoint's model with its transforms: uint8 NHWC images -> grades, scores, probabilities."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device | str = "cpu", tta: int = 0):
-        check_tta(tta)
         cfg = checkpoint.config
         self.device = torch.device(device)
-        self.head = get_head(cfg.model.head, cfg.model.num_classes)
+        self.head = get_head(cfg.model.head)
         self.cut_points = checkpoint.cut_points
         self.tta = tta
         # As validation ran in training; a bf16 run predicted on a GPU without bf16 falls back to fp16.
         precision = "auto" if cfg.train.precision == "bf16" else cfg.train.precision
-        self.precision = resolve_precision(precision, self.device, cfg.train.amp)
+        self.precision = resolve_precision(precision, self.device)
         model = create_model(cfg.model, load_pretrained=False)
         load_weights(model, {"model": checkpoint.state_dict}, cfg, checkpoint.path)
         self.model = model.to(self.device).eval()

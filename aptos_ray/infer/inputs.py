@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 from aptos_ray import storage
 from aptos_ray.config import ConfigError, PrepareConfig
-from aptos_ray.data.format import MANIFEST, SPLITS, read_manifest, read_split
 from aptos_ray.data.embedded import LOOK_KEYS
+from aptos_ray.data.format import MANIFEST, read_manifest, read_split
 from aptos_ray.data.layouts import Reading, Source, read_layout
 from aptos_ray.errors import DataError, MissingFileError
 
@@ -75,8 +75,6 @@ def raw_inputs(src: Source, images: str) -> Inputs:
 
 
 def prepared_inputs(dataset: str, split: str) -> Inputs:
-    if split not in SPLITS:
-        raise ConfigError(f"predict.split must be one of {', '.join(SPLITS)}, got '{split}'")
     manifest = read_manifest(dataset)
     counts = manifest.get("counts", {}).get(split)
     num_rows = sum(int(n) for n in counts.values()) if counts else read_split(dataset, split, ["id"]).num_rows

@@ -41,7 +41,7 @@ from aptos_ray.data.preprocess import ImageError, preprocess
 from aptos_ray.data.sources import read_photo, stop_on_driver_only_paths
 from aptos_ray.infer.checkpoint import Checkpoint, prepare_config, read_checkpoint
 from aptos_ray.infer.ensemble import build_grader, checkpoint_for_driver, read_ensemble
-from aptos_ray.infer.grader import PROB_COLUMNS, Grader, check_tta
+from aptos_ray.infer.grader import PROB_COLUMNS, Grader
 from aptos_ray.infer.inputs import Inputs, find_inputs, normalisation_of, preprocessing_differences
 from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
 from aptos_ray.infer.quality import as_columns, assess_photo, decode_size, not_assessed
@@ -273,11 +273,6 @@ def _rows_to_driver(ds) -> pd.DataFrame:
 def predict(cfg: Config) -> dict:
     """Predict ``cfg.predict.images`` with ``cfg.predict.checkpoint``; returns the summary (predict.json)."""
     p = cfg.predict
-    if p.batch_size < 1 or p.num_actors < 1:
-        raise ConfigError(f"predict.batch_size and predict.num_actors must be >= 1, got {p.batch_size}, {p.num_actors}")
-    check_tta(p.tta)
-    if p.explain < 0:
-        raise ConfigError(f"predict.explain must be >= 0 (images per group to explain), got {p.explain}")
     ensemble = read_ensemble(p.checkpoint)  # one checkpoint, several, or a cross-validation's fold models
     checkpoint, for_actors = checkpoint_for_driver(ensemble)
     inputs = find_inputs(p.images, p.split)

@@ -30,9 +30,8 @@ from aptos_ray.infer.report_render import (
     render_html,
     render_markdown,
 )
-from aptos_ray.metrics import NUM_GRADES, grading_metrics
+from aptos_ray.metrics import NUM_GRADES, REFERABLE_GRADE, grading_metrics
 
-REFERABLE_GRADE = 2  # moderate NPDR or worse: the usual referral threshold in DR screening
 RESAMPLES = 1000
 SEED = 0
 # The starting point this project improves on: the seed notebook's hold-out figures.

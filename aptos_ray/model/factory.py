@@ -12,13 +12,12 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from aptos_ray.config import ConfigError, ModelConfig
+from aptos_ray.config import ModelConfig
 from aptos_ray.model.heads import get_head
 from aptos_ray.model.weights import (
     LITE_MEAN,
     LITE_STD,
     WeightsError,
-    check_package_fits,
     load_weights,
     package_name,
     package_weights_path,
@@ -31,35 +30,22 @@ from aptos_ray.model.weights import (
 
 log = logging.getLogger(__name__)
 
-BATCH_NORM_MODES = ("local", "sync", "frozen")
 # --- the factory ----------------------------------------------------------------------------------
 
 
-def check_model_name(cfg: ModelConfig) -> str:
-    """The timm name ``cfg.name`` stands for; ``ConfigError`` when timm has no such model."""
-    name = resolve_model_name(cfg)
-    if not timm.is_model(name):
-        raise ConfigError(
-            f"model.name: unknown timm model '{name}'; list candidates with "
-            f"timm.list_models('*{name.split('_')[0]}*')"
-        )
-    return name
-
-
-def create_model(cfg: ModelConfig, load_pretrained: bool = True) -> nn.Module:
+def create_model(cfg: ModelConfig, load_pretrained: bool = True, num_outputs: int | None = None) -> nn.Module:
     """A timm model with a grade head, with ``cfg.pretrained`` weights loaded.
 
     ``load_pretrained=False`` builds the same architecture (and normalisation) without touching
     any weights source: for restoring a checkpoint, where the weights come from the checkpoint.
+    ``num_outputs`` replaces the head's width (1000 keeps an ImageNet classifier, to compare weights).
     """
-    name = check_model_name(cfg)
+    outputs = num_outputs or get_head(cfg.head).num_outputs
+    name = resolve_model_name(cfg)  # model.name and the weights were checked with the config
     kind = pretrained_kind(cfg.pretrained)
-    check_batch_norm(cfg)
-    if kind == "package":
-        check_package_fits(cfg.pretrained, name)
 
     hub = load_pretrained and kind == "hub"
-    model = _hub_model(name, cfg) if hub else _timm_model(name, cfg, pretrained=False)
+    model = _hub_model(name, cfg, outputs) if hub else _timm_model(name, cfg, outputs, pretrained=False)
 
     if kind == "package" and timm_name_for_package(cfg.pretrained):
         _set_normalisation(model, LITE_MEAN, LITE_STD)
@@ -128,8 +114,8 @@ def keep_grade_head_fp32(model: nn.Module) -> None:
     setattr(model.get_submodule(parent_name), child, fp32)
 
 
-def _timm_model(name: str, cfg: ModelConfig, pretrained: bool) -> nn.Module:
-    kwargs = {"pretrained": pretrained, "num_classes": get_head(cfg.head, cfg.num_classes).num_outputs, "drop_rate": cfg.drop_rate}
+def _timm_model(name: str, cfg: ModelConfig, outputs: int, pretrained: bool) -> nn.Module:
+    kwargs = {"pretrained": pretrained, "num_classes": outputs, "drop_rate": cfg.drop_rate}
     if cfg.drop_path_rate > 0:
         try:
             return timm.create_model(name, drop_path_rate=cfg.drop_path_rate, **kwargs)
@@ -141,12 +127,12 @@ def _timm_model(name: str, cfg: ModelConfig, pretrained: bool) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-def _hub_model(name: str, cfg: ModelConfig) -> nn.Module:
+def _hub_model(name: str, cfg: ModelConfig, outputs: int) -> nn.Module:
     pretrained_cfg = timm.models.get_pretrained_cfg(name)
     if pretrained_cfg is None or not (pretrained_cfg.url or pretrained_cfg.hf_hub_id or pretrained_cfg.file):
         raise WeightsError(f"timm has no pretrained weights for '{name}'; use model.pretrained=none or a weights file")
     try:
-        return _timm_model(name, cfg, pretrained=True)
+        return _timm_model(name, cfg, outputs, pretrained=True)
     except Exception as e:  # network, DNS, proxy, cache errors all look different: say what to do instead
         raise WeightsError(
             f"model.pretrained=hub: could not download timm's weights for '{name}' (the model hub is "
@@ -217,21 +203,3 @@ def maybe_sync_bn(model: nn.Module, enabled: bool) -> nn.Module:
     return convert_sync_batchnorm(model)
 
 
-def check_sync_bn_device(batch_norm: str, world_size: int, on_gpu: bool) -> None:
-    """torch's SyncBatchNorm raises on CPU tensors under DDP: say so before any worker starts."""
-    if batch_norm == "sync" and world_size > 1 and not on_gpu:
-        raise ConfigError(
-            "model.batch_norm=sync needs GPU workers: torch's SyncBatchNorm does not run on CPU under DDP. "
-            "On CPU use --model.batch_norm=local or frozen (with pretrained weights), or --scaling.use_gpu=true."
-        )
-
-
-def check_batch_norm(cfg: ModelConfig) -> None:
-    if cfg.batch_norm not in BATCH_NORM_MODES:
-        raise ConfigError(f"model.batch_norm must be one of {', '.join(BATCH_NORM_MODES)}, got '{cfg.batch_norm}'")
-    if cfg.batch_norm == "frozen" and pretrained_kind(cfg.pretrained) == "none":
-        raise ConfigError(
-            "model.batch_norm=frozen keeps the pretrained BatchNorm statistics, but model.pretrained=none "
-            "has none (every layer would normalise with mean 0, variance 1). Use pretrained weights, or "
-            "--model.batch_norm=local / sync."
-        )

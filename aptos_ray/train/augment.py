@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's adjust_contrast uses
-# data.colour=camera: the extra colour jitter for photographs from other cameras (issue 18: another
-# clinic's images lost grade-0 recall to a colour/exposure shift); ranges of common fundus cameras'
+# data.colour=camera: the extra colour jitter for photographs from other cameras (another clinic's
+# images lost grade-0 recall to a colour/exposure shift); ranges of common fundus cameras'
 # differences in white balance and exposure curve, not tuned on a split
 CAMERA = {"channel_gain": 0.1, "gamma": 0.3}
 

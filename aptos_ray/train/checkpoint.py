@@ -36,7 +36,7 @@ HISTORY_FILE = "history.json"
 CHECKPOINT_DIR = re.compile(r"checkpoint_epoch_(\d+)$")
 NOT_A_CHECKPOINT = "not a valid checkpoint (truncated or not a training checkpoint)"
 # What must match between a checkpoint and the config that loads its weights.
-MODEL_KEYS = ("name", "head", "num_classes")
+MODEL_KEYS = ("name", "head")
 
 
 def checkpoint_name(epoch: int) -> str:

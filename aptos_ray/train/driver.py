@@ -9,7 +9,6 @@ from aptos_ray import storage
 from aptos_ray.config import Config
 from aptos_ray.data.embedded import check_validation_split, ensure_dataset, record_preprocessing
 from aptos_ray.errors import ExistingFileError, MissingFileError
-from aptos_ray.model.factory import check_batch_norm, check_model_name, check_sync_bn_device
 from aptos_ray.ownership import check_is_folder, claimed
 from aptos_ray.ray_internals import CHECKPOINT_MANAGER_SNAPSHOT
 from aptos_ray.train.checkpoint import (
@@ -30,7 +29,6 @@ from aptos_ray.train.resume import (
     read_saved_config,
     run_name,
 )
-from aptos_ray.train.step import check_precision
 
 RAY_RECORD = CHECKPOINT_MANAGER_SNAPSHOT  # Ray Train's record of a run's kept checkpoints
 
@@ -57,11 +55,6 @@ def train(cfg: Config) -> dict:
     cfg.train.output = storage.absolute(cfg.train.output)
     run_dir = storage.join(cfg.train.output, cfg.train.name)
     check_is_folder(run_dir)
-    check_batch_norm(cfg.model)  # here, not first inside the Ray workers
-    check_precision(cfg.train.precision)
-    check_model_name(cfg.model)
-    if not cfg.train.local:
-        check_sync_bn_device(cfg.model.batch_norm, cfg.scaling.num_workers, cfg.scaling.use_gpu)
     with claimed(run_dir, "run", "wait for it to end, or pick another --train.name"):
         return train_claimed(cfg, run_dir)
 

@@ -22,9 +22,8 @@ import torch.distributed as dist
 
 from aptos_ray import storage
 from aptos_ray.config import Config, OptimConfig
-from aptos_ray.metrics import grading_metrics
+from aptos_ray.metrics import NUM_GRADES, grading_metrics
 from aptos_ray.model.factory import (
-    check_sync_bn_device,
     create_model,
     maybe_sync_bn,
     model_data_config,
@@ -40,6 +39,7 @@ from aptos_ray.train.sampling import repeat_rates, resample_batches
 from aptos_ray.train.augment import CAMERA, GradeTransforms
 from aptos_ray.train.tracking import Tracker
 from aptos_ray.train.step import (
+    Training,
     fixed_step_minibatches,
     grad_scaler,
     predict_outputs,
@@ -152,7 +152,7 @@ def build_scheduler(optim: OptimConfig, optimizer, steps: int, epochs: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [for_group(g) for g in optimizer.param_groups])
 
 
-def class_weights(counts: dict[int, int], num_classes: int) -> torch.Tensor:
+def class_weights(counts: dict[int, int], num_classes: int = NUM_GRADES) -> torch.Tensor:
     """The seed's weights: total / (classes * count), 0 for a grade that is absent."""
     total = sum(counts.values())
     return torch.tensor(
@@ -209,16 +209,39 @@ def fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
         return _fit(cfg, backend, info)
 
 
+@dataclass
+class Run:
+    """One rank's run, built once: what every epoch trains with, and where the record goes."""
+
+    training: Training
+    head: Head
+    steps: int
+    rates: dict[int, float]  # per-grade repeat rates of the weighted resampling
+    start_epoch: int
+    history: list[dict]
+    tracker: Tracker | None  # rank 0's TensorBoard / MLflow history
+
+
 def _fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
+    run = build_run(cfg, backend, info)
+    metrics: dict = {}
+    for epoch in range(run.start_epoch, cfg.train.epochs):
+        metrics, cut_points = run_epoch(cfg, backend, info, run, epoch)
+        save_epoch(cfg, backend, info, run, metrics, cut_points)
+    if run.tracker is not None:
+        run.tracker.close()
+    return metrics
+
+
+def build_run(cfg: Config, backend: Backend, info: DatasetInfo) -> Run:
+    """The model (restored when the backend has a checkpoint), transforms, loss, optimizer and schedule."""
     rank, device = backend.rank, backend.device
-    is_main = rank == 0
     torch.manual_seed(cfg.train.seed + rank)
     if device.type == "cuda":  # peak_gpu_memory_mb is this run's, also when a process runs several
         torch.cuda.reset_peak_memory_stats(device)
     restored = backend.restored_state()
     # A restored run takes its weights from the checkpoint: no hub or package read.
     model = create_model(cfg.model, load_pretrained=restored is None)
-    check_sync_bn_device(cfg.model.batch_norm, backend.world_size, device.type == "cuda")
     model = maybe_sync_bn(model, cfg.model.batch_norm == "sync" and backend.world_size > 1)
     if restored is not None:
         load_weights(model, restored, cfg, restored.get("path", "the restored checkpoint"))
@@ -226,9 +249,9 @@ def _fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
     size = cfg.data.image_size or data_cfg["input_size"][-1]
     transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=cfg.data.augment,
                                  **(CAMERA if cfg.data.colour == "camera" else {}))
-    head = get_head(cfg.model.head, cfg.model.num_classes)
+    head = get_head(cfg.model.head)
     steps = steps_per_epoch(cfg, info.num_train, backend.world_size)
-    precision = resolve_precision(cfg.train.precision, device, cfg.train.amp)
+    precision = resolve_precision(cfg.train.precision, device)
     channels_last = cfg.train.channels_last and device.type == "cuda"
     # The model goes to its device before the optimizer exists and its state is restored: torch
     # moves optimizer state to each parameter's device when the state is loaded, and never again.
@@ -246,66 +269,67 @@ def _fit(cfg: Config, backend: Backend, info: DatasetInfo) -> dict:
             scaler.load_state_dict(restored["scaler"])
         start_epoch = restored["epoch"] + 1
         history = [h for h in restored.get("history", []) if h["epoch"] < start_epoch]
-    if is_main:
+    if rank == 0:
         if restored is not None:
             print(f"Resumed from the checkpoint of epoch {start_epoch - 1}")
         print(f"{info.num_train} training images, {steps} steps/epoch x {backend.world_size} "
               f"workers x batch {cfg.train.batch_size}, input {size}px, sampling={cfg.data.sampling}")
+    weights = class_weights(info.train_counts) if cfg.optim.class_weighted_loss else None
+    training = Training(model, transforms, head.loss(weights, cfg.optim.label_smoothing), optimizer, scheduler,
+                        device, scaler, precision, channels_last)
+    # A failed run leaves its MLflow run open: --resume continues it.
+    tracker = Tracker(cfg, run_dir(cfg), history) if rank == 0 else None
+    return Run(training, head, steps, repeat_rates(info.train_counts, cfg.data.sampling), start_epoch, history,
+               tracker)
 
-    rates = repeat_rates(info.train_counts, cfg.data.sampling)
-    weights = class_weights(info.train_counts, cfg.model.num_classes) if cfg.optim.class_weighted_loss else None
-    loss_fn = head.loss(weights, cfg.optim.label_smoothing)
-    metrics: dict = {}
-    # Rank 0's TensorBoard / MLflow history. A failed run leaves its MLflow run open: --resume continues it.
-    tracker = Tracker(cfg, run_dir(cfg), history) if is_main else None
-    for epoch in range(start_epoch, cfg.train.epochs):
-        started = time.perf_counter()
-        torch.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))  # augmentation, dropout: see train.repeatable
-        rows = resample_batches(backend.train_rows(epoch), rates, cfg.train.seed, epoch)
-        batches = fixed_step_minibatches(
-            rows, cfg.train.batch_size, steps, seed=cfg.train.seed * 100003 + epoch * 101 + rank,
-            encoding=info.encoding,
-        )
-        train_stats = train_one_epoch(
-            model, batches, transforms, loss_fn, optimizer, scheduler, device, scaler, precision,
-            channels_last, steps, progress=cfg.train.progress and is_main,
-            description=f"epoch {epoch}", progress_bar=backend.progress_bar, prefetch=cfg.data.prefetch_batches,
-        )
-        totals = gather((train_stats["images_per_s"], train_stats["train_grade_counts"], peak_memory_mb(),
-                         train_stats["data_wait_share"], peak_gpu_memory_mb(device),
-                         train_stats["steady_images_per_s"]))
-        train_stats["images_per_s"] = sum(t[0] for t in totals)
-        train_stats["steady_images_per_s"] = sum(t[5] for t in totals)
-        train_stats["train_grade_counts"] = np.sum([t[1] for t in totals], axis=0).tolist()
-        train_stats["peak_memory_mb"] = [round(t[2]) for t in totals]  # per worker
-        train_stats["data_wait_share"] = max(t[3] for t in totals)  # the slowest-fed worker's
-        if device.type == "cuda":
-            train_stats["peak_gpu_memory_mb"] = [round(t[4]) for t in totals]  # per worker
-        val_metrics, cut_points = validate(model, backend, transforms, head, loss_fn, cfg, info, precision)
-        metrics = {
-            "epoch": epoch,
-            **train_stats,
-            **val_metrics,
-            "lr": optimizer.param_groups[-1]["lr"],
-            "epoch_seconds": time.perf_counter() - started,
-        }
-        history.append(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint_dir = None
-            if is_main:
-                state = {
-                    "model": unwrap(model).state_dict(), "config": cfg.to_dict(), "cut_points": cut_points,
-                    "epoch": epoch, "metrics": metrics, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "preprocessing": info.preprocessing,
-                }
-                checkpoint_dir = save_checkpoint(Path(tmp) / "checkpoint", state, cfg, history)
-                print(epoch_line(metrics), flush=True)
-                tracker.log_epoch(metrics, checkpoint_dir)
-            backend.report(metrics, checkpoint_dir, epoch)
-    if tracker is not None:
-        tracker.close()
-    return metrics
+
+def run_epoch(cfg: Config, backend: Backend, info: DatasetInfo, run: Run, epoch: int) -> tuple[dict, list | None]:
+    """Train one epoch on this rank's resampled rows, validate over every rank: (metrics, cut-points)."""
+    started, rank, t = time.perf_counter(), backend.rank, run.training
+    torch.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))  # augmentation, dropout: see train.repeatable
+    rows = resample_batches(backend.train_rows(epoch), run.rates, cfg.train.seed, epoch)
+    batches = fixed_step_minibatches(
+        rows, cfg.train.batch_size, run.steps, seed=cfg.train.seed * 100003 + epoch * 101 + rank,
+        encoding=info.encoding,
+    )
+    train_stats = train_one_epoch(
+        t, batches, run.steps, progress=cfg.train.progress and rank == 0, description=f"epoch {epoch}",
+        progress_bar=backend.progress_bar, prefetch=cfg.data.prefetch_batches,
+    )
+    totals = gather((train_stats["images_per_s"], train_stats["train_grade_counts"], peak_memory_mb(),
+                     train_stats["data_wait_share"], peak_gpu_memory_mb(t.device),
+                     train_stats["steady_images_per_s"]))
+    train_stats["images_per_s"] = sum(x[0] for x in totals)
+    train_stats["steady_images_per_s"] = sum(x[5] for x in totals)
+    train_stats["train_grade_counts"] = np.sum([x[1] for x in totals], axis=0).tolist()
+    train_stats["peak_memory_mb"] = [round(x[2]) for x in totals]  # per worker
+    train_stats["data_wait_share"] = max(x[3] for x in totals)  # the slowest-fed worker's
+    if t.device.type == "cuda":
+        train_stats["peak_gpu_memory_mb"] = [round(x[4]) for x in totals]  # per worker
+    val_metrics, cut_points = validate(t.model, backend, t.transforms, run.head, t.loss_fn, cfg, info, t.precision)
+    metrics = {"epoch": epoch, **train_stats, **val_metrics, "lr": t.optimizer.param_groups[-1]["lr"],
+               "epoch_seconds": time.perf_counter() - started}
+    run.history.append(metrics)
+    return metrics, cut_points
+
+
+def save_epoch(cfg: Config, backend: Backend, info: DatasetInfo, run: Run, metrics: dict,
+               cut_points: list | None) -> None:
+    """Rank 0 writes the epoch's checkpoint and history; every rank reports to the backend."""
+    t = run.training
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint_dir = None
+        if backend.rank == 0:
+            state = {
+                "model": unwrap(t.model).state_dict(), "config": cfg.to_dict(), "cut_points": cut_points,
+                "epoch": metrics["epoch"], "metrics": metrics, "optimizer": t.optimizer.state_dict(),
+                "scheduler": t.scheduler.state_dict(), "scaler": t.scaler.state_dict(),
+                "preprocessing": info.preprocessing,
+            }
+            checkpoint_dir = save_checkpoint(Path(tmp) / "checkpoint", state, cfg, run.history)
+            print(epoch_line(metrics), flush=True)
+            run.tracker.log_epoch(metrics, checkpoint_dir)
+        backend.report(metrics, checkpoint_dir, metrics["epoch"])
 
 
 def run_dir(cfg: Config) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import yaml
 
-from aptos_ray import config_types as ct
+from aptos_ray import config as ct
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict, parse_args
 from aptos_ray.data.embedded import LOOK_KEYS

@@ -13,13 +13,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-SAMPLING_MODES = ("none", "inverse", "sqrt")
-
-
 def grade_weights(counts: dict[int, int], mode: str) -> dict[int, float]:
     """Relative per-sample weight of each grade: 1, 1/n (the seed's sampler) or 1/sqrt(n)."""
-    if mode not in SAMPLING_MODES:
-        raise ValueError(f"data.sampling must be one of {SAMPLING_MODES}, got '{mode}'")
     weights = {}
     for grade, n in counts.items():
         if n <= 0:

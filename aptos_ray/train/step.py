@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,25 +75,18 @@ def fixed_step_minibatches(
 PROGRESS_EVERY = 10  # steps between the progress bar's loss readings
 STARTUP_STEPS = 2  # an epoch's first steps wait for the data path to start and for cuDNN to pick kernels
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
-
-
-def resolve_precision(precision: str, device: torch.device, amp: bool = True) -> str:
+def resolve_precision(precision: str, device: torch.device) -> str:
     """The arithmetic a run uses on ``device``: ``bf16``, ``fp16`` or ``fp32`` (``train.precision``).
 
     Mixed precision is for GPUs: on the CPU it is always fp32 (CPU autocast is slower than fp32 on
     most CPUs, and fp16 has no CPU scaler). ``auto`` takes bf16 where the GPU computes it natively: it
     has fp32's exponent range, so no loss scaling and no skipped steps; older GPUs get fp16 with a
-    GradScaler. ``train.amp=false`` (the older switch) means fp32 whatever precision says.
+    GradScaler.
     """
-    check_precision(precision)
-    if not amp or precision == "fp32" or device.type != "cuda":
+    if precision == "fp32" or device.type != "cuda":
         return "fp32"
     native = native_bf16(device)
     if precision == "auto":
@@ -124,23 +119,23 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def train_one_epoch(
-    model: torch.nn.Module,
-    minibatches: Iterable[tuple[np.ndarray, np.ndarray]],
-    transforms: GradeTransforms,
-    loss_fn,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    device: torch.device,
-    scaler: torch.amp.GradScaler | None = None,
-    precision: str = "fp32",
-    channels_last: bool = False,
-    steps: int | None = None,
-    progress: bool = False,
-    description: str = "train",
-    progress_bar=tqdm,
-    prefetch: int = 2,
-) -> dict:
+@dataclass
+class Training:
+    """What every optimizer step of a run uses, built once (``train.loop.build_run``)."""
+
+    model: torch.nn.Module
+    transforms: GradeTransforms
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: Any = None  # stepped after every optimizer step
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    scaler: torch.amp.GradScaler | None = None  # fp16 loss scaling
+    precision: str = "fp32"  # resolved: bf16, fp16 or fp32
+    channels_last: bool = False
+
+
+def train_one_epoch(t: Training, minibatches: Iterable[tuple[np.ndarray, np.ndarray]], steps: int | None = None,
+                    progress: bool = False, description: str = "train", progress_bar=tqdm, prefetch: int = 2) -> dict:
     """One pass over ``minibatches`` (uint8 NHWC images, grades); returns mean loss, images, images/s,
     ``steady_images_per_s`` (after the first ``STARTUP_STEPS`` steps: what longer epochs approach)
     and ``data_wait_share``, the part of the epoch spent waiting for the next batch.
@@ -148,6 +143,7 @@ def train_one_epoch(
     ``prefetch`` batches are readied by a background thread while the current one computes.
     ``progress_bar`` is a tqdm-like class (Ray workers pass Ray's, which draws in the driver).
     """
+    model, device, optimizer, scaler = t.model, t.device, t.optimizer, t.scaler
     model.train()
     # The loss is summed on the device and read once, at the end: reading it each step (``.item()``)
     # makes the CPU wait for the GPU, so it cannot queue the next step meanwhile.
@@ -168,11 +164,11 @@ def train_one_epoch(
         except StopIteration:
             break
         waited += time.perf_counter() - asked
-        x = transforms.train(images)
-        if channels_last and device.type == "cuda":
+        x = t.transforms.train(images)
+        if t.channels_last and device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            loss = loss_fn(model(x), y)
+        with autocast(device, t.precision):
+            loss = t.loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
             scaler.scale(loss).backward()
@@ -181,8 +177,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        if t.scheduler is not None:
+            t.scheduler.step()
         total_loss += loss.detach() * len(grades)
         images_seen += len(grades)
         grade_counts += np.bincount(grades, minlength=5)[:5]

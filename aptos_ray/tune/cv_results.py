@@ -165,10 +165,6 @@ def write_results(cv_dir: str, summary: dict, scored: pd.DataFrame) -> None:
     storage.write_text(storage.join(cv_dir, TABLE_FILE), markdown(summary) + "\n")
 
 
-def read_cv(cv_dir: str) -> dict:
-    return json.loads(storage.read_text(storage.join(cv_dir, CV_FILE)))
-
-
 def _cell(value: float, digits: int = 3) -> str:
     return "-" if value is None or value != value else f"{value:.{digits}f}"
 
