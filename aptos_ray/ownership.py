@@ -12,6 +12,7 @@ folders are not claimed, and a default name there is the first ``-N`` not listed
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import os
@@ -57,9 +58,21 @@ def claimed(folder: str, what: str, hint: str) -> Iterator[None]:
             raise ExistingFileError(f"{folder} is in use by another {what} ({owner}): {hint}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{owner_text()}\n".encode(), 0)
-        yield
+        try:
+            yield
+        except BaseException:
+            remove_if_unused(path)
+            raise
     finally:
         os.close(fd)  # releases the lock
+
+
+def remove_if_unused(path: Path) -> None:
+    """A job refused before it wrote anything leaves no folder behind: one holding only our lock goes."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in path.iterdir()] == [LOCK_FILE]:
+            (path / LOCK_FILE).unlink()
+            path.rmdir()
 
 
 def owner_text() -> str:
