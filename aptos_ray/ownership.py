@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from aptos_ray import storage
 from aptos_ray.errors import ExistingFileError, UserError
 
@@ -99,3 +101,14 @@ def fresh_name(output: str, prefix: str) -> str:
     except OSError as e:
         raise UserError(f"{output}: cannot be written ({e.strerror or e})") from None
     raise AssertionError("names is endless")
+
+
+def latest_name(output: str, marker: str) -> str | None:
+    """The name of the folder under ``output`` whose ``marker`` file was written last (what a resume
+    with no name continues); None when no folder holds one. Listed through pyarrow: ``output`` may be
+    a URI (s3://, gs://, file://)."""
+    fs, root = storage.filesystem(output)
+    folders = [d.path for d in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+               if d.type == pafs.FileType.Directory]
+    found = [f for f in fs.get_file_info([f"{d}/{marker}" for d in folders]) if f.type == pafs.FileType.File]
+    return max(found, key=lambda f: f.mtime).path.rstrip("/").split("/")[-2] if found else None
