@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import reprlib
 import sys
 import types
 import typing
@@ -29,7 +28,7 @@ from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationE
 from pydantic.dataclasses import dataclass
 
 from aptos_ray import storage
-from aptos_ray.errors import ConfigError
+from aptos_ray.errors import ConfigError, cut, shown
 
 DEFAULT_SYNTHETIC_RAW = "data/raw/synthetic"
 DEFAULT_DATASET = "data/prepared/synthetic"
@@ -472,7 +471,6 @@ set_value = Config.set_value
 # A config is a few hundred values: more, once aliases are expanded, is an alias bomb (a few hundred
 # bytes that expand to billions of values and blow up whatever walks or prints them).
 MAX_YAML_VALUES = 10_000
-SHOWN_CHARS = 120  # a value quoted in an error is cut to this length
 
 
 class _Loader(yaml.SafeLoader):
@@ -628,26 +626,6 @@ def config_from_dict(data: dict) -> Config:
 
 
 # --- --help --------------------------------------------------------------------------------------
-
-
-def _short_repr() -> reprlib.Repr:
-    short = reprlib.Repr()
-    short.maxlevel, short.maxstring, short.maxother = 2, SHOWN_CHARS, SHOWN_CHARS
-    short.maxdict = short.maxlist = short.maxtuple = short.maxset = 4
-    return short
-
-
-_SHORT = _short_repr()
-
-
-def cut(text: str, limit: int = SHOWN_CHARS) -> str:
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def shown(value: Any) -> str:
-    """``repr(value)`` as an error quotes it: nested and long values abridged by ``reprlib`` (which
-    never walks more than it shows), then cut to ``SHOWN_CHARS``."""
-    return cut(_SHORT.repr(value))
 
 
 def value_text(value: Any) -> str:

@@ -11,8 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from aptos_ray.config import shown
-from aptos_ray.errors import ConfigError
+from aptos_ray.errors import ConfigError, shown
 from aptos_ray.model import names
 
 SPEC_KINDS = ("loguniform", "uniform", "choice", "randint", "grid")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import re
+import reprlib
+from typing import Any
 
 
 class UserError(Exception):
@@ -125,3 +127,28 @@ class ImageError(ValueError):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+# --- values quoted in errors ---------------------------------------------------------------------
+
+SHOWN_CHARS = 120  # a value quoted in an error is cut to this length
+
+
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 2, SHOWN_CHARS, SHOWN_CHARS
+    short.maxdict = short.maxlist = short.maxtuple = short.maxset = 4
+    return short
+
+
+_SHORT = _short_repr()
+
+
+def cut(text: str, limit: int = SHOWN_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` as an error quotes it: nested and long values abridged by ``reprlib`` (which
+    never walks more than it shows), then cut to ``SHOWN_CHARS``."""
+    return cut(_SHORT.repr(value))

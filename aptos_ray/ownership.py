@@ -12,6 +12,7 @@ folders are not claimed, and a default name there is the first ``-N`` not listed
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import os
@@ -20,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+
+import pyarrow.fs as pafs
 
 from aptos_ray import storage
 from aptos_ray.errors import ExistingFileError, UserError
@@ -57,9 +60,21 @@ def claimed(folder: str, what: str, hint: str) -> Iterator[None]:
             raise ExistingFileError(f"{folder} is in use by another {what} ({owner}): {hint}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{owner_text()}\n".encode(), 0)
-        yield
+        try:
+            yield
+        except BaseException:
+            remove_if_unused(path)
+            raise
     finally:
         os.close(fd)  # releases the lock
+
+
+def remove_if_unused(path: Path) -> None:
+    """A job refused before it wrote anything leaves no folder behind: one holding only our lock goes."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in path.iterdir()] == [LOCK_FILE]:
+            (path / LOCK_FILE).unlink()
+            path.rmdir()
 
 
 def owner_text() -> str:
@@ -86,3 +101,14 @@ def fresh_name(output: str, prefix: str) -> str:
     except OSError as e:
         raise UserError(f"{output}: cannot be written ({e.strerror or e})") from None
     raise AssertionError("names is endless")
+
+
+def latest_name(output: str, marker: str) -> str | None:
+    """The name of the folder under ``output`` whose ``marker`` file was written last (what a resume
+    with no name continues); None when no folder holds one. Listed through pyarrow: ``output`` may be
+    a URI (s3://, gs://, file://)."""
+    fs, root = storage.filesystem(output)
+    folders = [d.path for d in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+               if d.type == pafs.FileType.Directory]
+    found = [f for f in fs.get_file_info([f"{d}/{marker}" for d in folders]) if f.type == pafs.FileType.File]
+    return max(found, key=lambda f: f.mtime).path.rstrip("/").split("/")[-2] if found else None

@@ -431,11 +431,13 @@ def test_masked_run_tells_the_clear_error_from_a_quarantine():
 @needs_root
 def test_masked_worker_run():
     """6-12 min on 2 shared cores: prepare, train and predict on a cluster whose second node sees an
-    empty tmpfs over the data and run folders; s3:// URIs (moto) succeed, local paths fail clearly."""
+    empty tmpfs over the data and run folders; s3:// URIs (moto) succeed, local paths fail clearly,
+    and a predict of s3:// inputs into the driver's local folder succeeds."""
     out = subprocess.run([sys.executable, str(REPO / "scripts" / "masked_node_run.py")], capture_output=True,
                          text=True, timeout=1800, cwd=REPO)
     print(out.stdout[-5000:])
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
     rows = re.findall(r"^  (masked-\S+) +(succeed|fail clearly) +(yes|NO) ", out.stdout, re.M)
-    assert len(rows) == 6 and all(ok == "yes" for *_, ok in rows), rows
+    assert len(rows) == 7 and all(ok == "yes" for *_, ok in rows), rows
     assert "2 training workers on 2 nodes: yes" in out.stdout and "0 leftover process(es)" in out.stdout
+    assert "50 of 50 inputs predicted into the driver's local predict-local/" in out.stdout

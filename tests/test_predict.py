@@ -439,6 +439,8 @@ def test_predict_asks_for_gpu_actors_an_autoscaler_can_add(monkeypatch):
     assert actor_resources(2, gpu) == (2, {"num_gpus": 1.0, "num_cpus": 1})
     assert actor_resources(8, gpu) == (3, {"num_gpus": 1.0, "num_cpus": 1})  # 3 nodes of 1 GPU
     assert actor_resources(2, parse_args([]).scaling)[1] == {"num_cpus": 1.0}  # CPU actors unless asked
+    # (more than one GPU per actor is refused where the config is parsed: an actor uses one)
+    monkeypatch.setattr(ray_setup, "autoscaler_node_types", lambda: [NodeType("head", {"CPU": 4}, 1)])
     with pytest.raises(ConfigError, match=r"predict with --scaling.use_gpu=true: the Ray cluster cannot fit one "
-                                          r"actor: one worker asks for 1 CPU \+ 2 GPU and no node type"):
-        actor_resources(2, parse_args(["--scaling.use_gpu=true", "--scaling.gpus_per_worker=2"]).scaling)
+                                          r"actor: one worker asks for 1 CPU \+ 1 GPU and no node"):
+        actor_resources(2, gpu)

@@ -320,9 +320,9 @@ def test_autoscaler_node_types_admit_nodes_not_started_yet():
     check_cluster_fits(parse_args(["--scaling.num_workers=4", "--scaling.use_gpu=true"]), types)
     with pytest.raises(ConfigError, match="workers of 1 CPU \\+ 1 GPU each, but .* hold at most 4"):
         check_cluster_fits(parse_args(["--scaling.num_workers=5", "--scaling.use_gpu=true"]), types)
-    with pytest.raises(ConfigError, match=r"one worker asks for 1 CPU \+ 4 GPU and no node type .* 2 GPU\)"):
+    with pytest.raises(ConfigError, match=r"one worker asks for 16 CPU \+ 1 GPU and no node type .* 2 GPU\)"):
         check_cluster_fits(parse_args(["--scaling.num_workers=1", "--scaling.use_gpu=true",
-                                       "--scaling.gpus_per_worker=4"]), types)
+                                       "--scaling.cpus_per_worker=16"]), types)
     # two workers sharing a GPU (gpus_per_worker=0.5): 2 nodes x 2 GPUs x 2 workers
     check_cluster_fits(parse_args(["--scaling.num_workers=8", "--scaling.use_gpu=true",
                                    "--scaling.gpus_per_worker=0.5"]), types)

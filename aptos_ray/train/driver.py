@@ -50,26 +50,25 @@ def check_run_dir(cfg: Config, run_dir: str) -> None:
 
 def train(cfg: Config) -> dict:
     """Run the training job described by ``cfg``; returns the run summary."""
-    cfg.train.name = run_name(cfg)
+    manifest = ensure_dataset(cfg)
+    if not cfg.data.folds:  # with folds, validation is a fold of the pooled rows
+        check_validation_split(cfg, manifest)
+    cfg.train.name = run_name(cfg)  # a fresh name creates its folder: only once the config and data are good
     # Ray workers run in their own directories: every local path they see must be absolute.
     cfg.train.output = storage.absolute(cfg.train.output)
     run_dir = storage.join(cfg.train.output, cfg.train.name)
     check_is_folder(run_dir)
     with claimed(run_dir, "run", "wait for it to end, or pick another --train.name"):
-        return train_claimed(cfg, run_dir)
+        return train_claimed(cfg, run_dir, manifest)
 
 
-def train_claimed(cfg: Config, run_dir: str) -> dict:
+def train_claimed(cfg: Config, run_dir: str, manifest: dict) -> dict:
     """The run, once this process holds its folder (``ownership.claimed``)."""
     check_run_dir(cfg, run_dir)
     saved = read_saved_config(storage.join(run_dir, CONFIG_FILE)) if cfg.train.resume else None
     if saved is not None:
         check_resume(saved, cfg, run_dir)
-    manifest = ensure_dataset(cfg)
-    if saved is not None:
         check_same_preprocessing(latest_preprocessing(run_dir), manifest, cfg.data.dataset)
-    if not cfg.data.folds:  # with folds, validation is a fold of the pooled rows
-        check_validation_split(cfg, manifest)
     record_preprocessing(cfg, manifest)
     info = DatasetInfo.for_data(cfg.data, manifest)
     cfg.data.dataset = storage.absolute(cfg.data.dataset)

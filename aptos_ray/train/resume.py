@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pyarrow.fs as pafs
 import yaml
 
 from aptos_ray import config as ct
@@ -16,7 +15,7 @@ from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict, parse_args
 from aptos_ray.data.embedded import LOOK_KEYS
 from aptos_ray.errors import ConfigError, MissingFileError
-from aptos_ray.ownership import fresh_name
+from aptos_ray.ownership import fresh_name, latest_name
 
 CONFIG_FILE = "config.yaml"
 
@@ -42,14 +41,10 @@ def run_name(cfg: Config) -> str:
     if cfg.train.name:
         return cfg.train.name
     if cfg.train.resume:
-        # Listed through pyarrow: train.output may be a URI (s3://, gs://, file://).
-        fs, root = storage.filesystem(cfg.train.output)
-        runs = [d.path for d in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-                if d.type == pafs.FileType.Directory]
-        configs = [f for f in fs.get_file_info([f"{r}/{CONFIG_FILE}" for r in runs]) if f.type == pafs.FileType.File]
-        if not configs:
+        name = latest_name(cfg.train.output, CONFIG_FILE)
+        if name is None:
             raise MissingFileError(f"--resume: no run found under {cfg.train.output}; pass --train.name")
-        return max(configs, key=lambda f: f.mtime).path.rstrip("/").split("/")[-2]
+        return name
     return fresh_name(storage.absolute(cfg.train.output), "run")
 
 

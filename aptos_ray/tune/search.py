@@ -30,7 +30,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import pyarrow.fs as pafs
 from ray import tune as ray_tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
@@ -43,7 +42,7 @@ from aptos_ray.config_checks import check_tune_space
 from aptos_ray.config import yaml_load
 from aptos_ray.data.embedded import check_validation_split, ensure_dataset, record_preprocessing
 from aptos_ray.errors import ExistingFileError, MissingFileError, SearchInterrupted
-from aptos_ray.ownership import claimed, fresh_name
+from aptos_ray.ownership import claimed, fresh_name, latest_name
 from aptos_ray.ray_setup import check_seen_by_every_node, init_ray
 from aptos_ray.train.loop import DatasetInfo
 from aptos_ray.train.tracking import file_store_uri
@@ -112,14 +111,10 @@ def experiment_name(cfg: Config) -> str:
     if cfg.tune.name:
         return cfg.tune.name
     if cfg.tune.resume:
-        # Listed through pyarrow: tune.output may be a URI (s3://, gs://, file://).
-        fs, root = storage.filesystem(cfg.tune.output)
-        searches = [d.path for d in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-                    if d.type == pafs.FileType.Directory]
-        found = [f for f in fs.get_file_info([f"{d}/tuner.pkl" for d in searches]) if f.type == pafs.FileType.File]
-        if not found:
+        name = latest_name(cfg.tune.output, "tuner.pkl")
+        if name is None:
             raise MissingFileError(f"tune.resume: no search found under {cfg.tune.output}; pass --tune.name")
-        return max(found, key=lambda f: f.mtime).path.rstrip("/").split("/")[-2]
+        return name
     return fresh_name(storage.absolute(cfg.tune.output), "tune")
 
 
