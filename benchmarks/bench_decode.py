@@ -199,10 +199,10 @@ def equality_table(sets: dict[str, list[bytes]]) -> str:
 
 
 def degrade_at(rgb: np.ndarray, kind: str, k: float) -> np.ndarray:
-    """``quality.degrade`` for a photograph ``k`` times the 224 px it was tuned at: blur scaled by k."""
+    """``degradations.degrade`` for a photograph ``k`` times the 224 px it was tuned at: blur scaled by k."""
     import cv2
 
-    from aptos_ray.infer.quality import degrade
+    from benchmarks.degradations import degrade
 
     if kind.startswith("blur"):
         return cv2.GaussianBlur(rgb, (0, 0), {"blur": 3.0, "blur_mild": 1.5}[kind] * k)
@@ -213,7 +213,8 @@ def verdict_rows(name: str, photos: list[bytes], k: float) -> list[str]:
     """Per degradation: full vs reduced decode (as predict decodes) of full-size JPEG copies."""
     from aptos_ray.config import PrepareConfig
     from aptos_ray.data.preprocess import decode_photo
-    from aptos_ray.infer.quality import DEGRADATIONS, assess, assess_photo, decode_size
+    from aptos_ray.infer.quality import assess, assess_photo, decode_size
+    from benchmarks.degradations import DEGRADATIONS
 
     needed = decode_size(PrepareConfig())
     originals = [decode_photo(d).pixels for d in photos]

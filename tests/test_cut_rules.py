@@ -110,7 +110,7 @@ def test_every_rule_gives_four_sorted_cut_points_the_cross_fitting_uses(rule):
 
 def test_cut_rule_is_a_checked_config_key():
     assert parse_args(["--cv.cut_rule=prior"]).cv.cut_rule == "prior"
-    with pytest.raises(ConfigError, match="'cv.cut_rule' must be one of qwk, qwk_bootstrap, prior"):
+    with pytest.raises(ConfigError, match="'cv.cut_rule': input should be 'qwk', 'qwk_bootstrap', 'prior'"):
         parse_args(["--cv.cut_rule=median"])
 
 

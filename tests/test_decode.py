@@ -17,7 +17,8 @@ from aptos_ray.data.preprocess import ImageError, decode_photo, fundus_box, prep
 from aptos_ray.data.sources import read_photo
 from aptos_ray.data.synthetic import render_fundus
 from aptos_ray.infer.predict import load_rows
-from aptos_ray.infer.quality import assess, assess_photo, decode_size, degrade
+from aptos_ray.infer.quality import assess, assess_photo, decode_size
+from benchmarks.degradations import degrade
 
 WIDTH, HEIGHT = 1600, 1200
 # Reduced vs full decode, preprocessed (the figures of benchmarks/bench_decode.py, with room for the
@@ -76,7 +77,7 @@ def test_reduced_decode_preprocesses_like_the_full_decode(photos, size):
 
 def test_gradability_verdicts_agree_on_degraded_full_size_copies(photos):
     needed = decode_size(PrepareConfig())
-    k = HEIGHT / 224  # degrade() is tuned for 224 px photographs: blur scaled to this size
+    k = HEIGHT / 224  # degrade is tuned for 224 px photographs: blur scaled to this size
     kinds = {"original": lambda x: x, "blur": lambda x: cv2.GaussianBlur(x, (0, 0), 3.0 * k),
              "dark": lambda x: degrade(x, "dark"), "bright": lambda x: degrade(x, "bright"),
              "crop_corner": lambda x: degrade(x, "crop_corner")}

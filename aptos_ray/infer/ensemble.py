@@ -103,11 +103,10 @@ def check_heads(heads: dict[str, str]) -> None:
 
 
 def check_members(checkpoints: list[Checkpoint]) -> None:
-    """Members that cannot be one model: other heads or grade counts, other preprocessing of the
+    """Members that cannot be one model: other heads, other preprocessing of the
     photographs (where the checkpoints say: the driver preprocesses them once for every member, each then
     resizes to its own input size). Run by the driver, before Ray starts."""
     check_heads({c.path: f"{c.config.model.head} head" for c in checkpoints})
-    check_heads({c.path: f"{c.config.model.num_classes} classes" for c in checkpoints})
     known = [c for c in checkpoints if c.preprocessing is not None]
     looks = {c.path: tuple(c.preprocessing.get(k) for k in LOOK_KEYS) for c in known}
     if len(set(looks.values())) > 1:
