@@ -37,12 +37,13 @@ from torchvision import datasets, transforms
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from aptos_ray.config import ModelConfig, SyntheticConfig, parse_args  # noqa: E402
-from aptos_ray.train.augment import GradeTransforms, prefetch_to_device  # noqa: E402
-from aptos_ray.train.step import fixed_step_minibatches  # noqa: E402
-from aptos_ray.data.format import read_manifest  # noqa: E402
-from aptos_ray.train.sampling import repeat_rates, resample_batches  # noqa: E402
 from bench_augment import PerImageTransforms  # noqa: E402
+
+from aptos_ray.config import ModelConfig, SyntheticConfig, parse_args  # noqa: E402
+from aptos_ray.data.format import read_manifest  # noqa: E402
+from aptos_ray.train.augment import GradeTransforms, prefetch_to_device  # noqa: E402
+from aptos_ray.train.sampling import repeat_rates, resample_batches  # noqa: E402
+from aptos_ray.train.step import fixed_step_minibatches  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out" / "bench-data"
 APTOS = ROOT.parent / "shared" / "data" / "aptos2019-224"

@@ -22,12 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aptos_ray.config import ModelConfig, parse_args  # noqa: E402
-from aptos_ray.train.augment import GradeTransforms  # noqa: E402
-from aptos_ray.data.format import read_split, table_batches  # noqa: E402
-from aptos_ray.train.loop import peak_memory_mb  # noqa: E402
+from aptos_ray.data.format import decode_batch, read_split, table_batches  # noqa: E402
 from aptos_ray.model.factory import create_model, model_data_config  # noqa: E402
-from aptos_ray.data.format import decode_batch  # noqa: E402
+from aptos_ray.train.augment import GradeTransforms  # noqa: E402
 from aptos_ray.train.driver import train  # noqa: E402
+from aptos_ray.train.loop import peak_memory_mb  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "out"
 APTOS = ROOT.parent / "shared" / "data" / "aptos2019-224"

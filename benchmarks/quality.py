@@ -39,15 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from aptos_ray.config import config_from_dict, parse_args  # noqa: E402
-from aptos_ray.train.augment import GradeTransforms  # noqa: E402
-from aptos_ray.train.step import predict_outputs  # noqa: E402
-from aptos_ray.data.format import read_split, table_batches  # noqa: E402
+from aptos_ray.data.format import read_manifest, read_split, table_batches  # noqa: E402
 from aptos_ray.metrics import grading_metrics  # noqa: E402
 from aptos_ray.model.factory import create_model, model_data_config  # noqa: E402
 from aptos_ray.model.heads import get_head  # noqa: E402
+from aptos_ray.train.augment import GradeTransforms  # noqa: E402
 from aptos_ray.train.checkpoint import best_of  # noqa: E402
-from aptos_ray.data.format import read_manifest  # noqa: E402
 from aptos_ray.train.driver import train  # noqa: E402
+from aptos_ray.train.step import predict_outputs  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 OUT = Path(os.environ.get("APTOS_RAY_BENCH_OUT", ROOT / "benchmarks" / "out"))  # datasets and runs go here

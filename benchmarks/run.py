@@ -82,7 +82,7 @@ NOTES = {
                            "2026-11-30 08:00 (9d45529) twice the same too (0.4330, 3.0512), but the two differ from "
                            "epoch 0: commit 8d0c22e replaced the per-image torchvision augmentation by the batched "
                            "device-side one (other random draws, one resampling instead of several), and issue 18's "
-                           "per-epoch seeding (train/repeatable.py) changes the draws again. The spread of such a "
+                           "per-epoch seeding (train/step.py) changes the draws again. The spread of such a "
                            "change is the spread over seeds above (test QWK sd 0.036); these rows wait for a rerun "
                            "on the current code (30 epochs x 3 seeds x 2 recipes, ~18 min idle; not done in the "
                            "issue-18 session, the machine was shared at load 20-45).",

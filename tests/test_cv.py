@@ -7,11 +7,11 @@ import json
 import shutil
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import helpers
 from helpers import aptos_subset
 
 from aptos_ray.config import parse_args
@@ -23,8 +23,7 @@ from aptos_ray.infer.checkpoint import read_checkpoint
 from aptos_ray.infer.ensemble import EnsembleGrader, build_grader, read_ensemble
 from aptos_ray.metrics import optimise_cut_points, quadratic_weighted_kappa, referral_rates, referral_threshold
 from aptos_ray.train.driver import train
-from aptos_ray.train.local import LocalBackend
-from aptos_ray.train.loop import DatasetInfo
+from aptos_ray.train.loop import DatasetInfo, LocalBackend
 from aptos_ray.tune.cv import run_cv
 from aptos_ray.tune.cv_results import cross_fitted, decisions
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import helpers
 import pytest
 import torch
 from tqdm import tqdm
 
-import helpers
 from aptos_ray.config import parse_args
 from aptos_ray.model.factory import create_model
 from aptos_ray.train import loop
@@ -196,7 +196,7 @@ def test_augmentation_sends_its_random_parameters_to_the_device_in_one_copy(monk
     (False, "cuda", True), (True, "cuda", False), (False, "cpu", False),
 ])
 def test_cudnn_picks_its_fastest_kernels_where_repeatability_is_off(deterministic, device, expected):
-    from aptos_ray.train.repeatable import repeatable
+    from aptos_ray.train.step import repeatable
 
     before = torch.backends.cudnn.benchmark
     with repeatable(0, deterministic, torch.device(device)):

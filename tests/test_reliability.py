@@ -39,7 +39,7 @@ from aptos_ray.data.sources import read_image, read_source, reason_kind
 from aptos_ray.errors import ConfigError, CorruptCheckpointError, DataError, ExistingFileError, ImageError
 from aptos_ray.infer.checkpoint import read_checkpoint
 from aptos_ray.infer.grader import Grader
-from aptos_ray.train import local as local_backend
+from aptos_ray.train import loop as local_backend
 from aptos_ray.train.checkpoint import checkpoint_folders
 from aptos_ray.train.driver import train
 

@@ -20,15 +20,8 @@ from aptos_ray.train.checkpoint import (
     summary_text,
     write_run_files,
 )
-from aptos_ray.train.local import LocalBackend
-from aptos_ray.train.loop import DatasetInfo, fit
-from aptos_ray.train.resume import (
-    CONFIG_FILE,
-    check_resume,
-    check_same_preprocessing,
-    read_saved_config,
-    run_name,
-)
+from aptos_ray.train.loop import DatasetInfo, LocalBackend, fit
+from aptos_ray.train.resume import CONFIG_FILE, check_resume, check_same_preprocessing, read_saved_config, run_name
 
 RAY_RECORD = CHECKPOINT_MANAGER_SNAPSHOT  # Ray Train's record of a run's kept checkpoints
 
@@ -86,9 +79,7 @@ def run(cfg: Config, info: DatasetInfo, run_dir: str) -> RunRecord:
     if cfg.train.local:
         fit(cfg, LocalBackend(cfg, run_dir, resume=cfg.train.resume), info)
         return record_from_folders(run_dir)
-    from aptos_ray.train.ray_backend import (
-        run_ray,  # Ray only where it runs: --local needs none
-    )
+    from aptos_ray.train.ray_backend import run_ray  # Ray only where it runs: --local needs none
 
     result = run_ray(cfg, info)
     if result.error:

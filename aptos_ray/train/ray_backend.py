@@ -55,14 +55,8 @@ from aptos_ray.ray_setup import (
     ray_train_log_level,
     worker_capacity,
 )
-from aptos_ray.train.checkpoint import (
-    CHECKPOINT_DIR,
-    checkpoint_name,
-    load_checkpoint_state,
-    stored_checkpoints,
-)
+from aptos_ray.train.checkpoint import CHECKPOINT_DIR, checkpoint_name, load_checkpoint_state, stored_checkpoints
 from aptos_ray.train.loop import DatasetInfo, fit
-
 
 # Materialise only what fits in this share of the object store: blocks in flight, other jobs'
 # objects and Ray's spilling threshold (80% full) need the rest.

@@ -26,7 +26,6 @@ import json
 import time
 from typing import TYPE_CHECKING
 
-
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.config_checks import check_cv
@@ -35,14 +34,7 @@ from aptos_ray.data.folds import fold_table
 from aptos_ray.errors import ExistingFileError
 from aptos_ray.ownership import claimed, fresh_name
 from aptos_ray.train.resume import check_resume, read_saved_config
-from aptos_ray.tune.cv_results import (
-    CV_FILE,
-    fold_name,
-    markdown,
-    oof_predictions,
-    summarise,
-    write_results,
-)
+from aptos_ray.tune.cv_results import CV_FILE, fold_name, markdown, oof_predictions, summarise, write_results
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -37,16 +37,16 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from aptos_ray import storage
-from aptos_ray.config import Config, config_from_dict, set_value
+from aptos_ray.config import Config, config_from_dict, set_value, yaml_load
 from aptos_ray.config_checks import check_tune_space
-from aptos_ray.config import yaml_load
 from aptos_ray.data.embedded import check_validation_split, ensure_dataset, record_preprocessing
 from aptos_ray.errors import ExistingFileError, MissingFileError, SearchInterrupted
 from aptos_ray.ownership import claimed, fresh_name, latest_name
 from aptos_ray.ray_setup import check_seen_by_every_node, init_ray
 from aptos_ray.train.loop import DatasetInfo
-from aptos_ray.train.tracking import file_store_uri
 from aptos_ray.train.ray_backend import build_trainer, check_cluster_fits, load_datasets, runs_that_fit
+from aptos_ray.train.tracking import file_store_uri
+from aptos_ray.tune import trust
 from aptos_ray.tune.results import (
     METRIC,
     SearchFailed,
@@ -56,7 +56,6 @@ from aptos_ray.tune.results import (
     write_outputs,
     write_trial_runs,
 )
-from aptos_ray.tune import trust
 from aptos_ray.tune.space import plain, search_space
 
 __all__ = ["SearchFailed", "SearchInterrupted", "run_search"]
