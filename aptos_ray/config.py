@@ -456,13 +456,10 @@ def merge(data: dict, changes: dict) -> dict:
         elif name in SECTIONS or "." not in str(name) and not any(name in _fields(s) for s in SECTIONS):
             out[name] = value  # a section given no mapping, or an unknown name: validation names it
         else:
-            section, field = resolve_key(str(name))
+            section, field = Config.resolve_key(str(name))
             out.setdefault(section, {})[field] = value
     return out
 
-
-resolve_key = Config.resolve_key
-set_value = Config.set_value
 
 
 # --- YAML ----------------------------------------------------------------------------------------
@@ -551,8 +548,6 @@ def load_yaml(path: str | Path) -> dict:
     return data or {}
 
 
-read_yaml_file = load_yaml
-
 
 def _override_value(section: str, field: str, raw: str) -> Any:
     """A YAML value, but a text key takes the text as typed (YAML would make ``off`` False, ``1e3``
@@ -597,7 +592,7 @@ def parse_args(argv: list[str] | None = None, base: Config | None = None,
             data = build(merge(data, load_yaml(path)), source=path).to_dict()
         elif "=" in body:
             name, raw = body.split("=", 1)
-            section, field = resolve_key(name)
+            section, field = Config.resolve_key(name)
             overrides.setdefault(section, {})[field] = _override_value(section, field, raw)
         elif body in SHORTCUTS:
             section, field = SHORTCUTS[body].split(".")
@@ -608,20 +603,17 @@ def parse_args(argv: list[str] | None = None, base: Config | None = None,
     return cfg.validate(sections) if validate else cfg
 
 
-# Keys that earlier versions saved into checkpoints and that no longer exist: ignored when a saved
-# config is read back, so those checkpoints still predict and resume (a typed key is still an error).
-RETIRED_KEYS = {"train": ("fail_at_epoch",), "model": ("sync_bn",), "cv": ("min_precision",)}
-
-
 def config_from_dict(data: dict) -> Config:
-    """Rebuild a Config saved with ``to_dict`` (e.g. from a checkpoint). Saved configs may carry keys
-    that are gone: ``RETIRED_KEYS``, model.num_classes (always 5: the grades) and train.amp (false meant fp32)."""
-    data = {section: ({k: v for k, v in values.items() if k not in RETIRED_KEYS.get(section, ())}
-                      if isinstance(values, dict) else values)
-            for section, values in (data or {}).items()}
-    data.get("model", {}).pop("num_classes", None)
-    if data.get("train", {}).pop("amp", True) is False:
-        data["train"]["precision"] = "fp32"
+    """Rebuild a Config saved with ``to_dict`` (a run's or a checkpoint's config.yaml). Keys an older
+    version saved that this one no longer has are dropped with a note, so its checkpoints still predict
+    and resume; a wrong value is still an error, and so is an unknown key typed by a person."""
+    data = dict(data or {})
+    gone = [f"{s}.{k}" for s, values in data.items() if s in SECTIONS and isinstance(values, dict)
+            for k in values if k not in _fields(s)]
+    if gone:
+        print(f"note: the saved config's {', '.join(gone)} no longer exist: ignored", file=sys.stderr)
+        data = {s: {k: v for k, v in values.items() if f"{s}.{k}" not in gone} if s in SECTIONS and
+                isinstance(values, dict) else values for s, values in data.items()}
     return build(merge({}, data), source="saved config")
 
 

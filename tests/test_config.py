@@ -164,13 +164,15 @@ def test_bad_value_exits_2_before_torch_or_ray_is_imported():
         "error: config key 'optim.scheduler': input should be 'cosine', 'step' or 'none', got 'cosin'"]
 
 
-def test_a_checkpoint_saved_with_the_removed_keys_still_reads():
+def test_a_checkpoint_saved_with_the_removed_keys_still_reads(capsys):
     saved = Config().to_dict()
     saved["model"]["num_classes"] = 5  # every config.yaml saved before the keys went
     saved["train"]["amp"] = True
     assert config_from_dict(saved) == Config()
-    saved["train"]["amp"] = False  # meant fp32 whatever train.precision said
-    assert config_from_dict(saved).train.precision == "fp32"
+    assert "model.num_classes, train.amp no longer exist: ignored" in capsys.readouterr().err
+    saved["train"]["epochs"] = 0  # a wrong value is still refused
+    with pytest.raises(ConfigError, match="saved config: config key 'train.epochs'"):
+        config_from_dict(saved)
     for key in ("model.num_classes=3", "train.amp=false"):
         with pytest.raises(ConfigError, match=f"unknown config key '{key.split('=')[0]}'"):
             parse_args([f"--{key}"])  # typed by a person, it is an unknown key

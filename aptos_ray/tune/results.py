@@ -12,7 +12,7 @@ from ray import tune as ray_tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
 from aptos_ray import plots, storage
-from aptos_ray.config import Config, config_from_dict, set_value
+from aptos_ray.config import Config, config_from_dict
 from aptos_ray.errors import SearchFailed
 from aptos_ray.train.checkpoint import (
     CHECKPOINT_FILE,
@@ -109,7 +109,7 @@ def best_config(base: Config, best_row: dict, params: list[str]) -> Config:
     """A full resolved config that ``jobs/train.py --config`` accepts as is (name cleared)."""
     cfg = config_from_dict(base.to_dict())
     for key in params:
-        set_value(cfg, key, plain(best_row[key]))
+        cfg.set_value(key, plain(best_row[key]))
     cfg.train.name = ""
     cfg.train.resume = False
     cfg.tune.resume = False

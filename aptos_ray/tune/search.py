@@ -37,7 +37,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from aptos_ray import storage
-from aptos_ray.config import Config, config_from_dict, set_value, yaml_load
+from aptos_ray.config import Config, config_from_dict, yaml_load
 from aptos_ray.config_checks import check_tune_space
 from aptos_ray.data.embedded import check_validation_split, ensure_dataset, record_preprocessing
 from aptos_ray.errors import ExistingFileError, MissingFileError, SearchInterrupted
@@ -77,7 +77,7 @@ def trial_config(base: dict, params: dict, output: str, name: str) -> Config:
     """The base config with a trial's sampled values, writing its run to ``output/name``."""
     cfg = config_from_dict(base)
     for key, value in params.items():
-        set_value(cfg, key, plain(value))
+        cfg.set_value(key, plain(value))
     cfg.train.output = output
     cfg.train.name = name
     cfg.train.resume = False  # a rerun trial resumes anyway: Ray Train restores a run of the same name
@@ -142,7 +142,7 @@ def trial_shapes(cfg: Config, params: dict) -> list[Config]:
         values = list(args) if kind in ("choice", "grid") else [args[1] - 1 if kind == "randint" else args[1]]
         for value in values:
             shape = config_from_dict(cfg.to_dict())
-            set_value(shape, key, plain(value))
+            shape.set_value(key, plain(value))
             shapes.append(shape)
     return shapes
 
