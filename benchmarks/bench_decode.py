@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                                # per-image cost + equality
     python benchmarks/bench_decode.py --jobs 200 --old /tmp/old-root  # + prepare and predict end to end, old vs new
+    python benchmarks/bench_decode.py --parts stages --old /tmp/old-root  # predict's per-image work, stage by stage
 
 Inputs, made once outside the repository (``--work``, default /tmp/aptos-fullsize): JPEGs at
 EyePACS size (3888 x 2592, quality 90): the shared APTOS photographs enlarged (the disc 85-100% of
@@ -18,6 +19,9 @@ at full size (``synthetic.render_fundus``: vessels, lesions and noise drawn at t
 3. ``--jobs N``: prepare (256 px) and predict (test_efficientnet) end to end on N full-size JPEGs,
    each in its own process with a local Ray of 2 CPUs: wall seconds, driver peak RSS, peak disk;
    ``--old ROOT`` runs ROOT's code (e.g. ``git archive`` of the commit before) in the same run.
+   CPU seconds: the job's process tree sampled every half second, exited Ray workers included.
+4. ``--parts stages``: predict's per-image work in one process, no Ray, old and new code: the Ray
+   task's (``load_rows``: read, decode, quality check, preprocess) and the actor's (the model).
 
 Not a test: prints Markdown tables after a '## Results' line (benchmarks/run.py keeps those).
 """
