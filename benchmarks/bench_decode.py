@@ -425,7 +425,9 @@ def stages_table(work: Path, n: int, old: Path | None, timeout: float) -> str:
         o, w = runs.get("old"), runs["new"]
         if not w:
             continue
-        per = lambda r, k: 1000 * r[f"{stage}_{k}"] / r["images"]
+        def per(r: dict, k: str, stage: str = stage) -> float:
+            return 1000 * r[f"{stage}_{k}"] / r["images"]
+
         old_wall, old_cpu = (f"{per(o, 'wall'):.0f}", f"{per(o, 'cpu'):.0f}") if o else ("-", "-")
         speed = f"{per(o, 'cpu') / per(w, 'cpu'):.1f}x" if o else "-"
         lines.append(f"| {name} | {w['images']} | {old_wall} / {per(w, 'wall'):.0f} | {old_cpu} / {per(w, 'cpu'):.0f} | {speed} |")
