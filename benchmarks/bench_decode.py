@@ -2,6 +2,7 @@
 
     python benchmarks/bench_decode.py                                # per-image cost + equality
     python benchmarks/bench_decode.py --jobs 200 --old /tmp/old-root  # + prepare and predict end to end, old vs new
+    python benchmarks/bench_decode.py --parts stages --old /tmp/old-root  # predict's per-image work, stage by stage
 
 Inputs, made once outside the repository (``--work``, default /tmp/aptos-fullsize): JPEGs at
 EyePACS size (3888 x 2592, quality 90): the shared APTOS photographs enlarged (the disc 85-100% of
@@ -18,6 +19,9 @@ at full size (``synthetic.render_fundus``: vessels, lesions and noise drawn at t
 3. ``--jobs N``: prepare (256 px) and predict (test_efficientnet) end to end on N full-size JPEGs,
    each in its own process with a local Ray of 2 CPUs: wall seconds, driver peak RSS, peak disk;
    ``--old ROOT`` runs ROOT's code (e.g. ``git archive`` of the commit before) in the same run.
+   CPU seconds: the job's process tree sampled every half second, exited Ray workers included.
+4. ``--parts stages``: predict's per-image work in one process, no Ray, old and new code: the Ray
+   task's (``load_rows``: read, decode, quality check, preprocess) and the actor's (the model).
 
 Not a test: prints Markdown tables after a '## Results' line (benchmarks/run.py keeps those).
 """
@@ -268,9 +272,10 @@ def peak_rss() -> int:
     return 0
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU seconds (user + system) of a process and its living descendants (Ray's workers), from /proc:
-    unlike wall time, it hardly moves with other people's load on a shared machine."""
+def tree_cpu(root: int) -> dict[int, float]:
+    """CPU seconds (user + system, its own, not its reaped children's) of a process and of each of
+    its living descendants (Ray's workers), from /proc: unlike wall time, it hardly moves with other
+    people's load on a shared machine."""
     stats = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -278,13 +283,34 @@ def tree_cpu_seconds(root: int) -> float:
                 fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:  # gone meanwhile
                 continue
-            stats[int(proc.name)] = (int(fields[1]), sum(int(v) for v in fields[11:15]))  # ppid, u+s(+children)
+            stats[int(proc.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime + stime
     tree, todo = set(), [root]
     while todo:
         pid = todo.pop()
         tree.add(pid)
         todo += [p for p, (ppid, _) in stats.items() if ppid == pid and p not in tree]
-    return sum(stats[p][1] for p in tree if p in stats) / os.sysconf("SC_CLK_TCK")
+    return {p: stats[p][1] / os.sysconf("SC_CLK_TCK") for p in tree if p in stats}
+
+
+class CpuWatch:
+    """The CPU seconds of a process tree, sampled every half second: a Ray worker that exits before
+    the end still counts (all but its last half second), which one reading at the end would miss.
+    Only a process's own time is summed (cutime would count a reaped worker twice)."""
+
+    def __init__(self, root: int):
+        self.root, self.seen = root, {}
+        self.start = self.sample()
+
+    def sample(self) -> dict[int, float]:
+        now = tree_cpu(self.root)
+        for pid, cpu in now.items():
+            self.seen[pid] = max(self.seen.get(pid, 0.0), cpu)
+        return now
+
+    def seconds(self) -> float:
+        """CPU seconds spent by the tree since this watch was made."""
+        self.sample()
+        return sum(cpu - self.start.get(pid, 0.0) for pid, cpu in self.seen.items())
 
 
 def folder_bytes(folder: Path) -> int:
@@ -311,10 +337,11 @@ def run_stage(args) -> None:
     def watch():
         while not stop.wait(0.5):
             disk[0] = max(disk[0], folder_bytes(folder))
+            cpu.sample()
 
+    cpu = CpuWatch(os.getpid())  # Ray started, nothing run
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    cpu_before = tree_cpu_seconds(os.getpid())  # Ray started, nothing run
     started = time.perf_counter()
     extra = {}
     if args.stage in ("prepare", "prepare_png"):
@@ -340,13 +367,71 @@ def run_stage(args) -> None:
         cfg.predict.output = str(folder / "predict")
         predict(cfg.validate())
     seconds = time.perf_counter() - started
-    cpu = tree_cpu_seconds(os.getpid()) - cpu_before
     stop.set()
     watcher.join()
     Path(args.result).write_text(json.dumps({"stage": args.stage, "tag": args.tag, "seconds": seconds,
-                                             "cpu_seconds": cpu, "driver_peak_rss": peak_rss(), "disk_peak": max(disk[0], folder_bytes(folder)),
+                                             "cpu_seconds": cpu.seconds(), "driver_peak_rss": peak_rss(), "disk_peak": max(disk[0], folder_bytes(folder)),
                                              **extra}))
     ray.shutdown()
+
+
+ROWS_BATCH = 32  # rows per call in the per-stage profile
+
+
+def run_rows(args) -> None:
+    """Predict's per-image work, stage by stage, in this (child) process with the code on PYTHONPATH:
+    the Ray task's (``predict.load_rows``: read, decode, quality check, preprocess) and the actor's
+    (``GradePredictor``: decode the stored rows, the model), called directly, no Ray; wall and CPU
+    seconds (of every thread of the process) per image. Writes its figures to --result."""
+    from dataclasses import asdict
+
+    import torch
+
+    from aptos_ray.config import PrepareConfig
+    from aptos_ray.infer import predict as predict_module
+    from aptos_ray.infer.ensemble import build_grader
+    from aptos_ray.infer.inputs import find_inputs
+
+    torch.set_num_threads(1)  # as in a predict actor given under one CPU: Ray sets OMP_NUM_THREADS=1
+    items = find_inputs(str(Path(args.work) / args.input)).items
+    batches = [{k: np.array([r[k] for r in items[i:i + ROWS_BATCH]]) for k in items[0]}
+               for i in range(0, len(items), ROWS_BATCH)]
+    # The actor as Ray builds it, without Ray (its constructor asks Ray for the GPUs it was given).
+    actor = predict_module.GradePredictor.__new__(predict_module.GradePredictor)
+    actor.grader = build_grader(str(Path(args.work) / "out-train-new" / "run"), "cpu", 0)
+    actor.encoding, actor.float_columns = "raw", actor.grader.output_columns
+    prepare = asdict(PrepareConfig())  # 256 px, as the checkpoint's dataset was prepared
+    times = {"rows": [0.0, 0.0], "model": [0.0, 0.0]}
+    for batch in batches:
+        for stage, call in (("rows", lambda b: predict_module.load_rows(b, prepare)), ("model", actor)):
+            wall, cpu = time.perf_counter(), time.process_time()
+            batch = call(batch)
+            times[stage][0] += time.perf_counter() - wall
+            times[stage][1] += time.process_time() - cpu
+        assert not any(batch["reason"]), batch["reason"]
+    Path(args.result).write_text(json.dumps({"images": len(items), **{
+        f"{stage}_{kind}": value for stage, (wall, cpu) in times.items() for kind, value in (("wall", wall), ("cpu", cpu))}}))
+
+
+def stages_table(work: Path, n: int, old: Path | None, timeout: float) -> str:
+    """Where predict's per-image time goes, old and new code: the row work of the Ray tasks (decode,
+    quality check, preprocess) and the model's, each called in one process on n full-size JPEGs."""
+    raw = subset(work, n)
+    runs = {tag: run_child("rows", tag, code, work, timeout, raw) for tag, code in {"new": ROOT, **({"old": old} if old else {})}.items()}
+    lines = ["| predict stage (256 px, one process, 1 torch thread) | images | wall old / new ms/img | CPU old / new ms/img | CPU speed-up |",
+             "|---|---:|---:|---:|---:|"]
+    for stage, name in (("rows", "Ray task: read, decode, quality check, preprocess (`load_rows`)"),
+                        ("model", "actor: decode stored rows + model (`GradePredictor`, tta 0)")):
+        o, w = runs.get("old"), runs["new"]
+        if not w:
+            continue
+        def per(r: dict, k: str, stage: str = stage) -> float:
+            return 1000 * r[f"{stage}_{k}"] / r["images"]
+
+        old_wall, old_cpu = (f"{per(o, 'wall'):.0f}", f"{per(o, 'cpu'):.0f}") if o else ("-", "-")
+        speed = f"{per(o, 'cpu') / per(w, 'cpu'):.1f}x" if o else "-"
+        lines.append(f"| {name} | {w['images']} | {old_wall} / {per(w, 'wall'):.0f} | {old_cpu} / {per(w, 'cpu'):.0f} | {speed} |")
+    return "\n".join(lines)
 
 
 def run_child(stage: str, tag: str, code: Path, work: Path, timeout: float, input: str = "raw") -> dict | None:
@@ -447,14 +532,17 @@ def main() -> None:
     parser.add_argument("--degrade", type=int, default=30, help="photographs degraded for the verdict comparison")
     parser.add_argument("--jobs", type=int, default=0, help="full-size JPEGs for prepare and predict end to end (0: skip)")
     parser.add_argument("--jobs-small", type=int, default=20, help="the same jobs on this many, for their fixed cost")
+    parser.add_argument("--stages", type=int, default=64, help="full-size JPEGs for predict's per-stage profile")
     parser.add_argument("--input", default="raw", help=argparse.SUPPRESS)
     parser.add_argument("--old", type=Path, default=None, help="a code root whose prepare and predict run beside")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per job")
-    parser.add_argument("--parts", nargs="+", default=["cost", "equality", "jobs"], choices=["cost", "equality", "jobs", "png"])
-    parser.add_argument("--stage", choices=("prepare", "train", "predict", "prepare_png"))
+    parser.add_argument("--parts", nargs="+", default=["cost", "equality", "jobs"], choices=["cost", "equality", "jobs", "stages", "png"])
+    parser.add_argument("--stage", choices=("prepare", "train", "predict", "prepare_png", "rows"))
     parser.add_argument("--tag")
     parser.add_argument("--result")
     args = parser.parse_args()
+    if args.stage == "rows":
+        return run_rows(args)
     if args.stage:
         return run_stage(args)
     sys.path.insert(0, str(ROOT))
@@ -463,7 +551,9 @@ def main() -> None:
 
     args.work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    aptos, synthetic = make_inputs(args.work, max(args.images, args.jobs), args.synthetic)
+    # labels.csv lists the n made here: every part's inputs are its first rows
+    aptos, synthetic = make_inputs(args.work, max(args.images, args.jobs, args.stages if "stages" in args.parts else 0),
+                                   args.synthetic)
     full = [p.read_bytes() for p in aptos[:args.images]]
     pngs = [p.read_bytes() for p in sorted((APTOS / "images").glob("*.png"))[:args.images]]
     small = [jpeg_bytes(cv2.resize(np.asarray(Image.open(io.BytesIO(d)).convert("RGB")), (512, 512),
@@ -473,6 +563,7 @@ def main() -> None:
     equal = equality_table({"APTOS enlarged": full, "synthetic, rendered at full size": syn}) if "equality" in args.parts else ""
     verdicts = verdict_table(args.degrade, syn) if "equality" in args.parts else ""
     jobs = jobs_table(args.work, args.jobs, args.jobs_small, args.old, args.timeout) if args.jobs and "jobs" in args.parts else ""
+    stages = stages_table(args.work, args.stages, args.old, args.timeout) if "stages" in args.parts else ""
     png = png_table(args.work, args.old, args.timeout) if args.old and "png" in args.parts else ""
     print(f"{time.perf_counter() - started:.0f} s", file=sys.stderr)
 
@@ -489,6 +580,9 @@ def main() -> None:
     if jobs:
         print("\nEnd to end, each job its own process with a local Ray of 2 CPUs:\n")
         print(jobs)
+    if stages:
+        print("\nPredict's per-image work, stage by stage, called in one process (no Ray):\n")
+        print(stages)
     if png:
         print("\nThe shared APTOS PNGs prepare to the same dataset:\n")
         print(png)

@@ -293,6 +293,55 @@ def test_broken_raw_images_are_reported_by_id(run, raw_layout, ray_session, tmp_
 
 
 @pytest.mark.ray
+def test_a_uri_output_gets_its_predictions_as_parts_written_by_the_workers(run, raw_layout, aptos_dir, s3,
+                                                                            ray_session, tmp_path):
+    """To a bucket, predictions.parquet is a folder of parts the Ray workers wrote (the driver, which
+    wrote one file before, gathers none of its rows), published whole: the same rows, columns and
+    types as a local output's one file, the same submission.csv (input order) and unreadable.csv;
+    evaluate reads the parts back and finds predict's own report."""
+    from aptos_ray import storage
+    from aptos_ray.infer.outputs import read_predictions
+    from aptos_ray.infer.report import evaluate
+
+    root, good, broken = raw_layout
+    labelled = tmp_path / "kaggle"  # labelled, for the report
+    shutil.copytree(root, labelled)
+    grades = pd.read_csv(aptos_dir / "labels.csv").set_index("id_code")["diagnosis"]
+    ids = pd.read_csv(labelled / "test.csv")["id_code"]
+    pd.DataFrame({"id_code": ids, "diagnosis": [int(grades.get(i, 0)) for i in ids]}).to_csv(labelled / "test.csv", index=False)
+    bucket = s3.bucket()
+    uri = f"{bucket}/pred"
+    with s3.fs.open_output_stream(f"{uri.removeprefix('s3://')}/predictions.parquet") as f:
+        f.write(b"an older run's single file")  # replaced by the parts, not left beside them
+    outputs = {"local": str(tmp_path / "local"), "uri": uri}
+    for output in outputs.values():
+        predict(parse_args([f"--predict.checkpoint={run['best_checkpoint']}", f"--predict.images={labelled}",
+                            f"--predict.output={output}", "--predict.batch_size=4"]))
+    local = pd.read_parquet(tmp_path / "local" / "predictions.parquet")
+    keys = s3.keys(uri)
+    parts = [k for k in keys if k.startswith("predictions.parquet/")]
+    assert parts and "predictions.parquet" not in keys  # Ray Data's parts, no file (nor the older one)
+    assert not [k for k in keys if "_staging" in k or ".tmp-" in k]  # staging and the unpublished folder are gone
+    fs, inner = storage.filesystem(f"{uri}/predictions.parquet")
+    on_s3 = pd.read_parquet(inner, filesystem=fs)
+    assert list(on_s3.columns) == list(local.columns) and dict(on_s3.dtypes) == dict(local.dtypes)
+    key = ["id"]
+    pd.testing.assert_frame_equal(on_s3.sort_values(key).reset_index(drop=True), local.sort_values(key).reset_index(drop=True))
+    assert local["id"].tolist() == good  # the local file in input order, as before
+    for name in ("submission.csv", "unreadable.csv"):
+        assert storage.read_text(f"{uri}/{name}") == (tmp_path / "local" / name).read_text()
+    summaries = [json.loads(storage.read_text(storage.join(o, "predict.json"))) for o in outputs.values()]
+    for field in ("num_inputs", "num_predicted", "num_unreadable", "predicted_grade_counts", "num_gradable"):
+        assert summaries[0][field] == summaries[1][field]
+    assert summaries[1]["num_unreadable"] == len(broken)
+    pd.testing.assert_frame_equal(read_predictions(uri), on_s3.sort_values("id", kind="stable").reset_index(drop=True))
+    reported = json.loads(storage.read_text(f"{uri}/metrics.json"))
+    assert reported["n"] == len(good) and reported["qwk"] == json.loads((tmp_path / "local" / "metrics.json").read_text())["qwk"]
+    again = json.loads(json.dumps(evaluate(parse_args([f"--predict.output={uri}"]))))
+    assert {**again, "created": None} == {**reported, "created": None}  # the parts read back give the same report
+
+
+@pytest.mark.ray
 def test_synthetic_default_predicted_end_to_end_as_raw_layout(run, ray_session, tmp_path):
     from aptos_ray.data.synthetic import generate
 

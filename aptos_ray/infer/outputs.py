@@ -20,6 +20,7 @@ from aptos_ray.infer.quality import QUALITY_COLUMNS
 from aptos_ray.metrics import NUM_GRADES
 
 UNREADABLE_COLUMNS = ["id", "source", "reason"]
+PREDICTIONS = "predictions.parquet"  # a file; to a URI output, a folder of parts written by the Ray workers
 SHOW_UNREADABLE = 50  # printed lines; the CSV always has all of them
 REPORT_FILES = ("metrics.json", "report.md", "report.html")
 FIGURES = {"confusion": "confusion_matrix.png", "roc": "roc_referable.png", "grades": "grade_distribution.png"}
@@ -36,7 +37,12 @@ def split_results(rows: pd.DataFrame, inputs: Inputs) -> tuple[pd.DataFrame, pd.
                             failed.reindex(columns=UNREADABLE_COLUMNS).fillna("")], ignore_index=True)
     good = rows[rows["reason"].astype(str) == ""]
     order = ["order"] if "order" in good else ["id"]  # prepared splits have no input order: by id
-    good = good.sort_values(order, kind="stable").reset_index(drop=True)
+    return prediction_columns(good.sort_values(order, kind="stable").reset_index(drop=True)), unreadable.astype(str)
+
+
+def prediction_columns(good: pd.DataFrame) -> pd.DataFrame:
+    """The columns of predictions.parquet, typed, from predicted rows (the driver's, or a Ray
+    worker's batch when the workers write the parts)."""
     keep = ["id", "grade", "predicted", "score", *[c for c in ("p_referable", "refer", *PROB_COLUMNS) if c in good],
             *[c for c in QUALITY_COLUMNS if c in good], *(["source"] if "source" in good else [])]
     predictions = good[keep].copy()
@@ -48,11 +54,17 @@ def split_results(rows: pd.DataFrame, inputs: Inputs) -> tuple[pd.DataFrame, pd.
     if "gradable" in predictions:
         predictions["gradable"] = predictions["gradable"].astype(bool)
         predictions["quality_reason"] = predictions["quality_reason"].astype(str)
-    return predictions, unreadable.astype(str)
+    return predictions
 
 
-def write_outputs(output: str, predictions: pd.DataFrame, unreadable: pd.DataFrame, meta: dict) -> dict:
-    """submission.csv, predictions.parquet, unreadable.csv, predict.json; returns the summary."""
+def write_outputs(output: str, predictions: pd.DataFrame, unreadable: pd.DataFrame, meta: dict,
+                  parts_written: bool = False) -> dict:
+    """submission.csv, predictions.parquet, unreadable.csv, predict.json; returns the summary.
+
+    ``parts_written``: predictions.parquet is already there, a folder of parts the Ray workers wrote
+    (``infer.predict.write_parts``); ``predictions`` then holds the rows without the columns only
+    that folder needs.
+    """
     if len(predictions) + len(unreadable) != meta["num_inputs"]:  # a bug, never a data problem
         raise RuntimeError(f"predict lost rows: {meta['num_inputs']} inputs != {len(predictions)} predicted "
                            f"+ {len(unreadable)} unreadable")
@@ -61,9 +73,10 @@ def write_outputs(output: str, predictions: pd.DataFrame, unreadable: pd.DataFra
     remove_stale_report(output, ("predict.json",))
     submission = pd.DataFrame({"id_code": predictions["id"], "diagnosis": predictions["predicted"]})
     storage.write_text(storage.join(output, "submission.csv"), submission.to_csv(index=False))
-    buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pandas(predictions, preserve_index=False), buf)
-    storage.write_bytes(storage.join(output, "predictions.parquet"), buf.getvalue())
+    if not parts_written:
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(predictions, preserve_index=False), buf)
+        storage.write_bytes(storage.join(output, PREDICTIONS), buf.getvalue())
     storage.write_text(storage.join(output, "unreadable.csv"), unreadable.to_csv(index=False))
     remove_stale_report(output)
     summary = {
@@ -106,12 +119,22 @@ def print_summary(summary: dict, unreadable: pd.DataFrame, output: str) -> None:
 
 
 def read_predictions(output: str) -> pd.DataFrame:
-    """``predictions.parquet`` of a predict output folder."""
-    path = storage.join(output, "predictions.parquet")
+    """``predictions.parquet`` of a predict output folder: one file (rows in input order), or the
+    folder of parts the workers wrote to a URI output (rows in no order there: sorted by id, as
+    predict's own report read them)."""
+    path = storage.join(output, PREDICTIONS)
     try:
+        if storage.file_type(path) == "Directory":
+            fs, inner = storage.filesystem(path)
+            return by_id(pq.read_table(inner, filesystem=fs).to_pandas())
         with storage.open_input(path) as f:
             return pq.read_table(pa.BufferReader(f.read())).to_pandas()
     except FileNotFoundError:
         raise MissingFileError(
             f"{path}: not found; run `python jobs/predict.py --predict.output={output} ...` first"
         ) from None
+
+
+def by_id(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Rows sorted by id (stable): the one order a folder of parts, written in no order, can be read in."""
+    return predictions.sort_values("id", kind="stable").reset_index(drop=True)

@@ -6,12 +6,13 @@
       prepared   -> ray.data.read_parquet(<dataset>/<split>)              (already preprocessed)
       -> map_batches(GradePredictor, compute=ActorPoolStrategy(size=n))   (Ray actors: the model is
                                                                           loaded once per actor)
-      -> write_parquet(<output>/_staging-XXXX/)                       (one row per input, no image:
-                                                                          from the workers, to a URI
-                                                                          output; to a local one the
-                                                                          rows stream to the driver)
-      -> driver: reads back the columns the outputs use (not the image sizes), rows sorted back
-         into input order -> infer.outputs (+ infer.report with labels); the staging folder is removed
+      local output: the rows (no image) stream to the driver, which writes every file
+      URI output:   -> write_parquet(<output>/_staging-XXXX/)           (the workers: one row per input)
+                    -> read_parquet(staging) -> predicted rows -> write_parquet(predictions.parquet/)
+                                                                     (the workers: parts, published whole)
+                    the driver reads back only the narrow columns its own files use
+      -> driver: rows sorted back into input order -> infer.outputs: submission.csv, unreadable.csv,
+         predict.json (+ infer.report with labels); the staging folder is removed
 
 Every input ends up either predicted or in ``unreadable.csv`` with its id and the reason, so
 ``num_inputs == num_predicted + num_unreadable`` always holds. The model call itself is plain
@@ -31,6 +32,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 import torch
 
@@ -43,8 +45,9 @@ from aptos_ray.infer.checkpoint import Checkpoint, prepare_config, read_checkpoi
 from aptos_ray.infer.ensemble import build_grader, checkpoint_for_driver, read_ensemble
 from aptos_ray.infer.grader import PROB_COLUMNS, Grader
 from aptos_ray.infer.inputs import Inputs, find_inputs, normalisation_of, preprocessing_differences
-from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
-from aptos_ray.infer.quality import as_columns, assess_photo, decode_size, not_assessed
+from aptos_ray.infer.outputs import (PREDICTIONS, by_id, prediction_columns, print_summary, remove_stale_report,
+                                     split_results, write_outputs)
+from aptos_ray.infer.quality import QUALITY_COLUMNS, as_columns, assess_photo, decode_size, not_assessed
 from aptos_ray.infer.report import write_report
 from aptos_ray.infer.screening import quality_of_rows, screening_outputs
 from aptos_ray.ray_setup import (
@@ -226,36 +229,84 @@ def build_dataset(inputs: Inputs, checkpoint: Checkpoint, prepare: PrepareConfig
     )
 
 
-STAGING = "_staging"  # the workers' prediction rows, beside the outputs until the driver has read them
+STAGING = "_staging"  # the workers' prediction rows, beside the outputs until predictions.parquet/ is written
 DRIVER_SKIPS = ("height", "width", "orig_height", "orig_width")  # columns no output needs
+# Only in predictions.parquet: the driver's outputs (counts, report, contact sheet, overlays) never read them.
+QUALITY_STATISTICS = tuple(c for c in QUALITY_COLUMNS if c not in ("gradable", "quality_reason"))
+
+
+def writes_parts(output: str) -> bool:
+    """Whether the Ray workers write predictions.parquet (as a folder of parts): to a URI output,
+    which every node reaches. A local folder may be one node's disk alone."""
+    return not storage.is_local(output)
 
 
 def collect(ds, output: str | None = None) -> pd.DataFrame:
     """Every output row of the pipeline, without the columns no output needs.
 
-    To a URI ``output``: written by the workers as Parquet into a staging folder there, read back
-    by the driver, then removed; no row passes through the driver while Ray runs. To a local
-    folder (or none): streamed to the driver. Workers on other nodes would write a local staging
-    folder to their own disks, and the driver read back only its own part; Ray Data's
-    ``local://``, which runs the writes on the driver's node, is deprecated in Ray 2.60. The rows
-    carry no image: a few hundred bytes each.
+    To a local folder (or none): streamed to the driver. Workers on other nodes would write a
+    local folder to their own disks, and the driver read back only its own part; Ray Data's
+    ``local://``, which runs the writes on the driver's node, is deprecated in Ray 2.60. To a URI
+    ``output``: ``write_parts``.
     """
-    if output is None or storage.is_local(output):
-        return _rows_to_driver(ds)
-    fs, inner = storage.filesystem(storage.join(output, f"{STAGING}-{uuid.uuid4().hex[:8]}"))
+    if output is not None and writes_parts(output):
+        return write_parts(ds, output)
+    return _rows_to_driver(ds)
+
+
+def write_parts(ds, output: str) -> pd.DataFrame:
+    """To a URI ``output``: predictions.parquet written by the Ray workers as a folder of parts; no
+    row of it passes through the driver. Returns the rows the driver's own outputs need.
+
+    Pass 1 (the pipeline): every row, no image, to a staging folder there. The driver reads back
+    the columns of submission.csv, unreadable.csv, the counts, the report, the contact sheet and the
+    overlays (not the quality statistics, nor the image sizes). Pass 2 (a Ray Data read of the
+    staging folder): the predicted rows, in predictions.parquet's columns and types, written by
+    the workers as parts and published whole (``storage.publish_location``): a killed predict
+    leaves the older folder or none, never half of one. The staging folder is removed either way.
+    """
+    fs, staging = storage.filesystem(storage.join(output, f"{STAGING}-{uuid.uuid4().hex[:8]}"))
     try:
-        ds.write_parquet(inner, filesystem=fs, compression="zstd")
-        if fs.get_file_info(inner).type == pafs.FileType.NotFound:  # no rows at all
+        ds.write_parquet(staging, filesystem=fs, compression="zstd")
+        if fs.get_file_info(staging).type == pafs.FileType.NotFound:  # no rows at all
             return pd.DataFrame()
-        fragments = list(pads.dataset(inner, filesystem=fs, format="parquet").get_fragments())
+        fragments = list(pads.dataset(staging, filesystem=fs, format="parquet").get_fragments())
         # Blocks type their columns alone (a block of failed rows may hold only nulls): one schema for all.
         schema = pa.unify_schemas([f.physical_schema for f in fragments], promote_options="permissive")
-        rows = pads.dataset(inner, filesystem=fs, format="parquet", schema=schema)
-        return rows.to_table(columns=[c for c in schema.names if c not in DRIVER_SKIPS]).to_pandas()
+        rows = pads.dataset(staging, filesystem=fs, format="parquet", schema=schema)
+        driver_rows = rows.to_table(columns=[c for c in schema.names if c not in (*DRIVER_SKIPS, *QUALITY_STATISTICS)])
+        publish_parts(ray.data.read_parquet(staging, filesystem=fs, schema=schema), schema, output)
+        return driver_rows.to_pandas()
     finally:
-        fs.delete_dir_contents(inner, missing_dir_ok=True)
-        if fs.get_file_info(inner).type != pafs.FileType.NotFound:
-            fs.delete_dir(inner)
+        fs.delete_dir_contents(staging, missing_dir_ok=True)
+        if fs.get_file_info(staging).type != pafs.FileType.NotFound:
+            fs.delete_dir(staging)
+
+
+def publish_parts(staged, schema: pa.Schema, output: str) -> None:
+    """``<output>/predictions.parquet/``: the predicted rows of ``staged``, written by the workers."""
+    target = storage.join(output, PREDICTIONS)
+    fs, inner = storage.filesystem(target)
+    if fs.get_file_info(inner).type == pafs.FileType.File:  # an older run's single file: not beside the parts
+        fs.delete_file(inner)
+    with storage.publish_location(target) as location:
+        parts_fs, parts = storage.filesystem(location)
+        staged.map_batches(predicted_part, batch_format="pyarrow").write_parquet(
+            parts, filesystem=parts_fs, compression="zstd")
+        if not parts_fs.get_file_info(pafs.FileSelector(parts, allow_not_found=True)):  # no row predicted
+            empty = pa.Table.from_pandas(prediction_columns(schema.empty_table().to_pandas()), preserve_index=False)
+            with parts_fs.open_output_stream(f"{parts}/empty.parquet") as f:
+                pq.write_table(empty, f)
+
+
+def predicted_part(batch: pa.Table) -> pa.Table:
+    """Ray task: a batch of staged rows -> its predicted rows as predictions.parquet holds them.
+
+    Arrow in and out, converted as the driver converts a local output's rows: Ray's own pandas
+    batches would store Arrow-backed pandas types, and the parts read back as other dtypes.
+    """
+    rows = batch.to_pandas()
+    return pa.Table.from_pandas(prediction_columns(rows[rows["reason"].astype(str) == ""]), preserve_index=False)
 
 
 def _rows_to_driver(ds) -> pd.DataFrame:
@@ -296,6 +347,9 @@ def predict(cfg: Config) -> dict:
     init_ray(cfg.scaling)
     check_seen_by_every_node({"predict.checkpoint": checkpoint.path, "predict.images": p.images})
     started = time.perf_counter()
+    parts = writes_parts(p.output)
+    if parts:  # an older predict.json must not vouch for the parts about to replace its predictions
+        remove_stale_report(p.output, ("predict.json",))
     with ray_progress():
         ds = build_dataset(inputs, for_actors, prepare, p.tta, p.batch_size, p.num_actors, cfg.scaling)
         rows = collect(ds, p.output)
@@ -312,10 +366,11 @@ def predict(cfg: Config) -> dict:
         "images_per_s": round(len(predictions) / max(seconds, 1e-9), 2),
         "checkpoint_val_metrics": {k: v for k, v in checkpoint.metrics.items() if k.startswith("val_") and k != "val_confusion"},
         **({"ensemble": ensemble.meta()} if for_actors is not checkpoint else {}),
-    })
+    }, parts_written=parts)
     screening_outputs(p, summary, predictions, inputs, checkpoint, prepare)
     print_summary(summary, unreadable, p.output)
     if summary["num_labelled"]:
-        metrics = write_report(p.output, predictions, summary)
+        # The parts hold no order; evaluate reads them back sorted by id, and must find the same report.
+        metrics = write_report(p.output, by_id(predictions) if parts else predictions, summary)
         print(f"report: {storage.join(p.output, 'report.html')} (QWK {metrics['qwk']:.4f} on {metrics['n']} labelled images)")
     return summary
