@@ -1,8 +1,8 @@
 """Every figure the project draws, and the one way it becomes a PNG.
 
 Figures are built on matplotlib's object-oriented API (``matplotlib.figure.Figure`` with its own Agg
-canvas): no pyplot, so no global backend switch and no registry of open figures to close, and a
-figure can be drawn from any thread or Ray worker.
+canvas), not the state-machine interface: no global backend switch, no registry of open figures
+to close, and a figure can be drawn from any thread or Ray worker.
 
     charts          learning_curves, qwk_curves, confusion_matrix, roc, grouped_bars, histogram
     image grids     thumbnail (one tile), mosaic (rows of tiles with captions and row labels)
