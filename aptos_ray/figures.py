@@ -1,13 +1,7 @@
-"""Every figure the project draws, and the one way it becomes a PNG.
-
-Figures are built on matplotlib's object-oriented API (``matplotlib.figure.Figure`` with its own Agg
-canvas), not the state-machine interface: no global backend switch, no registry of open figures
+"""Every figure the project draws (charts, image grids, heatmap overlays), and the one way it becomes
+a PNG (``png``). Built on matplotlib's object-oriented API (``matplotlib.figure.Figure`` with its own
+Agg canvas), not the state-machine interface: no global backend switch, no registry of open figures
 to close, and a figure can be drawn from any thread or Ray worker.
-
-    charts          learning_curves, qwk_curves, confusion_matrix, roc, grouped_bars, histogram
-    image grids     thumbnail (one tile), mosaic (rows of tiles with captions and row labels)
-    heatmaps        overlay (a Grad-CAM map over the image the model saw)
-    files           png (a figure or an RGB image as PNG bytes)
 """
 
 from __future__ import annotations

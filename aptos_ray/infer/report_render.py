@@ -4,7 +4,7 @@ opens anywhere without other files.
 
 ``build_report`` decides everything the report says (from ``infer.report``'s metrics, predict's
 context and the screening files) into a ``Report``: a headline, then sections of blocks (text,
-tables, pictures, headings, bullet lists). ``to_markdown`` and ``to_html`` only lay the blocks out.
+tables, pictures, bullet lists). ``to_markdown`` and ``to_html`` only lay the blocks out.
 """
 
 from __future__ import annotations
@@ -30,12 +30,6 @@ class Text:
     text: str
     style: str = ""  # "note" or "muted": smaller print in the HTML
     kind: ClassVar[str] = "text"
-
-
-@dataclass
-class Heading:
-    text: str
-    kind: ClassVar[str] = "heading"
 
 
 @dataclass
@@ -68,7 +62,8 @@ class Pictures:
 @dataclass
 class Section:
     title: str
-    blocks: list = field(default_factory=list)  # Text | Heading | Bullets | Table | Pictures
+    blocks: list = field(default_factory=list)  # Text | Bullets | Table | Pictures
+    level: int = 2  # 3: a subsection of the one before
 
 
 @dataclass
@@ -323,12 +318,12 @@ def explain_section(index: pd.DataFrame | None) -> list[Section]:
     """The Grad-CAM overlays (``explain/index.csv`` with each file's bytes in a ``png`` column)."""
     if index is None or index.empty:
         return []
-    blocks: list = [Text(EXPLAIN_TEXT)]
+    sections = [Section("Where the model looked", [Text(EXPLAIN_TEXT)])]
     for grade, rows in _by_grade(index):
-        blocks += [Heading(grade), Pictures([
-            Picture(r.file, f"{r.id}: {r.group.replace('_', ' ')}, true {_grade(r.grade)}, predicted {r.predicted}"
-                            f"{'' if r.gradable else ' (ungradable)'}", r.png) for r in rows.itertuples()], tiles=True)]
-    return [Section("Where the model looked", blocks)]
+        tiles = [Picture(r.file, f"{r.id}: {r.group.replace('_', ' ')}, true {_grade(r.grade)}, predicted "
+                                 f"{r.predicted}{'' if r.gradable else ' (ungradable)'}", r.png) for r in rows.itertuples()]
+        sections.append(Section(grade, [Pictures(tiles, tiles=True)], level=3))
+    return sections
 
 
 def _grade(g: int) -> str:
@@ -350,7 +345,7 @@ def to_markdown(report: Report) -> str:
     out = [f"# {report.title}", "", f"_{report.scale}_", ""]
     out += [f"> - **{label}: {value}**: {meaning}" for label, value, meaning in report.headline] + [""]
     for section in report.sections:
-        out += [f"## {section.title}", ""]
+        out += [f"{'#' * section.level} {section.title}", ""]
         for block in section.blocks:
             out += _markdown(block) + [""]
     return "\n".join([*out, f"_{report.footer}_", ""])
@@ -364,7 +359,7 @@ def _markdown(block) -> list[str]:
         return ["![" + p.alt.replace("]", "\\]") + f"]({p.file})" for p in block.items]
     if isinstance(block, Bullets):
         return [f"- {item}" for item in block.items]
-    return [f"### {block.text}" if isinstance(block, Heading) else block.text]
+    return [block.text]
 
 
 def _markdown_row(cells) -> str:
