@@ -11,8 +11,8 @@
 
 Every number in the card comes from ``manifest.json`` and its per-image sidecar
 (``_images.parquet``, ``data.details``: sizes, brightness, duplicates, quarantine); the Parquet rows
-are only read (grade and split columns) to check that they agree, and to show the few sampled images. Figures use matplotlib's Agg canvas directly (no
-pyplot, no global backend switch), so the card can be written from any process or thread.
+are only read (grade and split columns) to check that they agree, and to show the few sampled images. The
+figures are ``aptos_ray.figures``'s.
 No Ray: pyarrow reads the Parquet files, local or remote (URIs through ``aptos_ray.storage``).
 """
 
@@ -24,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from matplotlib.figure import Figure
 
-from aptos_ray import storage
-from aptos_ray.data.card_figures import THUMB, grades_figure, grid_figure
+from aptos_ray import figures, storage
 from aptos_ray.data.details import duplicate_groups, quarantined, read_details, written
 from aptos_ray.data.format import (
     GRADE_NAMES,
@@ -91,10 +89,13 @@ def load_original(source: str) -> np.ndarray | None:
     if not source or storage.is_uri(source) or not os.path.isfile(source):
         return None
     try:  # the decode prepare uses (orientation, modes), at the size the figure shows
-        return shrink_to(load_image(source, needed=2 * THUMB), 4 * THUMB)
+        return shrink_to(load_image(source, needed=2 * figures.TILE), 4 * figures.TILE)
     except Exception:  # unreadable originals are exactly what quarantine is for; just skip
         return None
 
+
+def _save(figure, path: Path) -> None:
+    path.write_bytes(figures.png(figure))
 
 
 # ---------------------------------------------------------------- the card
@@ -199,7 +200,8 @@ def _counts(manifest: dict) -> dict[str, list[int]]:
 
 def _grades_section(manifest: dict, cols: dict, left_out: list[dict], out: Path) -> str:
     counts = _counts(manifest)
-    grades_figure(counts, out / "grades.png")
+    _save(figures.grouped_bars({f"{s} ({sum(counts[s])})": counts[s] for s in SPLITS}, "Grades per split",
+                               size=(7.5, 3.6), counts_on_bars=True), out / "grades.png")
     header = "| split | " + " | ".join(f"{g} {GRADE_NAMES[g]}" for g in GRADES) + " | total |"
     lines = ["## Grades per split", "", header, "|---" + "|---:" * (len(GRADES) + 1) + "|"]
     for s in SPLITS:
@@ -243,14 +245,14 @@ def _samples_section(samples: list[str], images: dict, info: dict, out: Path) ->
     rows = [[images.get(i) for i in by_grade[g]] for g in GRADES]
     captions = [[i for i in by_grade[g]] for g in GRADES]
     labels = [f"{g} {GRADE_NAMES[g]}" for g in GRADES]
-    grid_figure(rows, captions, labels, out / "samples_preprocessed.png", "After preprocessing (as stored)")
+    _save(figures.mosaic(rows, captions, "After preprocessing (as stored)", labels), out / "samples_preprocessed.png")
     lines += ["After preprocessing, as training reads them:", "",
               "![after preprocessing](samples_preprocessed.png)", ""]
     originals = {i: load_original(info["source"].get(i, "")) for i in samples}
     available = sum(o is not None for o in originals.values())
     if available:
         rows = [[originals[i] for i in by_grade[g]] for g in GRADES]
-        grid_figure(rows, captions, labels, out / "samples_original.png", "Original photographs")
+        _save(figures.mosaic(rows, captions, "Original photographs", labels), out / "samples_original.png")
         lines += [f"The same images before preprocessing ({available} of {len(samples)} originals readable here):",
                   "", "![originals](samples_original.png)"]
     else:
@@ -267,17 +269,9 @@ def _sizes_section(hw: np.ndarray, out: Path) -> str:
     lines = ["## Original image sizes", ""]
     if not len(hw):
         return "\n".join(lines + ["The manifest records no original sizes."])
-    fig = Figure(figsize=(6.5, 3.2))
-    ax = fig.subplots()
     bins = np.histogram_bin_edges(hw, bins=min(40, max(5, len(np.unique(hw)))))
-    ax.hist(hw[:, 1], bins=bins, alpha=0.6, label="width")
-    ax.hist(hw[:, 0], bins=bins, alpha=0.6, label="height")
-    ax.set_xlabel("pixels")
-    ax.set_ylabel("images")
-    ax.set_title(f"Original image sizes ({len(hw)} images)")
-    ax.legend(frameon=False)
-    fig.tight_layout()
-    fig.savefig(out / "sizes.png", dpi=100)
+    _save(figures.histogram({"width": hw[:, 1], "height": hw[:, 0]}, "pixels",
+                            f"Original image sizes ({len(hw)} images)", bins), out / "sizes.png")
     common = Counter(f"{int(h)} x {int(w)}" for h, w in hw).most_common(8)
     distinct = len({tuple(x) for x in hw.tolist()})
     (h0, w0), (h1, w1) = hw.min(0).astype(int), hw.max(0).astype(int)
@@ -313,16 +307,9 @@ def _brightness_section(brightness: dict, picks: dict, images: dict, info: dict,
     low, high = exposure_limits(values)
     under = sorted((i for i, v in brightness.items() if v < low), key=lambda i: brightness[i])
     over = sorted((i for i, v in brightness.items() if v > high), key=lambda i: -brightness[i])
-    fig = Figure(figsize=(6.5, 3.2))
-    ax = fig.subplots()
-    ax.hist(values, bins=40, color="tab:orange")
-    for limit in (low, high):
-        ax.axvline(limit, color="black", linestyle="--", linewidth=1)
-    ax.set_xlabel("mean brightness of the original (0-255)")
-    ax.set_ylabel("images")
-    ax.set_title(f"Brightness: {len(under)} under-, {len(over)} over-exposed (dashed: limits)")
-    fig.tight_layout()
-    fig.savefig(out / "brightness.png", dpi=100)
+    _save(figures.histogram({"brightness": values}, "mean brightness of the original (0-255)",
+                            f"Brightness: {len(under)} under-, {len(over)} over-exposed (dashed: limits)",
+                            limits=(low, high)), out / "brightness.png")
     lines += [
         f"Mean brightness of each original photograph: median {np.median(values):.1f}, range "
         f"{values.min():.1f}-{values.max():.1f}. Flagged outside [{low:.1f}, {high:.1f}] "
@@ -335,8 +322,8 @@ def _brightness_section(brightness: dict, picks: dict, images: dict, info: dict,
     dark, bright = picks["dark"], picks["bright"]
     rows = [[_original_or(images, info, i) for i in dark], [_original_or(images, info, i) for i in bright]]
     captions = [[f"{i}\n{brightness[i]:.0f}" for i in dark], [f"{i}\n{brightness[i]:.0f}" for i in bright]]
-    grid_figure(rows, captions, ["darkest", "brightest"], out / "brightness_extremes.png",
-                 "Darkest and brightest photographs (mean brightness)")
+    _save(figures.mosaic(rows, captions, "Darkest and brightest photographs (mean brightness)",
+                         ["darkest", "brightest"]), out / "brightness_extremes.png")
     lines += [f"The {len(dark)} darkest: {_id_list(dark, brightness)}", "",
               f"The {len(bright)} brightest: {_id_list(bright, brightness)}", "",
               "![darkest and brightest](brightness_extremes.png)"]
@@ -384,8 +371,8 @@ def _duplicates_section(manifest: dict, groups: list[dict], images: dict, info: 
     captions = [[f"{i}\ngrade {gr}" for i, gr in zip(g["ids"], g["grades"])][:SAMPLES_PER_GRADE] for g in shown]
     labels = [f"{'conflict' if g['conflicting'] else 'group'} {k + 1}" for k, g in enumerate(shown)]
     colors = ["tab:red" if g["conflicting"] else "black" for g in shown]
-    grid_figure(rows, captions, labels, out / "duplicates.png", "Near-duplicate groups (conflicting grades first)",
-                 colors)
+    _save(figures.mosaic(rows, captions, "Near-duplicate groups (conflicting grades first)", labels, colors),
+          out / "duplicates.png")
     lines += ["![near-duplicates](duplicates.png)", "", "| group | ids | grades | splits | conflicting |",
               "|---:|---|---|---|---|"]
     for k, g in enumerate(groups[:MAX_TABLE_ROWS]):

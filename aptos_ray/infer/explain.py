@@ -5,7 +5,8 @@ output with respect to them: bright regions are those whose features pushed the 
 output explained is the one the grade was read from: the grade score of a regression head (so
 the map shows what raised the predicted severity), the logit of the predicted grade of a
 classification head. The ``grad-cam`` package (pytorch-grad-cam) does the hooks and the
-weighting; this module picks the layer, the target and the images, and writes the overlays.
+weighting; this module picks the layer, the target and the images, and writes the overlays
+(``figures.overlay``).
 
 The model and its transforms are the predicting ``Grader``'s own (``Explainer(grader)``), on the
 images as preprocessed for prediction, so a heatmap explains the very call in predictions.parquet
@@ -14,7 +15,6 @@ images as preprocessed for prediction, so a heatmap explains the very call in pr
     select(predictions, n)   -> which images: the n most confident referable, the n most
                                 uncertain, the n worst misses against the labels
     Explainer.heatmaps(imgs) -> float32 (N, H, W) in [0, 1] at the images' size
-    overlay(img, heatmap)    -> uint8 RGB: the image with the heatmap in a colour map
 """
 
 from __future__ import annotations
@@ -139,19 +139,6 @@ def cv2_resize(heatmap: np.ndarray, width: int, height: int) -> np.ndarray:
     return cv2.resize(heatmap.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
 
 
-def overlay(image: np.ndarray, heatmap: np.ndarray, weight: float = 0.55) -> np.ndarray:
-    """uint8 RGB: ``image`` blended with the heatmap in the jet colour map (``weight`` = image share).
-
-    Outside the fundus (black frame) the image stays black, so the map reads as part of the eye.
-    """
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-
-    blended = show_cam_on_image(image.astype(np.float32) / 255.0, heatmap, use_rgb=True, image_weight=weight)
-    frame = image.max(axis=2) < 10
-    blended[frame] = image[frame]
-    return blended
-
-
 # --------------------------------------------------------------------------- files
 
 
@@ -161,18 +148,12 @@ def write_explanations(output: str, selection: pd.DataFrame, images: np.ndarray,
     ``images[i]`` and ``heatmaps[i]`` belong to ``selection.iloc[i]`` (the preprocessed image the
     model saw, and its heatmap at the same size).
     """
-    import io
-
-    from PIL import Image
-
-    from aptos_ray import storage
+    from aptos_ray import figures, storage
 
     rows = []
     for i, row in enumerate(selection.itertuples(index=False)):
         name = f"explain/{row.group}_{safe_name(str(row.id))}.png"
-        buf = io.BytesIO()
-        Image.fromarray(overlay(images[i], heatmaps[i])).save(buf, format="PNG", optimize=True)
-        storage.write_bytes(storage.join(output, name), buf.getvalue())
+        storage.write_bytes(storage.join(output, name), figures.png(figures.overlay(images[i], heatmaps[i])))
         rows.append({"id": str(row.id), "group": row.group, "grade": int(row.grade), "predicted": int(row.predicted),
                      "score": float(row.score), "gradable": bool(getattr(row, "gradable", True)), "file": name})
     index = pd.DataFrame(rows, columns=EXPLAIN_COLUMNS)

@@ -18,18 +18,11 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import precision_recall_fscore_support, roc_auc_score, roc_curve
 
-from aptos_ray import storage
+from aptos_ray import figures, storage
 from aptos_ray.config import Config, ConfigError
 from aptos_ray.data.format import GRADE_NAMES
 from aptos_ray.infer.outputs import EXPLAIN_INDEX, FIGURES, QUALITY_SHEET, read_predictions
-from aptos_ray.infer.report_render import (
-    _f,
-    _pct,
-    _qwk_text,
-    figures,
-    render_html,
-    render_markdown,
-)
+from aptos_ray.infer.report_render import build_report, fmt, pct, qwk_text, to_html, to_markdown
 from aptos_ray.metrics import NUM_GRADES, REFERABLE_GRADE, grading_metrics
 
 RESAMPLES = 1000
@@ -206,8 +199,6 @@ def quality_metrics(predictions: pd.DataFrame, resamples: int = RESAMPLES, seed:
     return out
 
 
-
-
 def screening_files(output: str) -> dict:
     """The contact sheet and the Grad-CAM overlays predict wrote into ``output``, when there."""
     found: dict = {}
@@ -225,8 +216,6 @@ def screening_files(output: str) -> dict:
     return found
 
 
-
-
 # --------------------------------------------------------------------------- files and the job
 
 
@@ -237,14 +226,22 @@ def write_report(output: str, predictions: pd.DataFrame, context: dict | None = 
     referral = (context.get("ensemble") or {}).get("referral")  # a cross-validated ensemble's threshold
     metrics = compute_metrics(predictions, resamples, seed, referral)
     metrics["quality"] = quality_metrics(predictions, resamples, seed)
-    figs = figures(metrics)
-    screening = screening_files(output)
+    pngs = {key: figures.png(figure) for key, figure in report_figures(metrics).items()}
     for key, name in FIGURES.items():
-        storage.write_bytes(storage.join(output, name), figs[key])
+        storage.write_bytes(storage.join(output, name), pngs[key])
+    report = build_report(metrics, context, pngs, screening_files(output))
     storage.write_text(storage.join(output, "metrics.json"), json.dumps(metrics, indent=2))
-    storage.write_text(storage.join(output, "report.md"), render_markdown(metrics, context, screening))
-    storage.write_text(storage.join(output, "report.html"), render_html(metrics, context, figs, screening))
+    storage.write_text(storage.join(output, "report.md"), to_markdown(report))
+    storage.write_text(storage.join(output, "report.html"), to_html(report))
     return metrics
+
+
+def report_figures(m: dict) -> dict:
+    """The report's figures by ``FIGURES`` key."""
+    return {"confusion": figures.confusion_matrix(m["confusion"], f"Confusion matrix ({m['n']} images)"),
+            "roc": figures.roc(m["referable"]),
+            "grades": figures.grouped_bars({"true (graders)": m["true_grade_counts"],
+                                            "predicted (model)": m["predicted_grade_counts"]}, "Images per grade")}
 
 
 def evaluate(cfg: Config) -> dict:
@@ -263,10 +260,10 @@ def evaluate(cfg: Config) -> dict:
 
 def summary_text(m: dict) -> str:
     r = m["referable"]
-    return (f"{m['n']} labelled images: QWK {_qwk_text(m)}, accuracy {m['accuracy']:.3f}, "
+    return (f"{m['n']} labelled images: QWK {qwk_text(m)}, accuracy {m['accuracy']:.3f}, "
             f"Cohen kappa {m['cohen_kappa']:.3f}\n"
-            f"referable DR (grade >= 2): sensitivity {_pct(r['sensitivity'])}, specificity "
-            f"{_pct(r['specificity'])}, AUC {_f(r['auc'])}"
+            f"referable DR (grade >= 2): sensitivity {pct(r['sensitivity'])}, specificity "
+            f"{pct(r['specificity'])}, AUC {fmt(r['auc'])}"
             + (f"\nreferral point ({r['referral']['operating_point']}): sensitivity "
-               f"{_pct(r['referral']['sensitivity'])}, specificity {_pct(r['referral']['specificity'])}"
+               f"{pct(r['referral']['sensitivity'])}, specificity {pct(r['referral']['specificity'])}"
                if r.get("referral") else ""))

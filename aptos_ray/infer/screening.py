@@ -14,15 +14,13 @@ second pass over the data); the verdicts and grades themselves come from the one
 
 from __future__ import annotations
 
-import io
 import json
-import math
 
 import numpy as np
 import pandas as pd
 import torch
 
-from aptos_ray import storage
+from aptos_ray import figures, storage
 from aptos_ray.config import PrepareConfig
 from aptos_ray.data.format import decode_batch, decode_image, read_split
 from aptos_ray.data.preprocess import preprocess
@@ -59,35 +57,11 @@ def quality_of_rows(batch: dict, encoding: str, assessable: bool) -> dict:
 # --------------------------------------------------------------------------- contact sheet
 
 
-def contact_sheet(images: list[np.ndarray], captions: list[str], columns: int = 6, thumb: int = 160) -> bytes:
-    """PNG: the images as thumbnails in a grid, each with its caption (id and reason)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = max(1, math.ceil(len(images) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * thumb / 80, rows * (thumb + 28) / 80), squeeze=False)
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, image, caption in zip(axes.ravel(), images, captions):
-        ax.imshow(image)
-        ax.set_title(caption, fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def thumbnail(image: np.ndarray, size: int = 160) -> np.ndarray:
-    import cv2
-
-    scale = size / max(image.shape[:2])
-    if scale >= 1:
-        return image
-    return cv2.resize(image, (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))),
-                      interpolation=cv2.INTER_AREA)
+def contact_sheet(images: list[np.ndarray], captions: list[str], columns: int = 6) -> bytes:
+    """PNG: the images as thumbnails, ``columns`` to a row, each with its caption (id and reason)."""
+    rows = [slice(i, i + columns) for i in range(0, len(images), columns)]
+    return figures.png(figures.mosaic([images[r] for r in rows], [captions[r] for r in rows],
+                                      "Photographs judged ungradable", tile=160))
 
 
 def write_quality_sheet(output: str, predictions: pd.DataFrame, load_originals) -> int:
@@ -100,7 +74,7 @@ def write_quality_sheet(output: str, predictions: pd.DataFrame, load_originals) 
     flagged = predictions[~predictions["gradable"].astype(bool)].head(MAX_SHEET)
     if flagged.empty:
         return 0
-    images = [thumbnail(img) for img in load_originals(flagged)]
+    images = load_originals(flagged)
     captions = [f"{row.id}\n{row.quality_reason}" for row in flagged.itertuples()]
     storage.write_bytes(storage.join(output, QUALITY_SHEET), contact_sheet(images, captions))
     return len(flagged)

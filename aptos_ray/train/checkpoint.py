@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
-from aptos_ray import plots, storage
+from aptos_ray import figures, storage
 from aptos_ray.config import Config
 from aptos_ray.errors import CorruptCheckpointError, MissingFileError
 
@@ -210,10 +210,12 @@ def write_run_files(record: RunRecord, seconds: float) -> dict:
         raise RuntimeError(f"{record.run_dir}: no epoch finished")
     run_dir, history, best, last = record.run_dir, record.history, record.best, record.history[-1]
     storage.write_text(storage.join(run_dir, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
-    storage.write_bytes(storage.join(run_dir, "plots", "learning_curves.png"), plots.learning_curves(history))
+    plots = {"learning_curves.png": figures.learning_curves(history)}
     if "val_confusion" in best:
-        storage.write_bytes(storage.join(run_dir, "plots", "confusion_best.png"),
-                            plots.confusion_matrix(best["val_confusion"], f"Validation, best epoch {best['epoch']}"))
+        plots["confusion_best.png"] = figures.confusion_matrix(best["val_confusion"],
+                                                               f"Validation, best epoch {best['epoch']}")
+    for name, figure in plots.items():
+        storage.write_bytes(storage.join(run_dir, "plots", name), figures.png(figure))
     summary = {
         "run_dir": run_dir,
         "epochs": len(history),

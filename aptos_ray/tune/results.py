@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 from ray import tune as ray_tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-from aptos_ray import plots, storage
+from aptos_ray import figures, storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.errors import SearchFailed
 from aptos_ray.train.checkpoint import (
@@ -121,7 +121,7 @@ def qwk_curves_png(table: pd.DataFrame, records: dict[str, RunRecord], params: l
     for row in table.to_dict("records"):  # records: dotted column names are no attribute names
         values = ", ".join(_short(k, row.get(k)) for k in params)
         curves[f"{row['trial_id']} {values}"] = [(h["epoch"], h[METRIC]) for h in records[row["trial_id"]].history]
-    return plots.qwk_curves(curves, title="Validation QWK per trial")
+    return figures.png(figures.qwk_curves(curves, title="Validation QWK per trial"))
 
 
 def _short(key: str, value: Any) -> str:
