@@ -19,7 +19,7 @@ from aptos_ray.cut_rules import choose_cut_points
 from aptos_ray.data.folds import assign_folds, fold_table, training_tables
 from aptos_ray.data.format import decode_batch, read_manifest, table_batches
 from aptos_ray.errors import ConfigError, ExistingFileError, MissingFileError
-from aptos_ray.infer.checkpoint import read_checkpoint
+from aptos_ray.train.checkpoint import read_checkpoint
 from aptos_ray.infer.ensemble import EnsembleGrader, build_grader, read_ensemble
 from aptos_ray.metrics import optimise_cut_points, quadratic_weighted_kappa, referral_rates, referral_threshold
 from aptos_ray.train.driver import train

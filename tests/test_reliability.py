@@ -37,7 +37,7 @@ from aptos_ray.config import PrepareConfig, parse_args
 from aptos_ray.data.prepare import prepare
 from aptos_ray.data.sources import read_image, read_source, reason_kind
 from aptos_ray.errors import ConfigError, CorruptCheckpointError, DataError, ExistingFileError, ImageError
-from aptos_ray.infer.checkpoint import read_checkpoint
+from aptos_ray.train.checkpoint import read_checkpoint
 from aptos_ray.infer.grader import Grader
 from aptos_ray.train import local as local_backend
 from aptos_ray.train.checkpoint import checkpoint_folders
@@ -663,7 +663,7 @@ def retrained_on(p60: Path, tmp_path: Path, prepared_with: dict) -> tuple[Path, 
 def test_issue26_predict_preprocesses_as_the_checkpoint_was_trained(p60, tmp_path, capsys):
     """The dataset is prepared again (Ben Graham, another size) after training: the model keeps the
     preprocessing it was trained with; a resume of its run refuses the changed data."""
-    from aptos_ray.infer.checkpoint import prepare_config
+    from aptos_ray.train.checkpoint import prepare_config
 
     trained = {**vars(PrepareConfig()), "image_size": 64, "ben_graham": False}
     data, run = retrained_on(p60, tmp_path, trained)
@@ -678,7 +678,7 @@ def test_issue26_predict_preprocesses_as_the_checkpoint_was_trained(p60, tmp_pat
 
 
 def test_issue26_old_checkpoint_without_preprocessing_falls_back_with_a_note(p60, two_epochs, tmp_path, capsys):
-    from aptos_ray.infer.checkpoint import prepare_config
+    from aptos_ray.train.checkpoint import prepare_config
 
     data = tmp_path / "data"
     shutil.copytree(p60, data)

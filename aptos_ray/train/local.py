@@ -17,11 +17,12 @@ from aptos_ray.config import Config
 from aptos_ray.data.folds import training_tables
 from aptos_ray.data.format import table_batches
 from aptos_ray.train.checkpoint import (
+    Checkpoint,
     CorruptCheckpointError,
     best_key,
     checkpoint_folders,
     checkpoint_name,
-    load_checkpoint_state,
+    read_checkpoint,
     read_history,
 )
 
@@ -54,13 +55,13 @@ class LocalBackend:
     def val_rows(self) -> Iterator[dict]:
         return table_batches(self.val_table, self.cfg.data.read_batch_size)
 
-    def restored_state(self) -> dict | None:
+    def restored_state(self) -> Checkpoint | None:
         """The latest checkpoint that loads; one that does not is reported and the one before tried."""
         if not self.resume:
             return None
         for epoch, folder in sorted(checkpoint_folders(self.run_dir).items(), reverse=True):
             try:
-                return load_checkpoint_state(folder)
+                return read_checkpoint(folder, resume=True)
             except CorruptCheckpointError as e:
                 print(f"warning: skipping the checkpoint of epoch {epoch}: {e}", file=sys.stderr)
         return None

@@ -33,7 +33,7 @@ from aptos_ray.model.heads import Head, get_head
 from aptos_ray.model.weights import unwrap
 from aptos_ray.data.folds import fold_counts
 from aptos_ray.data.embedded import dataset_preprocessing
-from aptos_ray.train.checkpoint import load_weights, save_checkpoint
+from aptos_ray.train.checkpoint import Checkpoint, load_weights, save_checkpoint
 from aptos_ray.train.repeatable import epoch_seed, repeatable
 from aptos_ray.train.sampling import repeat_rates, resample_batches
 from aptos_ray.train.augment import CAMERA, GradeTransforms
@@ -95,7 +95,7 @@ class Backend(Protocol):
 
     def val_rows(self) -> Iterable[dict]: ...
 
-    def restored_state(self) -> dict | None: ...
+    def restored_state(self) -> Checkpoint | None: ...
 
     def report(self, metrics: dict, checkpoint_dir: Path | None, epoch: int) -> None: ...
 
@@ -244,7 +244,7 @@ def build_run(cfg: Config, backend: Backend, info: DatasetInfo) -> Run:
     model = create_model(cfg.model, load_pretrained=restored is None)
     model = maybe_sync_bn(model, cfg.model.batch_norm == "sync" and backend.world_size > 1)
     if restored is not None:
-        load_weights(model, restored, cfg, restored.get("path", "the restored checkpoint"))
+        load_weights(model, restored, cfg)
     data_cfg = model_data_config(model)
     size = cfg.data.image_size or data_cfg["input_size"][-1]
     transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=cfg.data.augment,
@@ -263,12 +263,12 @@ def build_run(cfg: Config, backend: Backend, info: DatasetInfo) -> Run:
     scaler = grad_scaler(precision)
     start_epoch, history = 0, []
     if restored is not None:
-        optimizer.load_state_dict(restored["optimizer"])
-        scheduler.load_state_dict(restored["scheduler"])
-        if scaler.is_enabled() and restored["scaler"]:  # empty when saved by a bf16, fp32 or CPU run
-            scaler.load_state_dict(restored["scaler"])
-        start_epoch = restored["epoch"] + 1
-        history = [h for h in restored.get("history", []) if h["epoch"] < start_epoch]
+        optimizer.load_state_dict(restored.optimizer)
+        scheduler.load_state_dict(restored.scheduler)
+        if scaler.is_enabled() and restored.scaler:  # empty when saved by a bf16, fp32 or CPU run
+            scaler.load_state_dict(restored.scaler)
+        start_epoch = restored.epoch + 1
+        history = [h for h in restored.history if h["epoch"] < start_epoch]
     if rank == 0:
         if restored is not None:
             print(f"Resumed from the checkpoint of epoch {start_epoch - 1}")

@@ -44,7 +44,12 @@ from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.data.folds import fold_ids, keep_ids
 from aptos_ray.data.format import SPLITS, TRAIN_COLUMNS, split_bytes
-from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError, storage_failure
+from aptos_ray.errors import (
+    ConfigError,
+    CorruptCheckpointError,
+    UserError,
+    storage_failure,
+)
 from aptos_ray.ray_internals import NodeType, report_logger_name, worker_error_cause
 from aptos_ray.ray_setup import (
     check_assigned_gpus_usable,
@@ -57,12 +62,12 @@ from aptos_ray.ray_setup import (
 )
 from aptos_ray.train.checkpoint import (
     CHECKPOINT_DIR,
+    Checkpoint,
     checkpoint_name,
-    load_checkpoint_state,
+    read_checkpoint,
     stored_checkpoints,
 )
 from aptos_ray.train.loop import DatasetInfo, fit
-
 
 # Materialise only what fits in this share of the object store: blocks in flight, other jobs'
 # objects and Ray's spilling threshold (80% full) need the rest.
@@ -193,7 +198,7 @@ class RayBackend:
         batches = self.val_data.iter_batches(batch_size=self.cfg.data.read_batch_size, batch_format="numpy")
         return rows_of_rank(batches, self.rank, self.world_size)
 
-    def restored_state(self) -> dict | None:
+    def restored_state(self) -> Checkpoint | None:
         """The newest checkpoint that loads: Ray Train's latest registered one, or a newer one in
         the run directory that was uploaded but never registered.
 
@@ -212,7 +217,7 @@ class RayBackend:
             # as_directory() removes a downloaded copy when the block ends: the state is in memory by then.
             try:
                 with candidate.as_directory() as directory:
-                    return load_checkpoint_state(directory)
+                    return read_checkpoint(directory, resume=True)
             except CorruptCheckpointError as e:
                 if self.rank == 0:
                     print(f"warning: skipping the checkpoint of epoch {epoch}: {e}", file=sys.stderr)
