@@ -26,16 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_prepare import best_of  # noqa: E402  (the benchmarks folder is on sys.path)
-
 from aptos_ray.config import Config  # noqa: E402
-from aptos_ray.data.format import decode_batch  # noqa: E402
+from aptos_ray.model.factory import create_model  # noqa: E402
+from aptos_ray.train.checkpoint import prepare_config, read_checkpoint  # noqa: E402
 from aptos_ray.infer.grader import Grader  # noqa: E402
 from aptos_ray.infer.inputs import find_inputs  # noqa: E402
 from aptos_ray.infer.predict import build_dataset, collect, load_rows  # noqa: E402
-from aptos_ray.model.factory import create_model  # noqa: E402
 from aptos_ray.ray_setup import ray_progress  # noqa: E402
-from aptos_ray.train.checkpoint import prepare_config, read_checkpoint  # noqa: E402
+from aptos_ray.data.format import decode_batch  # noqa: E402
+from bench_prepare import best_of  # noqa: E402  (the benchmarks folder is on sys.path)
 
 DEFAULT_INPUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "aptos2019-224"
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import helpers
 import pytest
 import torch
 from tqdm import tqdm
 
+import helpers
 from aptos_ray.config import parse_args
 from aptos_ray.model.factory import create_model
 from aptos_ray.train import loop

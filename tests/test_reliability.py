@@ -102,6 +102,29 @@ def test_case01_corrupt_latest_checkpoint_is_skipped_on_resume(p60, two_epochs, 
     assert read_checkpoint(str(run / "checkpoint_epoch_0001")).epoch == 1  # rewritten whole
 
 
+def test_case01_a_checkpoint_without_training_state_predicts_and_resume_skips_it(p60, two_epochs, tmp_path,
+                                                                                capsys):
+    """A model.pt kept for inference only (weights, config, no optimizer state) is read the same way by
+    predict and by a resume: predict uses it, the resume takes the checkpoint before it."""
+    import torch
+
+    run = copy_run(two_epochs, tmp_path)
+    latest = run / "checkpoint_epoch_0001" / "model.pt"
+    state = torch.load(latest, weights_only=True)
+    del state["optimizer"]
+    torch.save(state, latest)
+    assert read_checkpoint(str(latest)).epoch == 1
+    with pytest.raises(CorruptCheckpointError, match="not a valid checkpoint"):
+        read_checkpoint(str(latest), resume=True)
+    restored = read_checkpoint(str(run / "checkpoint_epoch_0000"), resume=True)
+    assert [h["epoch"] for h in restored.history] == [0] and restored.optimizer["state"]
+    summary = train(parse_args(run_args(p60, tmp_path, "r", 2, "--model.head=regression",
+                                        "--train.keep_checkpoints=2", "--resume")))
+    out = capsys.readouterr()
+    assert "skipping the checkpoint of epoch 1" in out.err and "Resumed from the checkpoint of epoch 0" in out.out
+    assert history(run) == [0, 1] and summary["epochs"] == 2
+
+
 def test_case01_kill_while_writing_leaves_no_half_checkpoint(p60, two_epochs, tmp_path, monkeypatch):
     """The copy into the run directory dies halfway in epoch 2 (as a kill would): the folder that
     exists is the hidden one written aside, never a checkpoint_epoch_0002 that --resume would take."""

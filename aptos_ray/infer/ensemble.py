@@ -23,9 +23,9 @@ import torch
 from aptos_ray import storage
 from aptos_ray.data.embedded import LOOK_KEYS
 from aptos_ray.errors import ConfigError, MissingFileError
+from aptos_ray.train.checkpoint import Checkpoint, read_checkpoint, resolve_checkpoint
 from aptos_ray.infer.grader import PROB_COLUMNS, Grader
 from aptos_ray.metrics import p_referable
-from aptos_ray.train.checkpoint import Checkpoint, read_checkpoint, resolve_checkpoint
 
 CV_FILE = "cv.json"  # tune.cv_results writes it; read here as data (infer does not import tune)
 

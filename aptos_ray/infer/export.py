@@ -25,9 +25,9 @@ from aptos_ray import storage
 from aptos_ray.config import Config, ConfigError
 from aptos_ray.data.format import GRADE_NAMES
 from aptos_ray.errors import ExportError
-from aptos_ray.infer.grader import Grader
 from aptos_ray.metrics import NUM_GRADES
 from aptos_ray.train.checkpoint import prepare_config, read_checkpoint
+from aptos_ray.infer.grader import Grader
 
 OPSET = 17  # supported by the installed torch exporters and by onnxruntime >= 1.15
 TOLERANCE = 1e-4  # max |onnx - torch| / max(1, max |torch|)

@@ -39,14 +39,10 @@ from aptos_ray.config import Config, ConfigError, PrepareConfig, ScalingConfig
 from aptos_ray.data.format import TRAIN_COLUMNS, decode_batch, encode_image
 from aptos_ray.data.preprocess import ImageError, preprocess
 from aptos_ray.data.sources import read_photo, stop_on_driver_only_paths
+from aptos_ray.train.checkpoint import Checkpoint, prepare_config, read_checkpoint
 from aptos_ray.infer.ensemble import build_grader, checkpoint_for_driver, read_ensemble
 from aptos_ray.infer.grader import PROB_COLUMNS, Grader
-from aptos_ray.infer.inputs import (
-    Inputs,
-    find_inputs,
-    normalisation_of,
-    preprocessing_differences,
-)
+from aptos_ray.infer.inputs import Inputs, find_inputs, normalisation_of, preprocessing_differences
 from aptos_ray.infer.outputs import print_summary, split_results, write_outputs
 from aptos_ray.infer.quality import as_columns, assess_photo, decode_size, not_assessed
 from aptos_ray.infer.report import write_report
@@ -60,7 +56,6 @@ from aptos_ray.ray_setup import (
     ray_progress,
     worker_capacity,
 )
-from aptos_ray.train.checkpoint import Checkpoint, prepare_config, read_checkpoint
 
 
 def load_rows(batch: dict, prepare: dict) -> dict:

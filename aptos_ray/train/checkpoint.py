@@ -13,6 +13,10 @@ One owner per file. The workers write nothing but checkpoints, and every checkpo
 history of every epoch up to its own (``history.json``), so a run's record is simply its latest
 registered checkpoint: Ray Train's ``Result`` names it in Ray runs, the checkpoint folders in local
 runs. Nothing is rewritten afterwards, and a resumed run continues the history it restored.
+
+Training (a resume), predict, export, ensembles and cross-validation read a checkpoint the same way:
+``read_checkpoint``, into one ``Checkpoint``. A checkpoint is data, never code: ``model.pt`` is read
+with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations

@@ -44,12 +44,7 @@ from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict
 from aptos_ray.data.folds import fold_ids, keep_ids
 from aptos_ray.data.format import SPLITS, TRAIN_COLUMNS, split_bytes
-from aptos_ray.errors import (
-    ConfigError,
-    CorruptCheckpointError,
-    UserError,
-    storage_failure,
-)
+from aptos_ray.errors import ConfigError, CorruptCheckpointError, UserError, storage_failure
 from aptos_ray.ray_internals import NodeType, report_logger_name, worker_error_cause
 from aptos_ray.ray_setup import (
     check_assigned_gpus_usable,
@@ -68,6 +63,7 @@ from aptos_ray.train.checkpoint import (
     stored_checkpoints,
 )
 from aptos_ray.train.loop import DatasetInfo, fit
+
 
 # Materialise only what fits in this share of the object store: blocks in flight, other jobs'
 # objects and Ray's spilling threshold (80% full) need the rest.

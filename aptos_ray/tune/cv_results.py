@@ -24,14 +24,9 @@ from sklearn.metrics import roc_auc_score
 
 from aptos_ray import storage
 from aptos_ray.config import Config
-from aptos_ray.cut_rules import MIN_PRECISION, choose_cut_points
 from aptos_ray.data.folds import fold_ids, pooled_rows
-from aptos_ray.data.format import (
-    TRAIN_COLUMNS,
-    decode_batch,
-    read_manifest,
-    table_batches,
-)
+from aptos_ray.data.format import TRAIN_COLUMNS, decode_batch, read_manifest, table_batches
+from aptos_ray.cut_rules import MIN_PRECISION, choose_cut_points
 from aptos_ray.metrics import (
     NUM_GRADES,
     REFERABLE_GRADE,
@@ -61,8 +56,8 @@ def oof_predictions(cfg: Config, checkpoints: dict[int, str], batch_size: int = 
     ``cv.oof_tta`` extra views, on the CPU or this process's GPU."""
     import torch
 
-    from aptos_ray.infer.grader import PROB_COLUMNS, Grader
     from aptos_ray.train.checkpoint import read_checkpoint
+    from aptos_ray.infer.grader import PROB_COLUMNS, Grader
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     encoding = read_manifest(cfg.data.dataset).get("encoding", "raw")

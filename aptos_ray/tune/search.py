@@ -39,11 +39,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from aptos_ray import storage
 from aptos_ray.config import Config, config_from_dict, set_value, yaml_load
 from aptos_ray.config_checks import check_tune_space
-from aptos_ray.data.embedded import (
-    check_validation_split,
-    ensure_dataset,
-    record_preprocessing,
-)
+from aptos_ray.data.embedded import check_validation_split, ensure_dataset, record_preprocessing
 from aptos_ray.errors import ExistingFileError, MissingFileError, SearchInterrupted
 from aptos_ray.ownership import claimed, fresh_name, latest_name
 from aptos_ray.ray_setup import check_seen_by_every_node, init_ray
