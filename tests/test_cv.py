@@ -217,6 +217,23 @@ def test_a_stopped_cv_resumes_its_unfinished_folds_only(tiny_aptos, tmp_path, mo
 
 
 @pytest.mark.ray
+@pytest.mark.slow
+def test_folds_train_on_the_cluster_as_tune_trials(tiny_aptos, tmp_path, ray_session):
+    """Without --local each fold is a Tune trial running one TorchTrainer (``tune.trial``, as a search's
+    trials are): every fold's run folder ends with its config, summary and best checkpoint of that fold."""
+    from aptos_ray.tune.cv import train_folds_ray
+
+    cfg = parse_args([*[a for a in TINY if a != "--local"], f"--data.dataset={tiny_aptos}", "--data.folds=2",
+                      "--train.epochs=1", "--scaling.num_workers=1", "--cv.max_concurrent_folds=1"])
+    runs = train_folds_ray(cfg, str(tmp_path), read_manifest(str(tiny_aptos)), {})
+    assert sorted(runs) == [0, 1]
+    for k, run in runs.items():
+        assert run["run_dir"] == str(tmp_path / f"fold_{k}") and run["epochs"] == 1
+        assert (tmp_path / f"fold_{k}" / "config.yaml").is_file()
+        assert read_checkpoint(run["best_checkpoint"]).config.data.fold == k
+
+
+@pytest.mark.ray
 def test_out_of_fold_predictions_on_the_cluster_match_the_in_process_ones(cv_dir, tiny_aptos, ray_session):
     """Without --local the out-of-fold images are graded in the predict job's actor pool, not in the
     driver: the same ids, folds, grades and scores as the in-process predictions of the same models."""
