@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aptos_ray.config import Config  # noqa: E402
 from aptos_ray.model.factory import create_model  # noqa: E402
-from aptos_ray.infer.checkpoint import prepare_config, read_checkpoint  # noqa: E402
+from aptos_ray.train.checkpoint import prepare_config, read_checkpoint  # noqa: E402
 from aptos_ray.infer.grader import Grader  # noqa: E402
 from aptos_ray.infer.inputs import find_inputs  # noqa: E402
 from aptos_ray.infer.predict import build_dataset, collect, load_rows  # noqa: E402
@@ -103,7 +103,7 @@ def main() -> None:
         checkpoint = args.checkpoint or str(untrained_checkpoint(args.model, args.size, args.prepare_size, Path(tmp)))
         loaded = read_checkpoint(checkpoint)
         inputs = find_inputs(str(raw_subset(args.input, args.limit, Path(tmp))), "test")
-        prepare, _ = prepare_config(loaded.config)
+        prepare, _ = prepare_config(loaded)
         n = len(inputs.items)
         print(f"{n} images from {args.input}, model {loaded.config.model.name}, batch {args.batch_size}, "
               f"torch threads {torch.get_num_threads()}")

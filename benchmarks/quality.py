@@ -44,7 +44,7 @@ from aptos_ray.metrics import grading_metrics  # noqa: E402
 from aptos_ray.model.factory import create_model, model_data_config  # noqa: E402
 from aptos_ray.model.heads import get_head  # noqa: E402
 from aptos_ray.train.augment import GradeTransforms  # noqa: E402
-from aptos_ray.train.checkpoint import best_of  # noqa: E402
+from aptos_ray.train.checkpoint import best_of, load_weights, read_checkpoint  # noqa: E402
 from aptos_ray.train.driver import train  # noqa: E402
 from aptos_ray.train.step import predict_outputs  # noqa: E402
 
@@ -78,17 +78,17 @@ def prepared(dataset: str, size: int, normalise: str = "none") -> Path:
 
 def test_scores(checkpoint: Path, dataset: Path) -> dict:
     """Metrics of a checkpoint on the test split, plus one-vs-rest AUC for classification heads."""
-    state = torch.load(checkpoint / "model.pt", map_location="cpu", weights_only=True)
-    cfg = config_from_dict(state["config"])
+    loaded = read_checkpoint(str(checkpoint))
+    cfg = loaded.config
     model = create_model(cfg.model, load_pretrained=False)
-    model.load_state_dict(state["model"])
+    load_weights(model, loaded, cfg)
     data_cfg = model_data_config(model)
     size = cfg.data.image_size or data_cfg["input_size"][-1]
     transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=False)
     table = read_split(str(dataset), "test")
     outputs, grades, _ = predict_outputs(model, table_batches(table, 256), transforms, torch.device("cpu"))
     head = get_head(cfg.model.head)
-    predicted = head.grades(outputs, state["cut_points"]).numpy()
+    predicted = head.grades(outputs, loaded.cut_points).numpy()
     scores = {k: v for k, v in grading_metrics(grades, predicted, prefix="test_").items()}
     if head.has_probabilities:
         probs = head.probabilities(outputs).numpy()

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from aptos_ray.data.preprocess import preprocess  # noqa: E402
 from aptos_ray.data.synthetic import render_fundus  # noqa: E402
 from aptos_ray.figures import overlay  # noqa: E402
-from aptos_ray.infer.checkpoint import prepare_config, read_checkpoint  # noqa: E402
 from aptos_ray.infer.explain import Explainer  # noqa: E402
+from aptos_ray.train.checkpoint import prepare_config, read_checkpoint  # noqa: E402
 from aptos_ray.infer.grader import Grader  # noqa: E402
 
 

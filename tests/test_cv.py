@@ -19,7 +19,7 @@ from aptos_ray.cut_rules import choose_cut_points
 from aptos_ray.data.folds import assign_folds, fold_table, training_tables
 from aptos_ray.data.format import decode_batch, read_manifest, table_batches
 from aptos_ray.errors import ConfigError, ExistingFileError, MissingFileError
-from aptos_ray.infer.checkpoint import read_checkpoint
+from aptos_ray.train.checkpoint import read_checkpoint
 from aptos_ray.infer.ensemble import EnsembleGrader, build_grader, read_ensemble
 from aptos_ray.metrics import optimise_cut_points, quadratic_weighted_kappa, referral_rates, referral_threshold
 from aptos_ray.train.driver import train
@@ -213,6 +213,23 @@ def test_a_stopped_cv_resumes_its_unfinished_folds_only(tiny_aptos, tmp_path, mo
     assert epochs == [0, 1]
     oof = [pd.read_parquet(tmp_path / name / "oof.parquet").sort_values("id") for name in ("whole", "stopped")]
     assert np.array_equal(oof[0]["id"], oof[1]["id"]) and np.allclose(oof[0]["score"], oof[1]["score"], atol=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_folds_train_on_the_cluster_as_tune_trials(tiny_aptos, tmp_path, ray_session):
+    """Without --local each fold is a Tune trial running one TorchTrainer (``tune.trial``, as a search's
+    trials are): every fold's run folder ends with its config, summary and best checkpoint of that fold."""
+    from aptos_ray.tune.cv import train_folds_ray
+
+    cfg = parse_args([*[a for a in TINY if a != "--local"], f"--data.dataset={tiny_aptos}", "--data.folds=2",
+                      "--train.epochs=1", "--scaling.num_workers=1", "--cv.max_concurrent_folds=1"])
+    runs = train_folds_ray(cfg, str(tmp_path), read_manifest(str(tiny_aptos)), {})
+    assert sorted(runs) == [0, 1]
+    for k, run in runs.items():
+        assert run["run_dir"] == str(tmp_path / f"fold_{k}") and run["epochs"] == 1
+        assert (tmp_path / f"fold_{k}" / "config.yaml").is_file()
+        assert read_checkpoint(run["best_checkpoint"]).config.data.fold == k
 
 
 @pytest.mark.ray

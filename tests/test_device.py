@@ -10,6 +10,7 @@ from tqdm import tqdm
 from aptos_ray.config import parse_args
 from aptos_ray.model.factory import create_model
 from aptos_ray.train import loop
+from aptos_ray.train.checkpoint import Checkpoint
 from aptos_ray.train.loop import DatasetInfo, build_optimizer, build_scheduler, fit
 from aptos_ray.train.step import autocast, grad_scaler, resolve_precision
 
@@ -27,14 +28,14 @@ class MovingBackend:
 
     rank, world_size, progress_bar = 0, 1, tqdm
 
-    def __init__(self, restored: dict, device: str, dtype: torch.dtype | None):
+    def __init__(self, restored: Checkpoint, device: str, dtype: torch.dtype | None):
         self.restored = restored
         self.device, self.dtype = torch.device(device), dtype
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.to(self.device, self.dtype) if self.dtype else model.to(self.device)
 
-    def restored_state(self) -> dict:
+    def restored_state(self) -> Checkpoint:
         return self.restored
 
     def train_rows(self, epoch: int):
@@ -47,8 +48,8 @@ class MovingBackend:
         pass
 
 
-def checkpoint_after_one_step(cfg) -> dict:
-    """What save_checkpoint stores after epoch 0: weights and an Adam state with moments in it."""
+def checkpoint_after_one_step(cfg) -> Checkpoint:
+    """What a resume reads after epoch 0: weights and an Adam state with moments in it."""
     model = create_model(cfg.model)
     optimizer = build_optimizer(cfg.optim, model)
     scheduler = build_scheduler(cfg.optim, optimizer, steps=4, epochs=cfg.train.epochs)
@@ -56,8 +57,8 @@ def checkpoint_after_one_step(cfg) -> dict:
     loss.backward()
     optimizer.step()
     scheduler.step()
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": grad_scaler("fp32").state_dict(), "epoch": 0, "config": cfg.to_dict()}
+    return Checkpoint("memory", cfg, model.state_dict(), None, 0, {}, optimizer=optimizer.state_dict(),
+                      scheduler=scheduler.state_dict(), scaler=grad_scaler("fp32").state_dict())
 
 
 @pytest.mark.parametrize("device, dtype", [("meta", None), ("cpu", torch.float64)])

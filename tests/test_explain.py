@@ -11,8 +11,8 @@ from PIL import Image
 import helpers
 from aptos_ray.config import Config
 from aptos_ray.figures import overlay
-from aptos_ray.infer.checkpoint import Checkpoint
 from aptos_ray.infer.explain import GROUPS, Explainer, last_conv_layer, select, write_explanations
+from aptos_ray.train.checkpoint import Checkpoint
 from aptos_ray.infer.grader import Grader
 from aptos_ray.model.factory import create_model
 

@@ -22,7 +22,7 @@ from sklearn.metrics import accuracy_score, cohen_kappa_score, recall_score
 
 from aptos_ray.config import ConfigError, SyntheticConfig, parse_args
 from aptos_ray.data.format import decode_batch, read_split
-from aptos_ray.infer.checkpoint import read_checkpoint, resolve_checkpoint
+from aptos_ray.train.checkpoint import read_checkpoint, resolve_checkpoint
 from aptos_ray.infer.grader import TTA_VIEWS, Grader
 from aptos_ray.infer.inputs import find_inputs
 from aptos_ray.infer.predict import predict

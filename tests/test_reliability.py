@@ -37,7 +37,7 @@ from aptos_ray.config import PrepareConfig, parse_args
 from aptos_ray.data.prepare import prepare
 from aptos_ray.data.sources import read_image, read_source, reason_kind
 from aptos_ray.errors import ConfigError, CorruptCheckpointError, DataError, ExistingFileError, ImageError
-from aptos_ray.infer.checkpoint import read_checkpoint
+from aptos_ray.train.checkpoint import read_checkpoint
 from aptos_ray.infer.grader import Grader
 from aptos_ray.train import loop as local_backend
 from aptos_ray.train.checkpoint import checkpoint_folders
@@ -100,6 +100,29 @@ def test_case01_corrupt_latest_checkpoint_is_skipped_on_resume(p60, two_epochs, 
     assert "Resumed from the checkpoint of epoch 0" in err.out
     assert history(run) == [0, 1] and summary["epochs"] == 2
     assert read_checkpoint(str(run / "checkpoint_epoch_0001")).epoch == 1  # rewritten whole
+
+
+def test_case01_a_checkpoint_without_training_state_predicts_and_resume_skips_it(p60, two_epochs, tmp_path,
+                                                                                capsys):
+    """A model.pt kept for inference only (weights, config, no optimizer state) is read the same way by
+    predict and by a resume: predict uses it, the resume takes the checkpoint before it."""
+    import torch
+
+    run = copy_run(two_epochs, tmp_path)
+    latest = run / "checkpoint_epoch_0001" / "model.pt"
+    state = torch.load(latest, weights_only=True)
+    del state["optimizer"]
+    torch.save(state, latest)
+    assert read_checkpoint(str(latest)).epoch == 1
+    with pytest.raises(CorruptCheckpointError, match="not a valid checkpoint"):
+        read_checkpoint(str(latest), resume=True)
+    restored = read_checkpoint(str(run / "checkpoint_epoch_0000"), resume=True)
+    assert [h["epoch"] for h in restored.history] == [0] and restored.optimizer["state"]
+    summary = train(parse_args(run_args(p60, tmp_path, "r", 2, "--model.head=regression",
+                                        "--train.keep_checkpoints=2", "--resume")))
+    out = capsys.readouterr()
+    assert "skipping the checkpoint of epoch 1" in out.err and "Resumed from the checkpoint of epoch 0" in out.out
+    assert history(run) == [0, 1] and summary["epochs"] == 2
 
 
 def test_case01_kill_while_writing_leaves_no_half_checkpoint(p60, two_epochs, tmp_path, monkeypatch):
@@ -663,7 +686,7 @@ def retrained_on(p60: Path, tmp_path: Path, prepared_with: dict) -> tuple[Path, 
 def test_issue26_predict_preprocesses_as_the_checkpoint_was_trained(p60, tmp_path, capsys):
     """The dataset is prepared again (Ben Graham, another size) after training: the model keeps the
     preprocessing it was trained with; a resume of its run refuses the changed data."""
-    from aptos_ray.infer.checkpoint import prepare_config
+    from aptos_ray.train.checkpoint import prepare_config
 
     trained = {**vars(PrepareConfig()), "image_size": 64, "ben_graham": False}
     data, run = retrained_on(p60, tmp_path, trained)
@@ -678,7 +701,7 @@ def test_issue26_predict_preprocesses_as_the_checkpoint_was_trained(p60, tmp_pat
 
 
 def test_issue26_old_checkpoint_without_preprocessing_falls_back_with_a_note(p60, two_epochs, tmp_path, capsys):
-    from aptos_ray.infer.checkpoint import prepare_config
+    from aptos_ray.train.checkpoint import prepare_config
 
     data = tmp_path / "data"
     shutil.copytree(p60, data)

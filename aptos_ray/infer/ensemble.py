@@ -23,7 +23,7 @@ import torch
 from aptos_ray import storage
 from aptos_ray.data.embedded import LOOK_KEYS
 from aptos_ray.errors import ConfigError, MissingFileError
-from aptos_ray.infer.checkpoint import Checkpoint, read_checkpoint, resolve_checkpoint
+from aptos_ray.train.checkpoint import Checkpoint, read_checkpoint, resolve_checkpoint
 from aptos_ray.infer.grader import PROB_COLUMNS, Grader
 from aptos_ray.metrics import p_referable
 

@@ -26,7 +26,7 @@ from aptos_ray.config import Config, ConfigError
 from aptos_ray.data.format import GRADE_NAMES
 from aptos_ray.errors import ExportError
 from aptos_ray.metrics import NUM_GRADES
-from aptos_ray.infer.checkpoint import prepare_config, read_checkpoint
+from aptos_ray.train.checkpoint import prepare_config, read_checkpoint
 from aptos_ray.infer.grader import Grader
 
 OPSET = 17  # supported by the installed torch exporters and by onnxruntime >= 1.15

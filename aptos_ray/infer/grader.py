@@ -9,12 +9,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from aptos_ray.infer.checkpoint import Checkpoint
-from aptos_ray.metrics import NUM_GRADES
+from aptos_ray.metrics import NUM_GRADES, REFERABLE_GRADE
 from aptos_ray.model.factory import create_model, model_data_config
 from aptos_ray.model.heads import get_head
 from aptos_ray.train.augment import GradeTransforms, to_device
-from aptos_ray.train.checkpoint import load_weights
+from aptos_ray.train.checkpoint import Checkpoint, load_weights
 from aptos_ray.train.step import autocast, resolve_precision
 
 PROB_COLUMNS = [f"prob_{g}" for g in range(NUM_GRADES)]
@@ -46,7 +45,7 @@ class Grader:
         precision = "auto" if cfg.train.precision == "bf16" else cfg.train.precision
         self.precision = resolve_precision(precision, self.device)
         model = create_model(cfg.model, load_pretrained=False)
-        load_weights(model, {"model": checkpoint.state_dict}, cfg, checkpoint.path)
+        load_weights(model, checkpoint, cfg)
         self.model = model.to(self.device).eval()
         data = model_data_config(model)
         self.size = cfg.data.image_size or data["input_size"][-1]
@@ -78,7 +77,7 @@ class Grader:
         probs = self.head.probabilities(out)
         if probs is not None:
             probs = probs.numpy().astype(np.float64)
-            result["p_referable"] = probs[:, 2:].sum(axis=1)  # P(grade >= 2): referable DR
+            result["p_referable"] = probs[:, REFERABLE_GRADE:].sum(axis=1)
             result.update({c: probs[:, g] for g, c in enumerate(PROB_COLUMNS)})
         return result
 

@@ -41,7 +41,7 @@ from aptos_ray.config import Config, ConfigError, PrepareConfig, ScalingConfig
 from aptos_ray.data.format import TRAIN_COLUMNS, decode_batch, encode_image
 from aptos_ray.data.preprocess import ImageError, preprocess
 from aptos_ray.data.sources import read_photo, stop_on_driver_only_paths
-from aptos_ray.infer.checkpoint import Checkpoint, prepare_config, read_checkpoint
+from aptos_ray.train.checkpoint import Checkpoint, prepare_config, read_checkpoint
 from aptos_ray.infer.ensemble import build_grader, checkpoint_for_driver, read_ensemble
 from aptos_ray.infer.grader import PROB_COLUMNS, Grader
 from aptos_ray.infer.inputs import Inputs, find_inputs, normalisation_of, preprocessing_differences

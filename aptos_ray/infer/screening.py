@@ -25,7 +25,7 @@ from aptos_ray.config import PrepareConfig
 from aptos_ray.data.format import decode_batch, decode_image, read_split
 from aptos_ray.data.preprocess import preprocess
 from aptos_ray.data.sources import read_image
-from aptos_ray.infer.checkpoint import Checkpoint
+from aptos_ray.train.checkpoint import Checkpoint
 from aptos_ray.infer.grader import Grader
 from aptos_ray.infer.inputs import Inputs
 from aptos_ray.infer.outputs import QUALITY_SHEET

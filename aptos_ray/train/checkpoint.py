@@ -13,6 +13,10 @@ One owner per file. The workers write nothing but checkpoints, and every checkpo
 history of every epoch up to its own (``history.json``), so a run's record is simply its latest
 registered checkpoint: Ray Train's ``Result`` names it in Ray runs, the checkpoint folders in local
 runs. Nothing is rewritten afterwards, and a resumed run continues the history it restored.
+
+Training (a resume), predict, export, ensembles and cross-validation read a checkpoint the same way:
+``read_checkpoint``, into one ``Checkpoint``. A checkpoint is data, never code: ``model.pt`` is read
+with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -21,14 +25,16 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import torch
 
 from aptos_ray import figures, storage
-from aptos_ray.config import Config
+from aptos_ray.config import Config, ConfigError, PrepareConfig, config_from_dict
+from aptos_ray.data.format import MANIFEST, read_manifest
 from aptos_ray.errors import CorruptCheckpointError, MissingFileError
 
 CHECKPOINT_FILE = "model.pt"
@@ -72,48 +78,134 @@ def save_checkpoint(directory: Path, state: dict, cfg: Config, history: list[dic
     return directory
 
 
-def load_checkpoint_state(directory: str | Path) -> dict:
-    """A checkpoint's state; one that does not load is a ``CorruptCheckpointError`` naming the file."""
-    path = Path(directory) / CHECKPOINT_FILE
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise MissingFileError(f"{path}: not found") from None
+@dataclass
+class Checkpoint:
+    """A checkpoint as read from its model.pt: what inference needs and, when read for a resume,
+    the optimizer, schedule and loss-scaler states and the history of every epoch up to its own."""
+
+    path: str  # its model.pt
+    config: Config
+    state_dict: dict
+    cut_points: list[float] | None
+    epoch: int
+    metrics: dict
+    preprocessing: dict | None = None  # the training images' prepare settings (None: saved before they were kept)
+    history: list[dict] = field(default_factory=list)
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    scaler: dict | None = None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """``model.pt`` of a run directory (its best checkpoint), a checkpoint directory, or the file
+    itself; a local path (made absolute: actors run elsewhere) or a URI (Ray runs may write there)."""
+    if not path:
+        raise ConfigError("set --predict.checkpoint to a run directory, a checkpoint directory or a model.pt")
+    path = storage.absolute(path)
+    kind = storage.file_type(path)
+    if kind == "File":
+        return path
+    if kind == "NotFound":
+        raise MissingFileError(f"{path}: checkpoint not found (expected a run directory, checkpoint directory or model.pt)")
+    if storage.file_type(storage.join(path, CHECKPOINT_FILE)) == "File":
+        return storage.join(path, CHECKPOINT_FILE)
+    summary = storage.join(path, "summary.json")
+    if storage.file_type(summary) == "File":
+        best = json.loads(storage.read_text(summary))["best_checkpoint"]
+        # summary.json holds absolute paths: a run directory that was moved still has the folder
+        moved = storage.join(path, storage.name(best), CHECKPOINT_FILE)
+        for candidate in (storage.join(best, CHECKPOINT_FILE), moved):
+            if storage.file_type(candidate) == "File":
+                return candidate
+        raise MissingFileError(f"{summary}: best checkpoint {best} has no {CHECKPOINT_FILE} (pruned or moved?)")
+    raise MissingFileError(
+        f"{path}: no {CHECKPOINT_FILE} and no summary.json: not a checkpoint directory, nor a finished run "
+        f"(for an unfinished run, pass one of its checkpoint_epoch_NNNN folders)"
+    )
+
+
+def read_checkpoint(path: str | Path, resume: bool = False) -> Checkpoint:
+    """The checkpoint of a run directory, checkpoint folder or model.pt (``resolve_checkpoint``), local
+    or URI; with ``resume`` also its training state and history. One that does not load is a
+    ``CorruptCheckpointError`` naming the file: a resume then takes the checkpoint before."""
+    model_pt = resolve_checkpoint(str(path))
+    with storage.open_input(model_pt) as f:
+        data = f.read()
+    try:  # weights_only: a checkpoint is data, never code to run
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception:  # truncated, zero bytes, not a zip, pickled code: all unusable alike
-        raise CorruptCheckpointError(f"{path}: {NOT_A_CHECKPOINT}") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise CorruptCheckpointError(f"{path}: {NOT_A_CHECKPOINT}")
-    history = Path(directory) / HISTORY_FILE
+        raise CorruptCheckpointError(f"{model_pt}: {NOT_A_CHECKPOINT}") from None
+    needed = ("model", "config", *(("optimizer", "scheduler") if resume else ()))
+    if not isinstance(state, dict) or not all(k in state for k in needed):
+        raise CorruptCheckpointError(f"{model_pt}: {NOT_A_CHECKPOINT}")
     try:
-        state["history"] = json.loads(history.read_text()) if history.is_file() else []
+        cfg = config_from_dict(state["config"])
+    except ConfigError as e:
+        raise CorruptCheckpointError(f"{model_pt}: its config does not fit this version ({e})") from None
+    preprocessing = state.get("preprocessing")
+    checkpoint = Checkpoint(model_pt, cfg, state["model"], state.get("cut_points"), int(state.get("epoch", -1)),
+                            state.get("metrics") or {}, preprocessing if isinstance(preprocessing, dict) else None)
+    if resume:
+        checkpoint.history = _history_beside(model_pt)
+        checkpoint.optimizer, checkpoint.scheduler = state["optimizer"], state["scheduler"]
+        checkpoint.scaler = state.get("scaler")
+    return checkpoint
+
+
+def _history_beside(model_pt: str) -> list[dict]:
+    history = storage.join(storage.parent(model_pt), HISTORY_FILE)
+    if storage.file_type(history) != "File":
+        return []
+    try:
+        return json.loads(storage.read_text(history))
     except (OSError, ValueError):  # cut short by a kill during the upload
         raise CorruptCheckpointError(f"{history}: {NOT_A_CHECKPOINT}") from None
-    state["path"] = str(path)
-    return state
 
 
-def model_mismatch(saved_config: dict | None, cfg: Config) -> str:
+def prepare_config(checkpoint: Checkpoint) -> tuple[PrepareConfig, str]:
+    """How the model's training images were preprocessed -> (config, where it came from).
+
+    The checkpoint carries it (``preprocessing``: its training dataset's manifest settings when it
+    trained), so a dataset prepared again later, with other settings, changes nothing. A checkpoint
+    saved before checkpoints carried it falls back, with a note, to the training dataset's manifest
+    as it is now, then to the checkpoint's ``prepare`` section.
+    """
+    known = {f.name for f in fields(PrepareConfig)}
+    if checkpoint.preprocessing is not None:
+        return PrepareConfig(**{k: v for k, v in checkpoint.preprocessing.items() if k in known}), "the checkpoint"
+    cfg = checkpoint.config
+    try:
+        saved = read_manifest(cfg.data.dataset).get("config")
+    except (FileNotFoundError, OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict):
+        source = f"{cfg.data.dataset}/{MANIFEST}"
+        print(f"note: {checkpoint.path} predates checkpoints that carry their preprocessing: taking it from "
+              f"{source} as it is now (retrain, or keep that dataset as it was)", file=sys.stderr)
+        return PrepareConfig(**{k: v for k, v in saved.items() if k in known}), source
+    return cfg.prepare, "the checkpoint's prepare section"
+
+
+def model_mismatch(saved: Config, cfg: Config) -> str:
     """What differs between a checkpoint's model section and ``cfg.model`` ("" when they fit)."""
-    saved = (saved_config or {}).get("model") or {}
-    differs = [f"model.{k}: checkpoint {saved.get(k)!r}, config {getattr(cfg.model, k)!r}"
-               for k in MODEL_KEYS if k in saved and saved[k] != getattr(cfg.model, k)]
+    differs = [f"model.{k}: checkpoint {getattr(saved.model, k)!r}, config {getattr(cfg.model, k)!r}"
+               for k in MODEL_KEYS if getattr(saved.model, k) != getattr(cfg.model, k)]
     return "; ".join(differs)
 
 
-def load_weights(model: torch.nn.Module, state: dict, cfg: Config, where: str) -> None:
+def load_weights(model: torch.nn.Module, checkpoint: Checkpoint, cfg: Config) -> None:
     """``model.load_state_dict`` with one line naming the checkpoint and what differs, instead of
     torch's list of every missing and unexpected key (hundreds of lines)."""
-    differs = model_mismatch(state.get("config"), cfg)
+    where = checkpoint.path
+    differs = model_mismatch(checkpoint.config, cfg)
     if differs:
         raise CorruptCheckpointError(f"{where}: the checkpoint's model differs from the config ({differs})")
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(checkpoint.state_dict)
     except RuntimeError as e:
         first = str(e).split("\n\t", 2)[:2]  # "Error(s) in loading state_dict for X:" + the first problem
         raise CorruptCheckpointError(f"{where}: the checkpoint's weights do not fit model {cfg.model.name} "
                                      f"({' '.join(t.strip() for t in first)[:300]})") from None
-
-
 
 
 def read_history(checkpoint_dir: str) -> list[dict]:
@@ -151,12 +243,9 @@ def latest_preprocessing(run_dir: str) -> dict | None:
     if not stored:
         return None
     try:
-        with storage.open_input(storage.join(stored[max(stored)], CHECKPOINT_FILE)) as f:
-            state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        return read_checkpoint(stored[max(stored)]).preprocessing
     except Exception:  # truncated or not a checkpoint: the loop warns and takes the one before
         return None
-    preprocessing = state.get("preprocessing") if isinstance(state, dict) else None
-    return preprocessing if isinstance(preprocessing, dict) else None
 
 
 # --- the record and the driver's files ------------------------------------------------------------

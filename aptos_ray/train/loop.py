@@ -35,12 +35,13 @@ from aptos_ray.model.heads import Head, get_head
 from aptos_ray.model.weights import unwrap
 from aptos_ray.train.augment import CAMERA, GradeTransforms
 from aptos_ray.train.checkpoint import (
+    Checkpoint,
     CorruptCheckpointError,
     best_key,
     checkpoint_folders,
     checkpoint_name,
-    load_checkpoint_state,
     load_weights,
+    read_checkpoint,
     read_history,
     save_checkpoint,
 )
@@ -105,7 +106,7 @@ class Backend(Protocol):
 
     def val_rows(self) -> Iterable[dict]: ...
 
-    def restored_state(self) -> dict | None: ...
+    def restored_state(self) -> Checkpoint | None: ...
 
     def report(self, metrics: dict, checkpoint_dir: Path | None, epoch: int) -> None: ...
 
@@ -254,7 +255,7 @@ def build_run(cfg: Config, backend: Backend, info: DatasetInfo) -> Run:
     model = create_model(cfg.model, load_pretrained=restored is None)
     model = maybe_sync_bn(model, cfg.model.batch_norm == "sync" and backend.world_size > 1)
     if restored is not None:
-        load_weights(model, restored, cfg, restored.get("path", "the restored checkpoint"))
+        load_weights(model, restored, cfg)
     data_cfg = model_data_config(model)
     size = cfg.data.image_size or data_cfg["input_size"][-1]
     transforms = GradeTransforms(size, data_cfg["mean"], data_cfg["std"], augment=cfg.data.augment,
@@ -273,12 +274,12 @@ def build_run(cfg: Config, backend: Backend, info: DatasetInfo) -> Run:
     scaler = grad_scaler(precision)
     start_epoch, history = 0, []
     if restored is not None:
-        optimizer.load_state_dict(restored["optimizer"])
-        scheduler.load_state_dict(restored["scheduler"])
-        if scaler.is_enabled() and restored["scaler"]:  # empty when saved by a bf16, fp32 or CPU run
-            scaler.load_state_dict(restored["scaler"])
-        start_epoch = restored["epoch"] + 1
-        history = [h for h in restored.get("history", []) if h["epoch"] < start_epoch]
+        optimizer.load_state_dict(restored.optimizer)
+        scheduler.load_state_dict(restored.scheduler)
+        if scaler.is_enabled() and restored.scaler:  # empty when saved by a bf16, fp32 or CPU run
+            scaler.load_state_dict(restored.scaler)
+        start_epoch = restored.epoch + 1
+        history = [h for h in restored.history if h["epoch"] < start_epoch]
     if rank == 0:
         if restored is not None:
             print(f"Resumed from the checkpoint of epoch {start_epoch - 1}")
@@ -296,7 +297,7 @@ def build_run(cfg: Config, backend: Backend, info: DatasetInfo) -> Run:
 def run_epoch(cfg: Config, backend: Backend, info: DatasetInfo, run: Run, epoch: int) -> tuple[dict, list | None]:
     """Train one epoch on this rank's resampled rows, validate over every rank: (metrics, cut-points)."""
     started, rank, t = time.perf_counter(), backend.rank, run.training
-    torch.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))  # augmentation, dropout: see train.repeatable
+    torch.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))  # augmentation, dropout: see train.step.repeatable
     rows = resample_batches(backend.train_rows(epoch), run.rates, cfg.train.seed, epoch)
     batches = fixed_step_minibatches(
         rows, cfg.train.batch_size, run.steps, seed=cfg.train.seed * 100003 + epoch * 101 + rank,
@@ -383,13 +384,13 @@ class LocalBackend:
     def val_rows(self) -> Iterator[dict]:
         return table_batches(self.val_table, self.cfg.data.read_batch_size)
 
-    def restored_state(self) -> dict | None:
+    def restored_state(self) -> Checkpoint | None:
         """The latest checkpoint that loads; one that does not is reported and the one before tried."""
         if not self.resume:
             return None
         for epoch, folder in sorted(checkpoint_folders(self.run_dir).items(), reverse=True):
             try:
-                return load_checkpoint_state(folder)
+                return read_checkpoint(folder, resume=True)
             except CorruptCheckpointError as e:
                 print(f"warning: skipping the checkpoint of epoch {epoch}: {e}", file=sys.stderr)
         return None

@@ -55,7 +55,7 @@ from aptos_ray.ray_setup import (
     ray_train_log_level,
     worker_capacity,
 )
-from aptos_ray.train.checkpoint import CHECKPOINT_DIR, checkpoint_name, load_checkpoint_state, stored_checkpoints
+from aptos_ray.train.checkpoint import CHECKPOINT_DIR, Checkpoint, checkpoint_name, read_checkpoint, stored_checkpoints
 from aptos_ray.train.loop import DatasetInfo, fit
 
 # Materialise only what fits in this share of the object store: blocks in flight, other jobs'
@@ -67,7 +67,7 @@ MATERIALIZE_SHARE = 0.5
 def rows_in_order(deterministic: bool) -> Iterator[None]:
     """Ray Data keeps the rows' order in the datasets built inside the block (when ``deterministic``):
     otherwise a filter or a read over several files emits its blocks in the order they finish, and a
-    seeded run would see its rows in another order each time (train.repeatable)."""
+    seeded run would see its rows in another order each time (train.step.repeatable)."""
     ctx = ray.data.DataContext.get_current()
     old = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = old or deterministic
@@ -134,7 +134,7 @@ def load_cv_datasets(cfg: Config, fold_configs: dict[int, Config]) -> dict[int, 
     read is materialised when ``data.materialize`` says so, and the folds' filters are not: the
     object store holds the rows once, not once more per fold."""
     root = storage.absolute(cfg.data.dataset)
-    with rows_in_order(cfg.train.deterministic):  # every fold's rows in one fixed order (train.repeatable)
+    with rows_in_order(cfg.train.deterministic):  # every fold's rows in one fixed order (train.step.repeatable)
         pool = read_pool(root)
         if should_materialize(cfg, root, SPLITS):
             pool = pool.materialize()
@@ -187,7 +187,7 @@ class RayBackend:
         batches = self.val_data.iter_batches(batch_size=self.cfg.data.read_batch_size, batch_format="numpy")
         return rows_of_rank(batches, self.rank, self.world_size)
 
-    def restored_state(self) -> dict | None:
+    def restored_state(self) -> Checkpoint | None:
         """The newest checkpoint that loads: Ray Train's latest registered one, or a newer one in
         the run directory that was uploaded but never registered.
 
@@ -206,7 +206,7 @@ class RayBackend:
             # as_directory() removes a downloaded copy when the block ends: the state is in memory by then.
             try:
                 with candidate.as_directory() as directory:
-                    return load_checkpoint_state(directory)
+                    return read_checkpoint(directory, resume=True)
             except CorruptCheckpointError as e:
                 if self.rank == 0:
                     print(f"warning: skipping the checkpoint of epoch {epoch}: {e}", file=sys.stderr)
@@ -342,7 +342,7 @@ def build_trainer(cfg: Config, info: DatasetInfo, datasets: dict, callbacks: lis
             callbacks=[StopOnUserError(), *(callbacks or [])],
         ),
         datasets=datasets,
-        # in order: a run with one worker then reads its rows as a repeatable sequence (train.repeatable)
+        # in order: a run with one worker then reads its rows as a repeatable sequence (train.step.repeatable)
         dataset_config=DataConfig(datasets_to_split=["train"],
                                   execution_options=execution_options(cfg.train.deterministic)),
     )

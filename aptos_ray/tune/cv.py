@@ -85,16 +85,13 @@ def run_fold(params: dict, *, base: dict, infos: dict, datasets: dict, cv_dir: s
     """Ray Tune's function trainable: fold ``params['data.fold']`` as a TorchTrainer run; its run files
     (summary.json, metrics.jsonl, plots) are written here, by the run's driver, when it ends."""
     from aptos_ray.train.checkpoint import record_from_result, write_run_files
-    from aptos_ray.train.loop import DatasetInfo
-    from aptos_ray.train.ray_backend import build_trainer
+    from aptos_ray.tune.trial import fit_trial
 
     fold = int(params["data.fold"])
     cfg = fold_config(config_from_dict(base), fold, cv_dir)
-    run_dir = storage.join(cv_dir, cfg.train.name)
-    cfg.save(storage.join(run_dir, "config.yaml"))
     started = time.perf_counter()
-    result = build_trainer(cfg, DatasetInfo(**infos[fold]), datasets[fold]).fit()
-    write_run_files(record_from_result(result, run_dir), time.perf_counter() - started)
+    result = fit_trial(cfg, infos[fold], datasets[fold])
+    write_run_files(record_from_result(result, storage.join(cv_dir, cfg.train.name)), time.perf_counter() - started)
 
 
 def concurrent_folds(cfg: Config) -> int:
@@ -112,7 +109,7 @@ def train_folds_ray(cfg: Config, cv_dir: str, manifest: dict, done: dict[int, di
     from aptos_ray.ray_setup import init_ray
     from aptos_ray.train.loop import DatasetInfo
     from aptos_ray.train.ray_backend import check_cluster_fits, load_cv_datasets
-    from aptos_ray.tune.search import TRIAL_DRIVER_MEMORY
+    from aptos_ray.tune.trial import trial_trainable, trials_run_config
 
     init_ray(cfg.scaling)
     check_cluster_fits(cfg)
@@ -120,18 +117,14 @@ def train_folds_ray(cfg: Config, cv_dir: str, manifest: dict, done: dict[int, di
     configs = {k: fold_config(cfg, k, cv_dir) for k in folds}
     datasets = load_cv_datasets(cfg, configs)
     infos = {k: DatasetInfo.for_data(configs[k].data, manifest).__dict__ for k in folds}
-    trainable = ray_tune.with_parameters(run_fold, base=cfg.to_dict(), infos=infos, datasets=datasets,
-                                         cv_dir=cv_dir)
-    # The trial's driver only waits on its TorchTrainer: no CPU (as in tune.search.make_trainable).
-    trainable = ray_tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    trainable = trial_trainable(run_fold, base=cfg.to_dict(), infos=infos, datasets=datasets, cv_dir=cv_dir)
     at_once = concurrent_folds(cfg)
     print(f"{len(folds)} folds to train, at most {at_once} at a time, {cfg.scaling.num_workers} worker(s) each")
     tuner = ray_tune.Tuner(
         trainable,
         param_space={"data.fold": ray_tune.grid_search(folds)},
         tune_config=ray_tune.TuneConfig(num_samples=1, max_concurrent_trials=at_once),
-        run_config=ray_tune.RunConfig(name="tune", storage_path=cv_dir,
-                                      failure_config=ray_tune.FailureConfig(max_failures=0)),
+        run_config=trials_run_config("tune", cv_dir),
     )
     results = tuner.fit()
     if results.errors:

@@ -56,7 +56,7 @@ def oof_predictions(cfg: Config, checkpoints: dict[int, str], batch_size: int = 
     ``cv.oof_tta`` extra views, on the CPU or this process's GPU."""
     import torch
 
-    from aptos_ray.infer.checkpoint import read_checkpoint
+    from aptos_ray.train.checkpoint import read_checkpoint
     from aptos_ray.infer.grader import PROB_COLUMNS, Grader
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,7 +6,7 @@ The pattern Ray Train V2 recommends (``Tuner(TorchTrainer(...))`` no longer work
 through it, so ASHA can stop a trial after any epoch.
 
 Choices for small machines (2 CPU cores), measured:
-- a trial's own driver takes no CPU (``tune.with_resources``, see ``make_trainable``): with its
+- a trial's own driver takes no CPU (``tune.with_resources``, see ``tune.trial``): with its
   default 1 CPU, driver + 2 worker CPUs never fit on 2 cores and the search hangs without a word;
 - every trial's worker group is checked against the cluster before the search starts (as a
   training run's), and at most ``tune.max_concurrent_trials`` trials run at once (0 -> as many
@@ -44,7 +44,7 @@ from aptos_ray.errors import ExistingFileError, MissingFileError, SearchInterrup
 from aptos_ray.ownership import claimed, fresh_name, latest_name
 from aptos_ray.ray_setup import check_seen_by_every_node, init_ray
 from aptos_ray.train.loop import DatasetInfo
-from aptos_ray.train.ray_backend import build_trainer, check_cluster_fits, load_datasets, runs_that_fit
+from aptos_ray.train.ray_backend import check_cluster_fits, load_datasets, runs_that_fit
 from aptos_ray.train.tracking import file_store_uri
 from aptos_ray.tune import trust
 from aptos_ray.tune.results import (
@@ -57,6 +57,7 @@ from aptos_ray.tune.results import (
     write_trial_runs,
 )
 from aptos_ray.tune.space import plain, search_space
+from aptos_ray.tune.trial import fit_trial, trial_trainable, trials_run_config
 
 __all__ = ["SearchFailed", "SearchInterrupted", "run_search"]
 
@@ -65,9 +66,6 @@ TIME_ATTR = "epochs_done"  # 1-based epoch count: stays right when a trial's run
 SEARCH_CONFIG = "search_config.yaml"
 # trials at once when the cluster's autoscaler sets no limit on the nodes it starts
 TRIALS_AT_ONCE_UNBOUNDED = 64
-TRIAL_DRIVER_MEMORY = 2**20  # bytes of Ray's logical "memory" resource: a non-empty request, no CPU
-
-
 
 
 # --- one trial -----------------------------------------------------------------------------------
@@ -95,11 +93,8 @@ class EpochReport(TuneReportCallback):
 
 def run_trial(params: dict, *, base: dict, info: dict, datasets: dict, runs_dir: str) -> None:
     """The function trainable: one TorchTrainer run named after the trial."""
-    trial_id = ray_tune.get_context().get_trial_id()
-    cfg = trial_config(base, params, runs_dir, trial_id)
-    cfg.save(storage.join(runs_dir, trial_id, "config.yaml"))  # as the train driver does for its runs
-    trainer = build_trainer(cfg, DatasetInfo(**info), datasets, callbacks=[EpochReport()])
-    trainer.fit()  # Train V2 raises on failure, so Tune marks the trial as errored
+    fit_trial(trial_config(base, params, runs_dir, ray_tune.get_context().get_trial_id()), info, datasets,
+              callbacks=[EpochReport()])
 
 
 # --- the search ----------------------------------------------------------------------------------
@@ -190,14 +185,6 @@ def tracking_callbacks(cfg: Config, exp_dir: str) -> list:
     return []
 
 
-def make_trainable(cfg: Config, info: DatasetInfo, datasets: dict, runs_dir: str):
-    trainable = ray_tune.with_parameters(run_trial, base=cfg.to_dict(), info=info.__dict__,
-                                         datasets=datasets, runs_dir=runs_dir)
-    # The trial's driver only waits on its TorchTrainer: no CPU (see module docstring). Tune
-    # refuses an all-zero request, so it asks for 1 MiB of Ray's "memory" resource instead.
-    return ray_tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
-
-
 def build_tuner(cfg: Config, trainable, exp_dir: str, params: dict) -> ray_tune.Tuner:
     if cfg.tune.resume:
         # Finished trials stay finished; unfinished and errored ones run again, and their
@@ -214,13 +201,7 @@ def build_tuner(cfg: Config, trainable, exp_dir: str, params: dict) -> ray_tune.
             metric=METRIC, mode=MODE, scheduler=scheduler, search_alg=searcher(cfg, max_concurrent),
             num_samples=cfg.tune.num_samples,
         ),
-        run_config=ray_tune.RunConfig(
-            name=cfg.tune.name,
-            **storage.ray_storage(cfg.tune.output),
-            callbacks=tracking_callbacks(cfg, exp_dir),
-            # A worker failure is already retried by the trial's TorchTrainer (scaling.max_failures).
-            failure_config=ray_tune.FailureConfig(max_failures=0),
-        ),
+        run_config=trials_run_config(cfg.tune.name, cfg.tune.output, tracking_callbacks(cfg, exp_dir)),
     )
 
 
@@ -282,7 +263,8 @@ def search_claimed(cfg: Config, exp_dir: str) -> dict:
     # would draw them and drown Tune's status table.)
     datasets = load_datasets(cfg)  # once, shared by every trial
     print(f"Datasets loaded in {time.perf_counter() - started:.1f}s")
-    tuner = build_tuner(cfg, make_trainable(cfg, info, datasets, runs_dir), exp_dir, space)
+    trainable = trial_trainable(run_trial, base=cfg.to_dict(), info=info.__dict__, datasets=datasets, runs_dir=runs_dir)
+    tuner = build_tuner(cfg, trainable, exp_dir, space)
     try:
         results = tuner.fit()
     finally:  # finished, interrupted or failed: what Tune saved is this search's, and may be resumed
