@@ -607,6 +607,8 @@ def config_from_dict(data: dict) -> Config:
     """Rebuild a Config saved with ``to_dict`` (a run's or a checkpoint's config.yaml). Keys an older
     version saved that this one no longer has are dropped with a note, so its checkpoints still predict
     and resume; a wrong value is still an error, and so is an unknown key typed by a person."""
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"saved config: expected a mapping of sections, got {type(data).__name__}")
     data = dict(data or {})
     gone = [f"{s}.{k}" for s, values in data.items() if s in SECTIONS and isinstance(values, dict)
             for k in values if k not in _fields(s)]
