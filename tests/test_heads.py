@@ -105,3 +105,12 @@ def test_every_head_sets_the_models_output_width_and_trains(name):
     assert loss.item() > 0 and head.decoding(None)
 
 
+
+
+def test_the_config_offers_every_head_and_no_other():
+    """model.head's choices are written in config.py (it imports no torch): they must be HEADS' names."""
+    import typing
+
+    from aptos_ray.config import ModelConfig
+
+    assert set(typing.get_args(ModelConfig.__pydantic_fields__["head"].annotation)) == set(HEADS)
