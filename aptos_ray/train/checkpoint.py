@@ -34,6 +34,7 @@ import torch
 
 from aptos_ray import figures, storage
 from aptos_ray.config import Config, ConfigError, PrepareConfig, config_from_dict
+from aptos_ray.data.embedded import dataset_preprocessing
 from aptos_ray.data.format import MANIFEST, read_manifest
 from aptos_ray.errors import CorruptCheckpointError, MissingFileError
 
@@ -175,14 +176,14 @@ def prepare_config(checkpoint: Checkpoint) -> tuple[PrepareConfig, str]:
         return PrepareConfig(**{k: v for k, v in checkpoint.preprocessing.items() if k in known}), "the checkpoint"
     cfg = checkpoint.config
     try:
-        saved = read_manifest(cfg.data.dataset).get("config")
+        saved = dataset_preprocessing(read_manifest(cfg.data.dataset))
     except (FileNotFoundError, OSError, ValueError):
         saved = None
-    if isinstance(saved, dict):
+    if saved is not None:
         source = f"{cfg.data.dataset}/{MANIFEST}"
         print(f"note: {checkpoint.path} predates checkpoints that carry their preprocessing: taking it from "
               f"{source} as it is now (retrain, or keep that dataset as it was)", file=sys.stderr)
-        return PrepareConfig(**{k: v for k, v in saved.items() if k in known}), source
+        return PrepareConfig(**saved), source
     return cfg.prepare, "the checkpoint's prepare section"
 
 
