@@ -18,7 +18,8 @@ at full size (``synthetic.render_fundus``: vessels, lesions and noise drawn at t
    full-size copies of ``bench_gradability.py``'s degraded photographs (same seeded sample).
 3. ``--jobs N``: prepare (256 px) and predict (test_efficientnet) end to end on N full-size JPEGs,
    each in its own process with a local Ray of 2 CPUs: wall seconds, driver peak RSS, peak disk;
-   ``--old ROOT`` runs ROOT's code (e.g. ``git archive`` of the commit before) in the same run.
+   ``--old ROOT`` runs ROOT's code (e.g. ``git archive`` of the commit before) in the same run;
+   each code trains its own checkpoint on its own prepare, and predicts with it.
    CPU seconds: the job's process tree sampled every half second, exited Ray workers included.
 4. ``--parts stages``: predict's per-image work in one process, no Ray, old and new code: the Ray
    task's (``load_rows``: read, decode, quality check, preprocess) and the actor's (the model).
@@ -362,7 +363,7 @@ def run_stage(args) -> None:
     else:
         from aptos_ray.infer.predict import predict
 
-        cfg.predict.checkpoint = str(work / "out-train-new" / "run")
+        cfg.predict.checkpoint = str(work / f"out-train-{args.tag.split('-')[0]}" / "run")  # its own code's
         cfg.predict.images, cfg.predict.num_actors = str(work / args.input), 1
         cfg.predict.output = str(folder / "predict")
         predict(cfg.validate())
@@ -398,7 +399,7 @@ def run_rows(args) -> None:
                for i in range(0, len(items), ROWS_BATCH)]
     # The actor as Ray builds it, without Ray (its constructor asks Ray for the GPUs it was given).
     actor = predict_module.GradePredictor.__new__(predict_module.GradePredictor)
-    actor.grader = build_grader(str(Path(args.work) / "out-train-new" / "run"), "cpu", 0)
+    actor.grader = build_grader(str(Path(args.work) / f"out-train-{args.tag}" / "run"), "cpu", 0)
     actor.encoding, actor.float_columns = "raw", actor.grader.output_columns
     prepare = asdict(PrepareConfig())  # 256 px, as the checkpoint's dataset was prepared
     times = {"rows": [0.0, 0.0], "model": [0.0, 0.0]}
@@ -476,8 +477,9 @@ def jobs_table(work: Path, n: int, small: int, old: Path | None, timeout: float)
         raw = subset(work, size)
         for tag, code in codes.items():
             runs["prepare", tag, size] = run_child("prepare", f"{tag}-{size}", code, work, timeout, raw)
-        if size == n and not (work / "out-train-new" / "run").is_dir():  # one checkpoint for every predict
-            run_child("train", "new", ROOT, work, timeout, f"out-prepare-new-{n}")
+        for tag, code in codes.items():  # one checkpoint per code: an older version may not read a newer one's config
+            if size == n and not (work / f"out-train-{tag}" / "run").is_dir():
+                run_child("train", tag, code, work, timeout, f"out-prepare-{tag}-{n}")
         for tag, code in codes.items():
             runs["predict", tag, size] = run_child("predict", f"{tag}-{size}", code, work, timeout, raw)
     lines = ["| job (full-size JPEGs, 256 px) | images | wall old / new s | wall speed-up | CPU old / new s | "
