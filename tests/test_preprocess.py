@@ -189,6 +189,21 @@ def test_circle_mask_blanks_outside_only():
     assert (grey[32, 2] == 128).all() and (grey[32, 32] == 200).all()
 
 
+@pytest.mark.parametrize("layout", ["c", "fortran", "cropped view", "flipped", "grey"])
+def test_circle_mask_keeps_the_same_pixels_whatever_the_memory_layout(layout):
+    """The copy runs in OpenCV, which takes C-ordered arrays only: a view or a Fortran array
+    handed in must come out as the same pixels, not an OpenCV error."""
+    base = np.random.default_rng(0).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    arr = {"c": base, "fortran": np.asfortranarray(base), "cropped view": base[5:60, 10:80],
+           "flipped": base[::-1, :, ::-1], "grey": base[..., 1]}[layout]
+    h, w = arr.shape[:2]
+    distance = np.hypot(np.arange(h)[:, None] - h // 2, np.arange(w)[None, :] - w // 2)
+    inside, outside = distance < min(h, w) / 2 - 1.5, distance > min(h, w) / 2 + 1.5  # the rim's raster aside
+    out = circle_mask(arr, fill=7)
+    assert out.shape == arr.shape and out.dtype == np.uint8
+    assert (out[inside] == arr[inside]).all() and (out[outside] == 7).all()
+
+
 def test_circle_mask_non_square_uses_inscribed_circle():
     out = circle_mask(np.full((40, 80, 3), 200, np.uint8))
     assert (out[20, 5] == 0).all() and (out[20, 40] == 200).all() and (out[20, 21] == 200).all()

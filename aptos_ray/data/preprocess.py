@@ -208,8 +208,8 @@ def circle_mask(arr: np.ndarray, radius_fraction: float = 1.0, fill: int = 0) ->
     mask = np.zeros((h, w), dtype=np.uint8)
     radius = max(1, int(round(min(h, w) / 2 * radius_fraction)))
     cv2.circle(mask, (w // 2, h // 2), radius, 1, thickness=-1, lineType=cv2.LINE_8)
-    out = np.full_like(arr, fill)
-    cv2.copyTo(arr, mask, out)  # in C: a boolean-index copy costs 15x more at 512 px
+    out = np.full(arr.shape, fill, dtype=arr.dtype)  # C order whatever arr's layout: OpenCV needs it
+    cv2.copyTo(np.ascontiguousarray(arr), mask, out)  # in C: a boolean-index copy costs 15x more
     return out
 
 
