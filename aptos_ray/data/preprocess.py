@@ -100,9 +100,11 @@ def decode_photo(data: bytes, max_pixels: int = 0, needed: int = 0) -> Photo:
             if factor > 1:  # a no-op for formats without a reduced decode (only JPEG has one)
                 img.draft(img.mode, (width // factor, height // factor))
             img.load()  # decode now: a truncated file fails here, not later
-            if img.getexif().get(ExifTags.Base.Orientation) in TURNED:
+            orientation = img.getexif().get(ExifTags.Base.Orientation)
+            if orientation in TURNED:
                 width, height = height, width
-            img = ImageOps.exif_transpose(img) or img
+            if orientation in range(2, 9):  # else exif_transpose only copies the image (1 ms at 1/4 of 12 MP)
+                img = ImageOps.exif_transpose(img) or img
             arr = np.asarray(_to_rgb_mode(img))
     except ImageError:  # a ValueError too: keep its reason as it is
         raise
