@@ -211,7 +211,7 @@ def build_dataset(inputs: Inputs, checkpoint: Checkpoint, prepare: PrepareConfig
                             fn_kwargs={"encoding": encoding, "assessable": assessable})
         # One block goes to one actor: Parquet's blocks, cut to a batch, spread the work over the pool.
         ds = ds.repartition(target_num_rows_per_block=batch_size)
-    else:  # blocks of one batch already: no repartition (it cost 1.5 s a job and 1-2 ms an image)
+    else:  # from_items already makes blocks of one batch: a repartition would only add a pass
         ds = ray.data.from_items(inputs.items, override_num_blocks=max(1, math.ceil(len(inputs.items) / batch_size)))
         ds = ds.map_batches(load_rows, batch_size=batch_size, batch_format="numpy",
                             fn_kwargs={"prepare": asdict(prepare)})
