@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from aptos_ray.data.synthetic import render_fundus
-from aptos_ray.infer.quality import QUALITY_COLUMNS, REASONS, Thresholds, assess, assess_many, verdict
+from aptos_ray.infer.quality import (QUALITY_COLUMNS, REASONS, Thresholds, assess, assess_many, luminance,
+                                     luminance_counts, median_of_counts, verdict)
 from benchmarks.degradations import DEGRADATIONS, degrade
 
 EXPECTED = {kind: reason for kind, reason in DEGRADATIONS.items() if reason is not None}
@@ -126,3 +127,20 @@ def test_small_prepared_images_are_not_called_blurred(real_photos):
     small = [cv2.resize(p, (128, 128), interpolation=cv2.INTER_AREA) for p in real_photos]
     counts = collections.Counter(assess(img, scale=224 / 128).reason for img in small)
     assert counts[""] >= len(small) - 1, counts
+
+
+@pytest.mark.parametrize("values", [[7], [3, 9], [0, 255], [5, 5, 6, 6], [1, 2, 2, 2, 250, 255], list(range(256))])
+def test_median_of_counts_is_numpys_median_with_ties_and_even_counts(values):
+    values = np.array(values, dtype=np.uint8)
+    assert median_of_counts(np.bincount(values, minlength=256)) == np.median(values)
+
+
+def test_fundus_histogram_gives_numpys_brightness_and_saturation(real_photos):
+    for rgb in real_photos[:6]:
+        grey = luminance(rgb)
+        mask = np.zeros(grey.shape, dtype=bool)
+        mask[20:-30, 10:-40] = True
+        counts = luminance_counts(grey, mask)
+        pixels = grey[mask]
+        assert median_of_counts(counts) == np.median(pixels)
+        assert counts[240:].sum() / mask.sum() == (pixels >= 240).mean()

@@ -107,7 +107,7 @@ def fundus_mask(grey: np.ndarray) -> np.ndarray:
     corners = np.concatenate([grey[:k, :k], grey[:k, -k:], grey[-k:, :k], grey[-k:, -k:]], axis=None)
     background = float(np.median(corners))
     threshold = 10 + (background if background < 50 else 0)
-    mask = (grey > threshold).astype(np.uint8)
+    mask = cv2.threshold(grey, threshold, 1, cv2.THRESH_BINARY)[1]  # grey > threshold, as 0/1
     # Opening removes JPEG speckle and burnt-in text in the frame from the mask.
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)
@@ -118,12 +118,29 @@ def fundus_mask(grey: np.ndarray) -> np.ndarray:
     if count <= 1:
         return np.zeros_like(grey, dtype=bool)
     largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-    mask = (labels == largest).astype(np.uint8)
+    mask = cv2.compare(labels, largest, cv2.CMP_EQ)
     # Fill holes (dark lesions, the fovea of a dim photograph): the outer contour, filled.
     contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     filled = np.zeros_like(mask)
     cv2.drawContours(filled, contours, -1, 1, thickness=cv2.FILLED)
-    return filled.astype(bool)
+    return filled.view(bool)
+
+
+def luminance_counts(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """How many fundus pixels have each luminance 0-255 (int64). A masked histogram rather than
+    ``grey[mask]``: the median and the blown-out share follow from it without copying and
+    sorting the fundus's pixels (3x faster at 1024 px)."""
+    counts = cv2.calcHist([grey], [0], mask.view(np.uint8), [256], [0, 256])  # float32, exact below 2^24 px
+    return counts.reshape(-1).astype(np.int64)
+
+
+def median_of_counts(counts: np.ndarray) -> float:
+    """``np.median`` of the values 0..255 that ``counts`` describes: for an even count, the mean
+    of the two middle values, as NumPy takes it."""
+    cumulative = np.cumsum(counts)
+    n = int(cumulative[-1])
+    low, high = np.searchsorted(cumulative, [(n - 1) // 2, n // 2], side="right")
+    return (int(low) + int(high)) / 2
 
 
 def fit_disc(mask: np.ndarray) -> tuple[float, float, float] | None:
@@ -137,7 +154,7 @@ def fit_disc(mask: np.ndarray) -> tuple[float, float, float] | None:
     coverage, measured in the benchmark. None when fewer than 20 free outline points remain (the
     disc fills the frame: its edge is not in view).
     """
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    contours, _ = cv2.findContours(mask.view(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     if not contours:
         return None
     points = max(contours, key=len).reshape(-1, 2).astype(np.float64)
@@ -164,7 +181,7 @@ def sharpness(grey: np.ndarray, mask: np.ndarray) -> float:
     resolutions differs by orders of magnitude. The mask is eroded so the rim (the strongest edge
     in any fundus photograph, sharp even when the retina is blurred) does not count.
     """
-    x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))  # the mask's bounding box, 100x faster than np.nonzero
+    x, y, w, h = cv2.boundingRect(mask.view(np.uint8))  # the mask's bounding box, 100x faster than np.nonzero
     crop, crop_mask = grey[y:y + h, x:x + w], mask[y:y + h, x:x + w].astype(np.uint8)
     # Shrink only: enlarging a small image (a 128 px prepared one) would blur it and read as out of focus.
     scale = min(1.0, ANALYSIS_SIZE / max(crop.shape))
@@ -192,22 +209,23 @@ def assess(rgb: np.ndarray, thresholds: Thresholds = DEFAULT_THRESHOLDS, scale: 
         grey = cv2.resize(grey, (max(1, round(w * shrink)), max(1, round(h * shrink))), interpolation=cv2.INTER_AREA)
         scale, (h, w) = scale / shrink, grey.shape
     mask = fundus_mask(grey)
-    fraction = float(mask.mean())
+    area = cv2.countNonZero(mask.view(np.uint8))
+    fraction = area / mask.size
     nan = float("nan")
-    if fraction == 0.0:
+    if area == 0:
         # Nothing above the frame level: black, or so underexposed that the fundus is gone.
         reason = "too dark" if np.percentile(grey, 99) < 2 * thresholds.min_brightness else "fundus not found"
         return Quality(False, reason, 0.0, nan, nan, float(np.median(grey)), 0.0, nan)
-    pixels = grey[mask]
-    brightness = float(np.median(pixels))
-    saturated = float((pixels >= SATURATED_LUMINANCE).mean())
+    counts = luminance_counts(grey, mask)
+    brightness = median_of_counts(counts)
+    saturated = float(counts[SATURATED_LUMINANCE:].sum() / area)
     disc = fit_disc(mask)
     if disc is None:
         diameter, coverage = float(max(h, w)) * scale, 0.0  # no free outline: the edge of the disc is not in view
     else:
         radius = disc[2]
         diameter = 2 * radius * scale
-        coverage = float(min(1.0, mask.sum() / (np.pi * radius**2)))
+        coverage = float(min(1.0, area / (np.pi * radius**2)))
     sharp = sharpness(grey, mask) if fraction >= thresholds.min_fundus_fraction else nan
     reason = verdict(fraction, diameter, coverage, brightness, saturated, sharp, thresholds)
     return Quality(reason == GRADABLE, reason, fraction, diameter, coverage, brightness, saturated, sharp)
