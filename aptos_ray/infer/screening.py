@@ -133,7 +133,9 @@ def stored_or_raw(inputs: Inputs, rows: pd.DataFrame, prepare: PrepareConfig | N
                            ids=rows["id"].astype(str).tolist())
         by_id = dict(zip(table.column("id").to_pylist(), decode_batch(table.to_pydict(), inputs.encoding)))
         return [by_id[i] for i in rows["id"]]
-    records = {item["source"]: item for item in inputs.items}  # npz pixels, the disk a file was listed on
+    wanted = {str(source) for source in rows["source"]}
+    # npz pixels, the disk a file was listed on: of these rows only, not an index of every input
+    records = {item["source"]: item for item in inputs.items if item["source"] in wanted}
     # Decoded at the size prediction decoded them (a thumbnail of the photograph needs no more).
     needed = decode_size(prepare or PrepareConfig())
     photos = [read_image(records.get(str(source), {"source": str(source)}), 1, needed=needed)
