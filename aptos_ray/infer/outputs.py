@@ -32,10 +32,10 @@ def split_results(rows: pd.DataFrame, inputs: Inputs) -> tuple[pd.DataFrame, pd.
     """(predictions in input order, unreadable rows: found on the driver + failed to decode)."""
     if rows.empty:
         rows = pd.DataFrame({"id": [], "reason": []})
-    failed = rows[rows["reason"].astype(str) != ""]
+    failed = rows["reason"].astype(str) != ""
     unreadable = pd.concat([pd.DataFrame(inputs.unreadable, columns=UNREADABLE_COLUMNS),
-                            failed.reindex(columns=UNREADABLE_COLUMNS).fillna("")], ignore_index=True)
-    good = rows[rows["reason"].astype(str) == ""]
+                            rows[failed].reindex(columns=UNREADABLE_COLUMNS).fillna("")], ignore_index=True)
+    good = rows[~failed]
     order = ["order"] if "order" in good else ["id"]  # prepared splits have no input order: by id
     return prediction_columns(good.sort_values(order, kind="stable").reset_index(drop=True)), unreadable.astype(str)
 

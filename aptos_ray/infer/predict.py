@@ -230,6 +230,9 @@ def build_dataset(inputs: Inputs, checkpoint: Checkpoint, prepare: PrepareConfig
 
 
 STAGING = "_staging"  # the workers' prediction rows, beside the outputs until predictions.parquet/ is written
+# Rows per file of the staging folder and of predictions.parquet/: a file per batch (32 rows) made
+# thousands of files, and the driver, which lists and opens them, grew by their metadata.
+PART_ROWS = 8192
 DRIVER_SKIPS = ("height", "width", "orig_height", "orig_width")  # columns no output needs
 # Only in predictions.parquet: the driver's outputs (counts, report, contact sheet, overlays) never read them.
 QUALITY_STATISTICS = tuple(c for c in QUALITY_COLUMNS if c not in ("gradable", "quality_reason"))
@@ -267,7 +270,7 @@ def write_parts(ds, output: str) -> pd.DataFrame:
     """
     fs, staging = storage.filesystem(storage.join(output, f"{STAGING}-{uuid.uuid4().hex[:8]}"))
     try:
-        ds.write_parquet(staging, filesystem=fs, compression="zstd")
+        ds.write_parquet(staging, filesystem=fs, compression="zstd", min_rows_per_file=PART_ROWS)
         if fs.get_file_info(staging).type == pafs.FileType.NotFound:  # no rows at all
             return pd.DataFrame()
         fragments = list(pads.dataset(staging, filesystem=fs, format="parquet").get_fragments())
@@ -292,7 +295,7 @@ def publish_parts(staged, schema: pa.Schema, output: str) -> None:
     with storage.publish_location(target) as location:
         parts_fs, parts = storage.filesystem(location)
         staged.map_batches(predicted_part, batch_format="pyarrow").write_parquet(
-            parts, filesystem=parts_fs, compression="zstd")
+            parts, filesystem=parts_fs, compression="zstd", min_rows_per_file=PART_ROWS)
         if not parts_fs.get_file_info(pafs.FileSelector(parts, allow_not_found=True)):  # no row predicted
             empty = pa.Table.from_pandas(prediction_columns(schema.empty_table().to_pandas()), preserve_index=False)
             with parts_fs.open_output_stream(f"{parts}/empty.parquet") as f:
@@ -356,6 +359,7 @@ def predict(cfg: Config) -> dict:
     stop_on_driver_only_paths(rows.get("reason", []))  # no shared storage: no predictions
     seconds = time.perf_counter() - started
     predictions, unreadable = split_results(rows, inputs)
+    del rows  # the driver keeps one copy of each row: the predictions hold all its outputs need
     summary = write_outputs(p.output, predictions, unreadable, {
         "checkpoint": checkpoint.path, "epoch": checkpoint.epoch, "model": checkpoint.config.model.name,
         "head": checkpoint.config.model.head, "cut_points": for_actors.cut_points, "tta": p.tta,
