@@ -321,6 +321,7 @@ def test_a_uri_output_gets_its_predictions_as_parts_written_by_the_workers(run, 
     keys = s3.keys(uri)
     parts = [k for k in keys if k.startswith("predictions.parquet/")]
     assert parts and "predictions.parquet" not in keys  # Ray Data's parts, no file (nor the older one)
+    assert len(parts) == 1  # rows gathered into parts of PART_ROWS, not a file per batch of 4
     assert not [k for k in keys if "_staging" in k or ".tmp-" in k]  # staging and the unpublished folder are gone
     fs, inner = storage.filesystem(f"{uri}/predictions.parquet")
     on_s3 = pd.read_parquet(inner, filesystem=fs)

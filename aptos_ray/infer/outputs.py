@@ -32,6 +32,9 @@ def split_results(rows: pd.DataFrame, inputs: Inputs) -> tuple[pd.DataFrame, pd.
     """(predictions in input order, unreadable rows: found on the driver + failed to decode)."""
     if rows.empty:
         rows = pd.DataFrame({"id": [], "reason": []})
+    if "id" not in rows:  # raw inputs' rows: their ids and paths are the listing's, at their order
+        listed = [inputs.items[i] for i in rows["order"]]
+        rows = rows.assign(id=[item["id"] for item in listed], source=[item["source"] for item in listed])
     failed = rows["reason"].astype(str) != ""
     unreadable = pd.concat([pd.DataFrame(inputs.unreadable, columns=UNREADABLE_COLUMNS),
                             rows[failed].reindex(columns=UNREADABLE_COLUMNS).fillna("")], ignore_index=True)

@@ -234,6 +234,9 @@ STAGING = "_staging"  # the workers' prediction rows, beside the outputs until p
 # thousands of files, and the driver, which lists and opens them, grew by their metadata.
 PART_ROWS = 8192
 DRIVER_SKIPS = ("height", "width", "orig_height", "orig_width")  # columns no output needs
+# Raw inputs: each row's id and path are the listing's, at its ``order``; the driver, which holds
+# the listing, takes them from there (``outputs.split_results``) rather than read a second copy.
+LISTED = ("id", "source")
 # Only in predictions.parquet: the driver's outputs (counts, report, contact sheet, overlays) never read them.
 QUALITY_STATISTICS = tuple(c for c in QUALITY_COLUMNS if c not in ("gradable", "quality_reason"))
 
@@ -244,20 +247,22 @@ def writes_parts(output: str) -> bool:
     return not storage.is_local(output)
 
 
-def collect(ds, output: str | None = None) -> pd.DataFrame:
-    """Every output row of the pipeline, without the columns no output needs.
+def collect(ds, output: str | None = None, listed: bool = False) -> pd.DataFrame:
+    """Every output row of the pipeline, without the columns no output needs (nor, with ``listed``,
+    the ``LISTED`` ones: raw inputs, whose rows carry their ``order`` in the listing).
 
     To a local folder (or none): streamed to the driver. Workers on other nodes would write a
     local folder to their own disks, and the driver read back only its own part; Ray Data's
     ``local://``, which runs the writes on the driver's node, is deprecated in Ray 2.60. To a URI
     ``output``: ``write_parts``.
     """
+    skip = (*DRIVER_SKIPS, *(LISTED if listed else ()))
     if output is not None and writes_parts(output):
-        return write_parts(ds, output)
-    return _rows_to_driver(ds)
+        return write_parts(ds, output, skip)
+    return _rows_to_driver(ds, skip)
 
 
-def write_parts(ds, output: str) -> pd.DataFrame:
+def write_parts(ds, output: str, skip: tuple[str, ...] = DRIVER_SKIPS) -> pd.DataFrame:
     """To a URI ``output``: predictions.parquet written by the Ray workers as a folder of parts; no
     row of it passes through the driver. Returns the rows the driver's own outputs need.
 
@@ -277,7 +282,7 @@ def write_parts(ds, output: str) -> pd.DataFrame:
         # Blocks type their columns alone (a block of failed rows may hold only nulls): one schema for all.
         schema = pa.unify_schemas([f.physical_schema for f in fragments], promote_options="permissive")
         rows = pads.dataset(staging, filesystem=fs, format="parquet", schema=schema)
-        driver_rows = rows.to_table(columns=[c for c in schema.names if c not in (*DRIVER_SKIPS, *QUALITY_STATISTICS)])
+        driver_rows = rows.to_table(columns=[c for c in schema.names if c not in (*skip, *QUALITY_STATISTICS)])
         publish_parts(ray.data.read_parquet(staging, filesystem=fs, schema=schema), schema, output)
         return driver_rows.to_pandas()
     finally:
@@ -312,8 +317,8 @@ def predicted_part(batch: pa.Table) -> pa.Table:
     return pa.Table.from_pandas(prediction_columns(rows[rows["reason"].astype(str) == ""]), preserve_index=False)
 
 
-def _rows_to_driver(ds) -> pd.DataFrame:
-    tables = [t.drop_columns([c for c in DRIVER_SKIPS if c in t.column_names])
+def _rows_to_driver(ds, skip: tuple[str, ...]) -> pd.DataFrame:
+    tables = [t.drop_columns([c for c in skip if c in t.column_names])
               for t in ds.iter_batches(batch_size=None, batch_format="pyarrow") if t.num_rows]
     if not tables:
         return pd.DataFrame()
@@ -355,7 +360,7 @@ def predict(cfg: Config) -> dict:
         remove_stale_report(p.output, ("predict.json",))
     with ray_progress():
         ds = build_dataset(inputs, for_actors, prepare, p.tta, p.batch_size, p.num_actors, cfg.scaling)
-        rows = collect(ds, p.output)
+        rows = collect(ds, p.output, listed=inputs.kind != "prepared")
     stop_on_driver_only_paths(rows.get("reason", []))  # no shared storage: no predictions
     seconds = time.perf_counter() - started
     predictions, unreadable = split_results(rows, inputs)
