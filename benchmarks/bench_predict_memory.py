@@ -126,11 +126,11 @@ def run_child(args) -> None:
                                              "peak": memory()[1], "stages": stages}))
 
 
-def measure(checkpoint: Path, images: Path, output: str, result: Path) -> dict | None:
+def measure(checkpoint: Path, images: Path, output: str, result: Path, code: Path = ROOT) -> dict | None:
     cmd = [sys.executable, __file__, "--child", "--checkpoint", str(checkpoint), "--images", str(images),
            "--output", output, "--result", str(result)]
     print(f"predict {images.name} -> {output} ...", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""},
+    proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(code), "RAY_ADDRESS": ""},
                           capture_output=True, text=True)
     if proc.returncode or not result.is_file():
         print(f"  failed ({proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -163,13 +163,14 @@ def main() -> None:
     parser.add_argument("--copies", type=int, nargs="+", default=[1, 7], help="ids per shared photograph")
     parser.add_argument("--outputs", nargs="+", default=["local", "s3"], choices=["local", "s3"])
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "aptos-predict-memory")
+    parser.add_argument("--code", type=Path, default=ROOT, help="the code root whose predict is measured")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
     parser.add_argument("--images", help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(args.code if args.child else ROOT))
     if args.child:
         return run_child(args)
     from bench_predict import untrained_checkpoint
@@ -179,7 +180,8 @@ def main() -> None:
     started, runs = time.perf_counter(), {}
     for output in args.outputs:
         for k in args.copies:
-            run = measure(checkpoint, copies_folder(args.work, k), output, args.work / f"result-{output}-{k}.json")
+            run = measure(checkpoint, copies_folder(args.work, k), output, args.work / f"result-{output}-{k}.json",
+                          args.code)
             if run:
                 runs[output, k] = run
     print(f"{time.perf_counter() - started:.0f} s", file=sys.stderr)

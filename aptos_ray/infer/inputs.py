@@ -67,10 +67,11 @@ def raw_inputs(src: Source, images: str) -> Inputs:
     if info.get("unusable_grades"):
         inputs.notes.append(f"{info['unusable_grades']} rows of {info['labels']} have an unusable grade: "
                             f"predicted as unlabelled")
+    # The records become the items in place: a second dict per input would double the listing.
     for order, record in enumerate(src.records):
-        item = {"order": order, "id": record["id"], "grade": -1 if record["grade"] is None else record["grade"],
-                "source": record["source"]}
-        inputs.items.append({**item, **{k: record[k] for k in ("array", "listed_on") if k in record}})
+        record.pop("split", None)
+        record["order"], record["grade"] = order, -1 if record["grade"] is None else record["grade"]
+    inputs.items = src.records
     return inputs
 
 

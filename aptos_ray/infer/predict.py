@@ -10,7 +10,8 @@
       URI output:   -> write_parquet(<output>/_staging-XXXX/)           (the workers: one row per input)
                     -> read_parquet(staging) -> predicted rows -> write_parquet(predictions.parquet/)
                                                                      (the workers: parts, published whole)
-                    the driver reads back only the narrow columns its own files use
+                    the driver reads back only the narrow columns its own files use (for raw
+                    inputs not even the ids and paths: its listing has them, by order)
       -> driver: rows sorted back into input order -> infer.outputs: submission.csv, unreadable.csv,
          predict.json (+ infer.report with labels); the staging folder is removed
 
