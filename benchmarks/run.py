@@ -50,6 +50,8 @@ BENCHMARKS = {
     "decode": ("Full-size photographs: JPEGs decoded at the size needed vs in full",
                ["bench_decode.py", "--images", "30", "--synthetic", "4", "--degrade", "30", "--jobs", "200",
                 "--old", "../main", "--parts", "cost", "equality", "jobs", "png"]),
+    "predict-memory": ("Predict's driver memory as inputs grow: 2,929, 20,503 and 87,870 raw inputs, to a local "
+                       "folder and to S3", ["bench_predict_memory.py", "--copies", "1", "7", "30"]),
     "scale": ("Scale: prepare, one training epoch and predict at 1k, 5k and 20k images of 512 px; growth and "
               "extrapolation to EyePACS (88,702)",
               ["bench_scale.py", "--sizes", "1000", "5000", "20000", "--old", "../main", "--old-sizes", "1000", "5000",
@@ -156,6 +158,14 @@ NOTES = {
              "one-writer prepare run with Ray Data's `preserve_order` (rows in input order); the one-writer "
              "prepare's default split them in task-completion order, so two of its runs gave different splits "
              "(measured), which sorting by input order fixes. Row order inside the split files differs.",
+    "predict-memory": "Inputs: the shared APTOS PNGs under 1, 7 and 30 ids each (hard links, labelled: the "
+                      "report runs), raw inputs of one predict each, in its own process with a local Ray of 2 CPUs "
+                      "and an untrained test_efficientnet. S3 is moto's server in a process of its own. RSS is the "
+                      "driver's (VmRSS before and after each stage of infer.predict, VmHWM for the peak); it "
+                      "includes torch, Ray and the checkpoint (about 1 GB before the first input). Growth per input "
+                      "is the difference between two sizes over the inputs added; stages whose memory has a cap "
+                      "(the contact sheet: 48 photographs; the report's bootstrap: 4 M draws a chunk) grow until "
+                      "they reach it, so the larger pair of sizes is the slope that goes on.",
     "decode": "Inputs made in /tmp: the shared APTOS photographs enlarged into 3888 x 2592 frames (JPEG "
               "quality 90, ~0.4 MB, the disc 85-100% of the height) and synthetic photographs rendered at that size "
               "(vessels, lesions and noise at full resolution). `reduced` is `preprocess.decode_photo(needed=...)`: "

@@ -129,7 +129,7 @@ def fundus_mask(grey: np.ndarray) -> np.ndarray:
 def luminance_counts(grey: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """How many fundus pixels have each luminance 0-255 (int64). A masked histogram rather than
     ``grey[mask]``: the median and the blown-out share follow from it without copying and
-    sorting the fundus's pixels (3x faster at 1024 px)."""
+    sorting the fundus's pixels (2x faster at 1024 px)."""
     counts = cv2.calcHist([grey], [0], mask.view(np.uint8), [256], [0, 256])  # float32, exact below 2^24 px
     return counts.reshape(-1).astype(np.int64)
 
