@@ -128,7 +128,7 @@ def run_child(args) -> None:
 
 def measure(checkpoint: Path, images: Path, output: str, result: Path, code: Path = ROOT) -> dict | None:
     cmd = [sys.executable, __file__, "--child", "--checkpoint", str(checkpoint), "--images", str(images),
-           "--output", output, "--result", str(result)]
+           "--output", output, "--result", str(result), "--code", str(code)]
     print(f"predict {images.name} -> {output} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(code), "RAY_ADDRESS": ""},
                           capture_output=True, text=True)
