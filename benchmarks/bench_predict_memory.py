@@ -36,9 +36,9 @@ MiB = 2**20
 def copies_folder(work: Path, k: int) -> Path:
     """``<work>/aptos-x<k>``: every shared photograph under k ids (``<id>_<j>``), hard-linked."""
     folder = work / f"aptos-x{k}"
-    labels = pd.read_csv(APTOS / "labels.csv")
     if (folder / "labels.csv").is_file():
         return folder
+    labels = pd.read_csv(APTOS / "labels.csv")
     (folder / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for j in range(k):

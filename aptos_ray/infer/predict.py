@@ -263,7 +263,7 @@ def collect(ds, output: str | None = None, listed: bool = False) -> pd.DataFrame
     return _rows_to_driver(ds, skip)
 
 
-def write_parts(ds, output: str, skip: tuple[str, ...] = DRIVER_SKIPS) -> pd.DataFrame:
+def write_parts(ds, output: str, skip: tuple[str, ...]) -> pd.DataFrame:
     """To a URI ``output``: predictions.parquet written by the Ray workers as a folder of parts; no
     row of it passes through the driver. Returns the rows the driver's own outputs need.
 
